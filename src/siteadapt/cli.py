@@ -1,0 +1,131 @@
+"""Command line: ``siteadapt <step> ...``. Each step is a thin wrapper over a function in :mod:`siteadapt.steps`.
+
+Settings come from params.yaml (``--params``), with the profile from ``--profile`` / ``$SITEADAPT_PROFILE`` / the file.
+Errors that siteadapt raises on purpose are printed as one clear line (file and reason) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import SiteadaptError
+
+log = logging.getLogger("siteadapt")
+
+
+def _settings(args):
+    from .config import load_settings
+
+    return load_settings(args.params, profile=args.profile)
+
+
+def cmd_synth(args) -> int:
+    from .data.synth import TASKS, synthesize
+
+    s = _settings(args)
+    tasks = TASKS if args.task == "all" else [args.task]
+    out = Path(args.out) if args.out else s.paths.raw
+    for task in tasks:
+        t0 = time.perf_counter()
+        summary = synthesize(task, out, seed=s.seed if args.seed is None else args.seed,
+                             n_subjects=args.subjects or s.active.synth_subjects,
+                             n_images=args.images or s.active.synth_images,
+                             scale=args.scale or s.active.synth_scale)
+        parts = ", ".join(f"{k}: {v.get('n')} {v.get('format')}" for k, v in summary.items())
+        log.info("synth %s -> %s/%s (%s) in %.1f s", task, out, task, parts, time.perf_counter() - t0)
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from .steps.ingest import ingest
+
+    s = _settings(args)
+    site = s.site(args.site)
+    source = Path(args.source) if args.source else site.images
+    labels = Path(args.labels) if args.labels else site.labels
+    if args.no_labels:
+        labels = None
+    res = ingest(source, args.site, Path(args.data_root) if args.data_root else s.paths.ingested,
+                 labels=labels, modality=args.modality or site.modality, pixel_spacing_mm=site.pixel_spacing_mm)
+    print(f"{args.site}: {len(res.items)} items ({len(res.written)} written, {len(res.skipped)} unchanged), "
+          f"{len(res.rejected)} inputs not used -> {res.out_dir / 'manifest.json'}")
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from .steps.preprocess import preprocess
+
+    s = _settings(args)
+    res = preprocess(s, args.site)
+    print(f"{args.site}: {res['summary']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on the embedded synthetic sites (grows with the pipeline: later issues add training/evaluation)."""
+    s = _settings(args)
+    t0 = time.perf_counter()
+    base = argparse.Namespace(**vars(args))
+    for task in sorted({site.task for site in s.sites.values() if site.synthetic}):
+        cmd_synth(argparse.Namespace(**{**vars(base), "task": task, "out": None, "seed": None, "subjects": None,
+                                        "images": None, "scale": None}))
+    for name, site in s.sites.items():
+        cmd_ingest(argparse.Namespace(**{**vars(base), "site": name, "source": None, "labels": None,
+                                         "no_labels": False, "data_root": None, "modality": None}))
+    for name in s.sites:
+        cmd_preprocess(argparse.Namespace(**{**vars(base), "site": name}))
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs under {s.paths.ingested} and {s.paths.prepared}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="siteadapt", description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="params.yaml", help="settings file (default: ./params.yaml)")
+    p.add_argument("--profile", default=None, help="settings profile (quick, paper, ...)")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("synth", help="write the embedded synthetic hospital sites of a task")
+    sp.add_argument("--task", required=True, choices=["cardiac", "chestxray", "all"])
+    sp.add_argument("--out", default=None, help="output folder (default: paths.raw)")
+    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--subjects", type=int, default=None, help="3D subjects per site (default: profile)")
+    sp.add_argument("--images", type=int, default=None, help="2D images per site (default: profile)")
+    sp.add_argument("--scale", type=float, default=None, help="matrix-size factor (default: profile)")
+    sp.set_defaults(func=cmd_synth)
+
+    sp = sub.add_parser("ingest", help="DICOM/NIfTI/2D images -> de-identified NIfTI + manifest")
+    sp.add_argument("source", nargs="?", default=None, help="input folder (default: the site's `images` in params)")
+    sp.add_argument("--site", required=True)
+    sp.add_argument("--labels", default=None, help="label folder (default: the site's `labels` in params)")
+    sp.add_argument("--no-labels", action="store_true", help="ingest images only")
+    sp.add_argument("--data-root", default=None, help="output root (default: paths.ingested)")
+    sp.add_argument("--modality", default=None, help="modality for NIfTI/2D inputs (CT, MR, CR, DX, ...)")
+    sp.set_defaults(func=cmd_ingest)
+
+    sp = sub.add_parser("preprocess", help="reorient, resample, crop, normalize, slice, split")
+    sp.add_argument("--site", required=True)
+    sp.set_defaults(func=cmd_preprocess)
+
+    sp = sub.add_parser("demo", help="run the main job on the embedded synthetic sites")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except SiteadaptError as e:
+        print(f"siteadapt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The one settings file: ``params.yaml`` validated into typed objects.
+
+DVC reads the same file (``params:`` in dvc.yaml), so every number a stage depends on lives here. Unknown or
+mistyped keys fail loudly with the dotted key path, e.g. ``sites.cardiac_ct.lables: unknown key``.
+
+Profiles select sizes: ``quick`` runs on 2 CPU cores in minutes, ``paper`` uses the papers' values (256x256
+slices, batch 8, 20k iterations). The active profile is ``profile:`` in the file, or ``--profile`` on the CLI, or
+the ``SITEADAPT_PROFILE`` environment variable (CLI flag wins, then the environment, then the file).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(_Strict):
+    raw: Path = Path("data/raw")  # synthetic sites are written here
+    ingested: Path = Path("data/ingested")  # <ingested>/<site>/{images,labels,manifest.json}
+    prepared: Path = Path("data/prepared")  # <prepared>/<site>/{train,val,test}.npz, subjects.json, norm.json
+    predictions: Path = Path("data/predictions")
+    models: Path = Path("models")
+    metrics: Path = Path("metrics")
+    reports: Path = Path("reports")
+
+
+class Profile(_Strict):
+    image_size: int = Field(gt=7, description="in-plane size of training slices (pixels)")
+    batch_size: int = Field(gt=0)
+    iterations: int = Field(gt=0)
+    width: float = Field(gt=0, le=4, description="channel-width multiplier of the networks (1.0 = papers)")
+    synth_scale: float = Field(gt=0, le=2, description="matrix-size factor of the synthetic sites")
+    synth_subjects: int = Field(gt=2, description="3D subjects per synthetic site")
+    synth_images: int = Field(gt=4, description="2D images per synthetic site")
+    slice_spacing_mm: float = Field(gt=0, description="spacing along the slicing axis of 3D tasks")
+
+
+class Direction(_Strict):
+    source: str
+    target: str
+
+
+class Split(_Strict):
+    val: float = Field(0.2, ge=0, lt=1)
+    test: float = Field(0.2, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _room_for_training(self):
+        if self.val + self.test >= 1:
+            raise ValueError("val + test must leave subjects for training")
+        return self
+
+
+class Preprocess(_Strict):
+    slice_axis: Literal["sagittal", "coronal", "axial"] = "coronal"
+    roi_mm: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    """Box cropped around the region of interest, in mm along R, A, S of the canonical (RAS) grid. For 2D tasks only
+    the first two are used and the box is the whole (padded-square) image."""
+    roi_rule: Literal["auto", "labels", "foreground"] = "auto"
+    """How the box is centred. ``labels``: centre of the labeled structures' bounding box. ``foreground``: label-free,
+    centre of the body mask's bounding box plus ``roi_offset_mm``. ``auto``: ``labels`` for a site that is never a
+    target, ``foreground`` otherwise (a target site's labels are never read before evaluation)."""
+    roi_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    mr_top_cut: float = Field(0.02, ge=0, lt=0.5, description="fraction of the brightest voxels clipped per MR volume")
+    ct_clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    split: Split = Split()
+
+
+class Postprocess(_Strict):
+    largest_cc: bool = True
+    fill_holes: bool = True
+
+
+class Task(_Strict):
+    kind: Literal["segmentation", "classification"] = "segmentation"
+    dims: Literal[2, 3] = 3
+    structures: dict[str, int]
+    directions: list[Direction] = []
+    preprocess: Preprocess = Preprocess()
+    postprocess: Postprocess = Postprocess()
+
+    @field_validator("structures")
+    @classmethod
+    def _ids(cls, v):
+        if not v:
+            raise ValueError("at least one structure is needed")
+        ids = list(v.values())
+        if any(i <= 0 or i > 255 for i in ids) or len(set(ids)) != len(ids):
+            raise ValueError("structure ids must be distinct integers in 1..255 (0 is background)")
+        return v
+
+
+class Site(_Strict):
+    task: str
+    images: Path = Field(description="folder of DICOM, NIfTI or 2D images (any nesting)")
+    labels: Path | None = None
+    modality: str | None = Field(None, description="CT, MR, CR, DX, ...; read from DICOM when absent")
+    pixel_spacing_mm: float | None = Field(None, gt=0, description="for 2D images without spacing (PNG/JPEG)")
+    synthetic: str | None = Field(None, description="'<task>/<site>' of `siteadapt synth` that produces `images`")
+
+
+class Settings(_Strict):
+    profile: str = "quick"
+    seed: int = 0
+    paths: Paths = Paths()
+    profiles: dict[str, Profile]
+    tasks: dict[str, Task]
+    sites: dict[str, Site]
+
+    @model_validator(mode="after")
+    def _cross_refs(self):
+        if self.profile not in self.profiles:
+            raise ValueError(f"profile {self.profile!r} is not one of profiles: {sorted(self.profiles)}")
+        for name, site in self.sites.items():
+            if site.task not in self.tasks:
+                raise ValueError(f"sites.{name}.task: unknown task {site.task!r} (tasks: {sorted(self.tasks)})")
+        for tname, task in self.tasks.items():
+            for i, d in enumerate(task.directions):
+                for end in ("source", "target"):
+                    s = getattr(d, end)
+                    if s not in self.sites:
+                        raise ValueError(f"tasks.{tname}.directions.{i}.{end}: unknown site {s!r}")
+                    if self.sites[s].task != tname:
+                        raise ValueError(f"tasks.{tname}.directions.{i}.{end}: site {s!r} belongs to task "
+                                         f"{self.sites[s].task!r}")
+        return self
+
+    # ---- derived views -------------------------------------------------------------------------------------
+    @property
+    def active(self) -> Profile:
+        return self.profiles[self.profile]
+
+    def site(self, name: str) -> Site:
+        try:
+            return self.sites[name]
+        except KeyError:
+            raise ConfigError(f"unknown site {name!r}; sites in params.yaml: {', '.join(sorted(self.sites))}") from None
+
+    def task_of(self, site: str) -> Task:
+        return self.tasks[self.site(site).task]
+
+    def is_target(self, site: str) -> bool:
+        return any(d.target == site for d in self.task_of(site).directions)
+
+    def roi_rule(self, site: str) -> str:
+        rule = self.task_of(site).preprocess.roi_rule
+        if rule == "auto":
+            return "foreground" if self.is_target(site) else "labels"
+        return rule
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: {loc}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: {loc}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {loc}: {msg} (got {e.get('input')!r})" if loc != "(top level)"
+                         else f"{source}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_settings(data: dict, *, source: str = "params.yaml", profile: str | None = None) -> Settings:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    data = dict(data)
+    chosen = profile or os.environ.get("SITEADAPT_PROFILE")
+    if chosen:
+        data["profile"] = chosen
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_settings(path: str | Path = "params.yaml", *, profile: str | None = None) -> Settings:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: settings file not found (run from the project folder or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_settings(data or {}, source=str(path), profile=profile)

@@ -1,0 +1,134 @@
+"""Readers for NIfTI volumes and 2D image files (PNG/JPEG/TIFF), with the checks ingest needs.
+
+Only pixel values and geometry are taken from an input file: NIfTI description/aux fields and extensions, PNG text
+chunks and JPEG EXIF are never read into the outputs, so identifiers they may carry stay behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..errors import InputError
+from .volume import Volume
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+IMAGE2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+LABEL_SUFFIXES = NIFTI_SUFFIXES + (".png", ".tif", ".tiff", ".bmp")  # never lossy JPEG for labels
+
+
+def kind_of(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(IMAGE2D_SUFFIXES):
+        return "image2d"
+    return "other"
+
+
+def stem_of(path: Path) -> str:
+    name = path.name
+    for suf in NIFTI_SUFFIXES + IMAGE2D_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return path.stem
+
+
+def read_nifti(path: Path, *, modality: str = "OT") -> Volume:
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for truncated/corrupt files
+        raise InputError(path, f"unreadable NIfTI: {type(e).__name__}: {e}") from None
+    if data.ndim < 2 or data.size == 0:
+        raise InputError(path, f"NIfTI has no usable image (shape {data.shape})")
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        n = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise InputError(path, f"NaN or infinite values in image ({n} voxels)")
+    affine = img.affine
+    if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(path, "NIfTI has no valid voxel-to-world affine (qform/sform)")
+    # drop trailing singleton dimensions beyond 3 (e.g. X,Y,Z,1)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    return Volume(data=np.ascontiguousarray(data), affine=affine.astype(np.float64), modality=modality,
+                  meta={"source_format": "nifti"})
+
+
+def affine_2d(spacing: float | tuple[float, float]) -> np.ndarray:
+    """Voxel-to-world affine of a 2D image stored as [i=column, j=row]: LPS axes flipped to RAS, as for 2D DICOM."""
+    sr, sc = (spacing, spacing) if np.isscalar(spacing) else spacing
+    return np.diag([-float(sc), -float(sr), 1.0, 1.0])
+
+
+def read_image2d(path: Path, *, spacing: float | None = None, modality: str = "OT") -> Volume:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.int32)
+                arr = arr.astype(np.uint16) if arr.min() >= 0 and arr.max() < 65536 else arr
+            elif mode in ("L", "P", "1"):
+                arr = np.asarray(im.convert("L"), dtype=np.uint8)
+            elif mode == "F":
+                arr = np.asarray(im, dtype=np.float32)
+            else:  # RGB/RGBA/CMYK/LA: luminance
+                arr = np.asarray(im.convert("L"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InputError(path, f"unreadable image file: {type(e).__name__}: {e}") from None
+    if arr.ndim != 2 or arr.size == 0:
+        raise InputError(path, f"not a 2D image (shape {arr.shape})")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError(path, "NaN or infinite values in image")
+    meta = {"source_format": path.suffix.lower().lstrip("."), "source_mode": mode}
+    return Volume(data=np.ascontiguousarray(arr.T), affine=affine_2d(spacing or 1.0), modality=modality, meta=meta)
+
+
+def read_label(path: Path, like: Volume) -> np.ndarray:
+    """Read a label map for image ``like`` and check it fits: same shape and, for NIfTI, the same geometry.
+
+    Returns uint8 (or uint16 when ids exceed 255) in the image's index order. Raises InputError naming the problem.
+    """
+    k = kind_of(path)
+    if k == "nifti":
+        try:
+            img = nib.load(str(path))
+            lab = np.asanyarray(img.dataobj)
+        except Exception as e:
+            raise InputError(path, f"unreadable label NIfTI: {type(e).__name__}: {e}") from None
+        while lab.ndim > like.data.ndim and lab.shape[-1] == 1:
+            lab = lab[..., 0]
+        if lab.shape != like.data.shape[: lab.ndim] or lab.ndim != min(like.data.ndim, 3):
+            raise InputError(path, f"label shape {tuple(lab.shape)} differs from image shape {tuple(like.data.shape)}")
+        diff = float(np.abs(img.affine - like.affine).max())
+        if diff > 1e-2:
+            raise InputError(path, f"label geometry differs from image geometry (affines differ by up to {diff:.3g} mm)")
+    elif k == "image2d":
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            raise InputError(path, "label stored as lossy JPEG: label values are not exact")
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                lab = np.asarray(im if im.mode in ("I", "I;16", "L", "P") else im.convert("L")).T
+        except Exception as e:
+            raise InputError(path, f"unreadable label image: {type(e).__name__}: {e}") from None
+        if lab.shape != like.data.shape:
+            raise InputError(path, f"label shape {tuple(lab.shape[::-1])} (rows x cols) differs from image shape "
+                                   f"{tuple(like.data.shape[::-1])}")
+    else:
+        raise InputError(path, "unsupported label file type")
+    if lab.dtype.kind == "f":
+        if not np.isfinite(lab).all():
+            raise InputError(path, "NaN or infinite values in label")
+        if not np.all(lab == np.round(lab)):
+            raise InputError(path, "label has non-integer values")
+    if lab.min() < 0:
+        raise InputError(path, "label has negative values")
+    out_dtype = np.uint8 if lab.max() <= 255 else np.uint16
+    return np.ascontiguousarray(lab.astype(out_dtype))
