@@ -1,0 +1,175 @@
+"""Preprocess: crop grids, normalization to [-1, 1] from training statistics, slicing, split, map-back, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from siteadapt.config import parse_settings
+from siteadapt.data.geometry import to_original
+from siteadapt.steps.ingest import ingest
+from siteadapt.steps.preprocess import preprocess, split_subjects
+
+
+def _settings(tmp: Path, seed=0, roi_rule="auto", target_of=None):
+    sites = {
+        "src": {"task": "heart", "images": str(tmp / "raw/src/images"), "labels": str(tmp / "raw/src/labels"),
+                "modality": "MR"},
+        "tgt": {"task": "heart", "images": str(tmp / "raw/tgt/images"), "labels": str(tmp / "raw/tgt/labels"),
+                "modality": "CT"},
+        "xa": {"task": "xr", "images": str(tmp / "raw/xa/images"), "labels": str(tmp / "raw/xa/labels"),
+               "modality": "DX", "pixel_spacing_mm": 0.5},
+    }
+    return parse_settings({
+        "profile": "t", "seed": seed,
+        "paths": {"ingested": str(tmp / "ing"), "prepared": str(tmp / "prep")},
+        "profiles": {"t": {"image_size": 24, "batch_size": 2, "iterations": 2, "width": 0.25, "synth_scale": 0.5,
+                           "synth_subjects": 3, "synth_images": 5, "slice_spacing_mm": 4.0}},
+        "tasks": {
+            "heart": {"dims": 3, "structures": {"A": 1, "B": 2},
+                      "directions": [{"source": "src", "target": "tgt"}],
+                      "preprocess": {"slice_axis": "coronal", "roi_mm": [48, 48, 48], "roi_rule": roi_rule,
+                                     "split": {"val": 0.2, "test": 0.2}}},
+            "xr": {"dims": 2, "structures": {"right_lung": 1, "left_lung": 2}},
+        },
+        "sites": sites,
+    }, source="test")
+
+
+def _make_site(root: Path, n: int, modality: str, seed: int):
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir(parents=True)
+    for i in range(n):
+        shape = (40, 36, 24)
+        # an oblique-free but LPS-flipped affine for the CT-like site, RAS for the MR-like one
+        sp = (1.5, 1.5, 3.0)
+        aff = np.diag([*sp, 1.0]) if modality == "MR" else np.diag([-sp[0], -sp[1], sp[2], 1.0])
+        aff[:3, 3] = rng.uniform(-20, 20, 3)
+        body = np.zeros(shape, bool)
+        zz, yy, xx = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
+        body = ((zz - 20) / 17) ** 2 + ((yy - 18) / 15) ** 2 < 1
+        lab = np.zeros(shape, np.uint8)
+        c = np.array([20, 18, 12]) + rng.integers(-3, 4, 3)
+        ball = ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + ((xx - c[2]) * 2) ** 2) < 36
+        lab[ball] = 1
+        lab[ball & (zz > c[0])] = 2
+        base = {"MR": (300.0, 600.0), "CT": (-1000.0, 40.0)}[modality]
+        img = np.where(body, base[1], base[0]) + rng.normal(0, 10, shape)
+        img[lab == 1] += 200
+        img[lab == 2] += 400
+        img = img.astype(np.int16 if modality == "CT" else np.float32)
+        nib.save(nib.Nifti1Image(img, aff), root / "images" / f"c{i}.nii.gz")
+        nib.save(nib.Nifti1Image(lab, aff), root / "labels" / f"c{i}.nii.gz")
+
+
+def _make_xr(root: Path, n: int):
+    rng = np.random.default_rng(3)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir(parents=True)
+    for i in range(n):
+        m = np.zeros((50, 40), np.uint8)
+        m[10:40, 4:17] = 1
+        m[10:40, 23:36] = 2
+        im = (rng.normal(120, 5, (50, 40)) - 60 * (m > 0)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(im).save(root / "images" / f"x{i}.png")
+        Image.fromarray(m).save(root / "labels" / f"x{i}.png")
+
+
+@pytest.fixture
+def prepared_env(tmp_path, deid_key):
+    _make_site(tmp_path / "raw/src", 6, "MR", 0)
+    _make_site(tmp_path / "raw/tgt", 6, "CT", 1)
+    _make_xr(tmp_path / "raw/xa", 6)
+    s = _settings(tmp_path)
+    for name, site in s.sites.items():
+        ingest(site.images, name, s.paths.ingested, labels=site.labels, modality=site.modality,
+               pixel_spacing_mm=site.pixel_spacing_mm)
+    return s
+
+
+def _load_all(d: Path):
+    return {p.name: dict(np.load(p)) for p in sorted(d.glob("*.npz"))}
+
+
+def test_shapes_range_split_and_rules(prepared_env):
+    s = prepared_env
+    res = preprocess(s, "src")
+    d = res["out_dir"]
+    subj = json.loads((d / "subjects.json").read_text())
+    splits = [r["split"] for r in subj["subjects"]]
+    assert splits.count("test") == 1 and splits.count("val") == 1 and splits.count("train") == 4
+    tr = np.load(d / "train.npz")
+    assert tr["images"].shape[1:] == (24, 24) and tr["images"].shape[0] == 4 * 12  # 48 mm / 4 mm slices
+    assert tr["images"].min() == pytest.approx(-1) and tr["images"].max() == pytest.approx(1)
+    assert np.load(d / "train_labels.npz")["labels"].shape == tr["images"].shape
+    assert all(r["crop_rule"] == "labels" for r in subj["subjects"])  # src is never a target
+    res_t = preprocess(s, "tgt")
+    subj_t = json.loads((res_t["out_dir"] / "subjects.json").read_text())
+    assert all(r["crop_rule"] == "foreground" for r in subj_t["subjects"])
+    norm = json.loads((res_t["out_dir"] / "norm.json").read_text())
+    assert norm["ct"]["clip_low"] > -1100 and norm["ct"]["clip_high"] < 700
+
+
+def test_target_inputs_do_not_depend_on_its_labels(prepared_env):
+    s = prepared_env
+    a = _load_all(preprocess(s, "tgt")["out_dir"])
+    lab_dir = s.paths.ingested / "tgt" / "labels"
+    for p in lab_dir.glob("*.nii.gz"):  # scramble the target's labels
+        im = nib.load(p)
+        nib.save(nib.Nifti1Image(np.roll(np.asanyarray(im.dataobj), 7, axis=0), im.affine), p)
+    b = _load_all(preprocess(s, "tgt")["out_dir"])
+    for split in ("train", "val", "test"):
+        assert np.array_equal(a[f"{split}.npz"]["images"], b[f"{split}.npz"]["images"])
+
+
+def test_deterministic_for_a_seed(prepared_env, tmp_path):
+    s = prepared_env
+    a = _load_all(preprocess(s, "src")["out_dir"])
+    b = _load_all(preprocess(s, "src")["out_dir"])
+    for k in a:
+        for kk in a[k]:
+            assert np.array_equal(a[k][kk], b[k][kk])
+    s2 = s.model_copy(update={"seed": 5})
+    c = split_subjects([f"sub-{i}" for i in range(20)], 5, "src", 0.2, 0.2)
+    d = split_subjects([f"sub-{i}" for i in range(20)], 0, "src", 0.2, 0.2)
+    assert c != d and list(c.values()).count("test") == 4
+    assert split_subjects([f"sub-{i}" for i in range(20)][::-1], 0, "src", 0.2, 0.2) == d
+    assert s2.seed == 5
+
+
+def test_map_back_to_original_grid(prepared_env):
+    s = prepared_env
+    d = preprocess(s, "src")["out_dir"]
+    subj = json.loads((d / "subjects.json").read_text())["subjects"]
+    r = next(r for r in subj if r["split"] == "train")
+    labs = np.load(d / "train_labels.npz")["labels"]
+    start, n = r["rows"]
+    grid_lab = np.moveaxis(labs[start:start + n], 0, r["slice_axis"])
+    back = to_original(grid_lab, np.array(r["grid_affine"]), r["orig_shape"], np.array(r["orig_affine"]), ids=[1, 2])
+    orig = np.asanyarray(nib.load(s.paths.ingested / r["label"]).dataobj)
+    for k in (1, 2):
+        inter = np.logical_and(back == k, orig == k).sum()
+        dice = 2 * inter / ((back == k).sum() + (orig == k).sum())
+        assert dice > 0.8, (k, dice)  # 2 mm x 4 mm grid and back: boundary voxels differ
+
+
+def test_2d_task(prepared_env):
+    s = prepared_env
+    d = preprocess(s, "xa")["out_dir"]
+    tr = np.load(d / "train.npz")
+    assert tr["images"].shape[1:] == (24, 24)
+    subj = json.loads((d / "subjects.json").read_text())["subjects"]
+    r = subj[0]
+    split_labels = np.load(d / f"{r['split']}_labels.npz")["labels"]
+    lab = split_labels[r["rows"][0]]
+    back = to_original(lab[..., None], np.array(r["grid_affine"]), r["orig_shape"], np.array(r["orig_affine"]),
+                       ids=[1, 2])
+    orig = np.asanyarray(nib.load(s.paths.ingested / r["label"]).dataobj)
+    assert back.shape == orig.shape
+    assert (back == orig).mean() > 0.9
