@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -131,8 +132,13 @@ def _set_pixels(ds: Dataset, arr: np.ndarray, transfer_syntax: str, bits_stored:
         ds["PixelData"].VR = "OW"
         return
     if ts == JPEGLosslessSV1:
-        raise RuntimeError("cannot encode transfer syntax 'jpeg_lossless' (JPEG Lossless SV1): pydicom 3 has no "
-                           "encoder for it and no installed plugin provides one")
+        # pydicom 3 has no encoder for JPEG Lossless process 14; a minimal one is implemented below.
+        from pydicom.encaps import encapsulate
+
+        ds.file_meta.TransferSyntaxUID = ts
+        ds.PixelData = encapsulate([encode_jpeg_lossless_sv1(arr, bits_stored)])
+        ds["PixelData"].VR = "OB"
+        return
     if ts == JPEG2000Lossless and min(arr.shape) < 32:
         raise ValueError(f"cannot encode {arr.shape[0]}x{arr.shape[1]} as 'jpeg2000_lossless': the installed "
                          "openjpeg encoder always uses 6 wavelet resolutions, which needs rows and columns >= 32")
@@ -142,6 +148,65 @@ def _set_pixels(ds: Dataset, arr: np.ndarray, transfer_syntax: str, bits_stored:
         hint = {"jpegls_lossless": "install 'pyjpegls'", "jpeg2000_lossless": "install 'pylibjpeg-openjpeg'",
                 "rle": "pydicom's native RLE encoder failed"}.get(transfer_syntax, "")
         raise RuntimeError(f"cannot encode transfer syntax {transfer_syntax!r} ({ts.name}): {exc}. {hint}") from exc
+
+
+def encode_jpeg_lossless_sv1(arr: np.ndarray, precision: int = 16) -> bytes:
+    """Encode a 2D uint16/int16 image as a JPEG Lossless (ITU T.81 process 14), selection value 1 codestream.
+
+    Prediction: the left neighbour (first row: 2**(P-1) for the first pixel, then the left neighbour; first column:
+    the pixel above). Differences are taken modulo 2**16 and coded with one Huffman table in which each of the 17
+    difference categories has a 5-bit code, followed by the category's extra bits. Signed data is coded as its
+    unsigned bit pattern (the decoder gives it back by PixelRepresentation).
+    """
+    a = np.ascontiguousarray(arr)
+    if a.ndim != 2:
+        raise ValueError("JPEG lossless encoder takes one 2D frame")
+    if a.dtype.itemsize != 2:
+        raise ValueError("JPEG lossless encoder takes 16-bit data")
+    rows, cols = a.shape
+    p = int(precision)
+    if not 2 <= p <= 16:
+        raise ValueError("precision must be 2..16")
+    mask = (1 << p) - 1
+    x = a.view(np.uint16).astype(np.int64) & mask
+    pred = np.empty_like(x)
+    pred[:, 1:] = x[:, :-1]
+    pred[1:, 0] = x[:-1, 0]
+    pred[0, 0] = 1 << (p - 1)
+    diff = (x - pred) % 65536
+    diff = np.where(diff >= 32768, diff - 65536, diff).ravel()  # in [-32768, 32767]; -32768 is coded as 32768
+    mag = np.abs(diff)
+    ssss = np.zeros(mag.shape, dtype=np.int64)
+    nz = mag > 0
+    ssss[nz] = np.floor(np.log2(mag[nz])).astype(np.int64) + 1
+    ssss[diff == -32768] = 16
+    extra = np.where(diff >= 0, diff, diff - 1) & ((1 << ssss) - 1)
+    extra[ssss == 16] = 0
+    nbits_extra = np.where(ssss == 16, 0, ssss)
+    value = (ssss << nbits_extra) | extra  # the 5-bit code of category s is s itself
+    length = 5 + nbits_extra
+    ends = np.cumsum(length)
+    total = int(ends[-1])
+    starts = ends - length
+    idx = np.arange(total, dtype=np.int64)
+    owner = np.repeat(np.arange(length.size), length)
+    shift = (length[owner] - 1 - (idx - starts[owner]))
+    bits = ((value[owner] >> shift) & 1).astype(np.uint8)
+    pad = (-total) % 8
+    if pad:
+        bits = np.concatenate([bits, np.ones(pad, dtype=np.uint8)])
+    scan = np.packbits(bits).tobytes().replace(b"\xff", b"\xff\x00")
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return struct.pack(">HH", marker, len(payload) + 2) + payload
+
+    sof = struct.pack(">BHHB", p, rows, cols, 1) + bytes([1, 0x11, 0])
+    counts = [0] * 16
+    counts[4] = 17  # 17 codes of length 5
+    dht = bytes([0x00]) + bytes(counts) + bytes(range(17))
+    sos = bytes([1, 1, 0x00, 1, 0, 0])  # 1 component, table 0, predictor 1, Se 0, point transform 0
+    return (b"\xff\xd8" + segment(0xFFC3, sof) + segment(0xFFC4, dht) + segment(0xFFDA, sos) + scan
+            + b"\xff\xd9")
 
 
 def _save(ds: Dataset, path: Path) -> None:
