@@ -1,0 +1,380 @@
+"""DICOM reading (siteadapt.io.dicom) against dcm2niix, on synthetic series from siteadapt.io.dicom_write and on the
+real scanner series under ../shared/data/dicom (marker ``realdata``)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from siteadapt.errors import SeriesRejected
+from siteadapt.io.dicom import DicomSeries, read_series, scan_tree
+from siteadapt.io.dicom_write import write_2d, write_series
+from siteadapt.io.volume import save_nifti
+
+PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-4711", "PatientBirthDate": "19700101", "PatientSex": "F",
+           "InstitutionName": "St Elsewhere", "ReferringPhysicianName": "House^G", "AccessionNumber": "ACC123",
+           "StudyDate": "20240102"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _dcm2niix_bin() -> str | None:
+    cand = Path(sys.executable).parent / "dcm2niix"
+    if cand.exists():
+        return str(cand)
+    try:
+        import dcm2niix
+
+        return str(dcm2niix.bin)
+    except Exception:
+        return shutil.which("dcm2niix")
+
+
+def run_dcm2niix(src: Path, out: Path) -> list[Path]:
+    exe = _dcm2niix_bin()
+    if exe is None:
+        pytest.skip("dcm2niix not installed")
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run([exe, "-z", "y", "-b", "n", "-f", "%s", "-o", str(out), str(src)], check=True,
+                   capture_output=True, timeout=120)
+    return sorted(out.glob("*.nii.gz"))
+
+
+def canonical(data, affine):
+    data = np.asarray(data)
+    if data.ndim == 2:  # nibabel needs a third axis to reorient
+        data = data[..., None]
+    return nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+
+
+def assert_matches_dcm2niix(vol, ref_path: Path):
+    ref = nib.as_closest_canonical(nib.load(str(ref_path)))
+    ours = canonical(vol.data, vol.affine)
+    ref_data = ref.get_fdata()
+    ours_data = np.asarray(ours.dataobj, dtype=np.float64)
+    assert ours_data.shape == ref_data.shape
+    np.testing.assert_array_equal(ours_data, ref_data)
+    np.testing.assert_allclose(ours.affine, ref.affine, atol=1e-3, rtol=0)
+
+
+def only_series(root):
+    series, skipped = scan_tree(root)
+    assert len(series) == 1, (series, skipped)
+    return series[0]
+
+
+def _rot(axis: int, deg: float) -> np.ndarray:
+    c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+    i, j = [a for a in range(3) if a != axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+# DICOM (LPS) row / column direction cosines of typical acquisitions
+_ORIENTATIONS = {
+    "axial": (np.array([1.0, 0, 0]), np.array([0, 1.0, 0])),
+    "sagittal": (np.array([0, 1.0, 0]), np.array([0, 0, -1.0])),
+    "coronal": (np.array([1.0, 0, 0]), np.array([0, 0, -1.0])),
+    "oblique": tuple(_rot(1, 15) @ _rot(0, 15) @ v for v in (np.array([1.0, 0, 0]), np.array([0, 1.0, 0]))),
+}
+
+
+def make_affine(orientation: str, spacing=(0.8, 0.9, 2.5), origin_lps=(-12.5, 30.0, -40.0)) -> np.ndarray:
+    row, col = _ORIENTATIONS[orientation]
+    normal = np.cross(row, col)
+    lps = np.eye(4)
+    lps[:3, 0] = row * spacing[0]
+    lps[:3, 1] = col * spacing[1]
+    lps[:3, 2] = normal * spacing[2]
+    lps[:3, 3] = origin_lps
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def ct_data(shape=(32, 24, 12), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(-1024, 2500, size=shape).astype(np.int16)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# writer + reader agree with dcm2niix
+
+
+@pytest.mark.parametrize("orientation", sorted(_ORIENTATIONS))
+def test_orientations_match_dcm2niix(tmp_path, orientation):
+    data = ct_data()
+    aff = make_affine(orientation)
+    write_series(tmp_path / "dcm", data, aff, modality="CT", patient=PATIENT, rescale=(1.0, -1024.0))
+    vol = read_series(only_series(tmp_path / "dcm"))
+    assert vol.modality == "CT"
+    assert vol.data.shape == data.shape
+    # our own convention: exactly the volume and affine that were written
+    np.testing.assert_array_equal(vol.data, data)
+    np.testing.assert_allclose(vol.affine, aff, atol=1e-4)
+    refs = run_dcm2niix(tmp_path / "dcm", tmp_path / "ref")
+    assert len(refs) == 1
+    assert_matches_dcm2niix(vol, refs[0])
+
+
+def test_ct_rescale_gives_hounsfield_units(tmp_path):
+    hu = ct_data(seed=3)
+    write_series(tmp_path / "a", hu, make_affine("axial"), modality="CT", patient=PATIENT, rescale=(1.0, -1024.0))
+    ds = pydicom.dcmread(next((tmp_path / "a").iterdir()))
+    assert float(ds.RescaleIntercept) == -1024.0 and ds.PixelRepresentation == 0  # stored values are >= 0
+    vol = read_series(only_series(tmp_path / "a"))
+    assert np.issubdtype(vol.data.dtype, np.integer)  # slope 1, integral intercept: integer kept
+    np.testing.assert_array_equal(vol.data, hu)
+    assert vol.data.min() < -1000
+    # a non-unit slope gives float32 values
+    half = hu.astype(np.float64) / 2.0
+    write_series(tmp_path / "b", half, make_affine("axial"), modality="CT", patient=PATIENT, rescale=(0.5, -1024.0))
+    vol = read_series(only_series(tmp_path / "b"))
+    assert vol.data.dtype == np.float32
+    np.testing.assert_array_equal(vol.data, half.astype(np.float32))
+
+
+@pytest.mark.parametrize("ts", ["implicit_le", "rle", "jpeg2000_lossless", "jpegls_lossless", "jpeg_lossless"])
+def test_transfer_syntaxes_round_trip(tmp_path, ts):
+    data = ct_data(shape=(32, 32, 5), seed=5)  # openjpeg needs rows and columns >= 32
+    aff = make_affine("oblique")
+    write_series(tmp_path / ts, data, aff, modality="CT", patient=PATIENT, rescale=(1.0, -1024.0), transfer_syntax=ts)
+    vol = read_series(only_series(tmp_path / ts))
+    np.testing.assert_array_equal(vol.data, data)
+    np.testing.assert_allclose(vol.affine, aff, atol=1e-4)
+    assert len(vol.meta["transfer_syntaxes"]) == 1
+    if ts == "jpeg_lossless":  # our own encoder: dcm2niix's independent decoder must agree too
+        assert_matches_dcm2niix(vol, run_dcm2niix(tmp_path / ts, tmp_path / "ref")[0])
+
+
+def test_signed_pixels_all_codecs(tmp_path):
+    rng = np.random.default_rng(9)
+    data = rng.integers(-3000, 3000, size=(32, 32, 3)).astype(np.int16)
+    for ts in ["explicit_le", "rle", "jpeg2000_lossless", "jpegls_lossless", "jpeg_lossless"]:
+        write_series(tmp_path / ts, data, np.eye(4), modality="MR", patient=PATIENT, transfer_syntax=ts, seed=ts)
+        vol = read_series(only_series(tmp_path / ts))
+        np.testing.assert_array_equal(vol.data, data, err_msg=ts)
+
+
+def test_random_names_and_shuffled_order_give_same_volume(tmp_path):
+    data = ct_data(seed=11)
+    aff = make_affine("sagittal")
+    write_series(tmp_path / "inst", data, aff, modality="MR", patient=PATIENT)
+    files = write_series(tmp_path / "rand", data, aff, modality="MR", patient=PATIENT, file_names="random", seed=1)
+    assert not any(p.name.startswith("IM") for p in files)
+    numbers = [int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber) for p in sorted(files)]
+    assert numbers != sorted(numbers)
+    a = read_series(only_series(tmp_path / "inst"))
+    b = read_series(only_series(tmp_path / "rand"))
+    np.testing.assert_array_equal(a.data, b.data)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-9)
+    # a DicomSeries built by hand (no cached headers, files in arbitrary order) reads the same
+    s = only_series(tmp_path / "rand")
+    c = read_series(DicomSeries(uid=s.uid, files=list(reversed(s.files)), modality="MR"))
+    np.testing.assert_array_equal(a.data, c.data)
+
+
+def test_4d_series(tmp_path):
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 4000, size=(16, 12, 6, 5)).astype(np.uint16)
+    aff = make_affine("coronal", spacing=(3.0, 3.0, 4.0))
+    write_series(tmp_path / "d", data, aff, modality="MR", patient=PATIENT)
+    vol = read_series(only_series(tmp_path / "d"))
+    assert vol.data.shape == (16, 12, 6, 5)
+    assert vol.meta["is_4d"] is True
+    np.testing.assert_array_equal(vol.data, data)
+    np.testing.assert_allclose(vol.affine, aff, atol=1e-4)
+    assert_matches_dcm2niix(vol, run_dcm2niix(tmp_path / "d", tmp_path / "ref")[0])
+    # Shuffled names and InstanceNumbers: time order comes from TemporalPositionIdentifier / AcquisitionTime.
+    # (dcm2niix itself needs sensible InstanceNumbers here, so it is not the reference for this one.)
+    write_series(tmp_path / "r", data, aff, modality="MR", patient=PATIENT, file_names="random", seed=3)
+    shuffled = read_series(only_series(tmp_path / "r"))
+    np.testing.assert_array_equal(shuffled.data, data)
+    np.testing.assert_allclose(shuffled.affine, aff, atol=1e-4)
+
+
+def test_2d_radiograph(tmp_path):
+    rng = np.random.default_rng(4)
+    img = rng.integers(0, 4096, size=(40, 30))
+    write_2d(tmp_path / "cr" / "x.dcm", img, modality="CR", pixel_spacing=(0.2, 0.3), patient=PATIENT)
+    write_2d(tmp_path / "dx" / "y.dcm", img, modality="DX", pixel_spacing=(0.15, 0.15), patient=PATIENT,
+             transfer_syntax="rle", photometric="MONOCHROME1")
+    vol = read_series(only_series(tmp_path / "cr"))
+    assert vol.data.shape == (30, 40) and vol.modality == "CR"
+    np.testing.assert_array_equal(vol.data, img.T)
+    np.testing.assert_allclose(vol.spacing, (0.3, 0.2))
+    assert_matches_dcm2niix(vol, run_dcm2niix(tmp_path / "cr", tmp_path / "ref")[0])
+    vol = read_series(only_series(tmp_path / "dx"))
+    np.testing.assert_array_equal(vol.data, img.T)
+    assert vol.meta["photometric"] == "MONOCHROME1"
+
+
+def test_meta_and_match_keys_hold_no_identifiers(tmp_path):
+    write_series(tmp_path / "case_007", ct_data(), make_affine("axial"), modality="CT", patient=PATIENT,
+                 series_description="SECRET DESCRIPTION")
+    s = only_series(tmp_path / "case_007")
+    assert s.match_keys == ["case_007", "ACC123", "PID-4711", "1"]
+    vol = read_series(s)
+    text = repr(vol.meta)
+    for v in [*PATIENT.values(), "SECRET", s.uid.split("+")[0]]:
+        assert all(str(v) != str(m) for m in vol.meta.values())
+        if len(v) > 2:
+            assert v not in text
+    assert vol.meta["n_files"] == 12 and vol.meta["rows"] == 24 and vol.meta["cols"] == 32
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# bad input: every case is refused with its named reason
+
+
+def rejected(root) -> str:
+    with pytest.raises(SeriesRejected) as ei:
+        read_series(only_series(root))
+    assert ei.value.path is not None
+    return ei.value.reason
+
+
+def test_missing_slice(tmp_path):
+    write_series(tmp_path, ct_data(), make_affine("axial"), modality="CT", patient=PATIENT, drop_slices=(5,))
+    assert rejected(tmp_path).startswith("missing slices")
+
+
+def test_non_uniform_spacing(tmp_path):
+    pos = np.arange(12) * 2.5
+    pos[7:] += 0.6  # one step of 3.1 mm among 2.5 mm steps (less than 1.5x: not a missing slice)
+    write_series(tmp_path, ct_data(), make_affine("axial"), modality="CT", patient=PATIENT, slice_positions=pos)
+    assert rejected(tmp_path).startswith("non-uniform slice spacing")
+
+
+@pytest.mark.parametrize("orientation", ["axial", "oblique"])
+def test_gantry_tilt(tmp_path, orientation):
+    write_series(tmp_path, ct_data(), make_affine(orientation), modality="CT", patient=PATIENT, gantry_tilt_deg=12.0)
+    reason = rejected(tmp_path)
+    assert reason.startswith("gantry tilt / sheared slice geometry")
+    assert "12" in reason
+
+
+def test_inconsistent_rows_cols(tmp_path):
+    data = ct_data()
+    files = write_series(tmp_path, data, make_affine("axial"), modality="CT", patient=PATIENT, drop_slices=(4,))
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    small = np.zeros((32, 20, 12), dtype=np.int16)
+    write_series(tmp_path / "odd", small, make_affine("axial"), modality="CT", patient=PATIENT, series_uid=uid,
+                 drop_slices=[k for k in range(12) if k != 4], seed=99)
+    assert rejected(tmp_path).startswith("inconsistent rows/cols")
+
+
+def test_whole_stacks_of_different_size_or_orientation_are_split(tmp_path):
+    files = write_series(tmp_path / "a", ct_data(), make_affine("axial"), modality="CT", patient=PATIENT)
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    write_series(tmp_path / "b", ct_data((16, 16, 4)), make_affine("sagittal"), modality="CT", patient=PATIENT,
+                 series_uid=uid, seed=5)
+    write_series(tmp_path / "c", ct_data((20, 20, 3)), make_affine("axial", origin_lps=(0, 0, 100)), modality="CT",
+                 patient=PATIENT, series_uid=uid, seed=6)
+    series, skipped = scan_tree(tmp_path)
+    assert not skipped
+    assert sorted(read_series(s).data.shape for s in series) == [(16, 16, 4), (20, 20, 3), (32, 24, 12)]
+    assert len({s.uid for s in series}) == 3 and all(s.uid.startswith(uid) for s in series)
+
+
+def test_missing_pixel_data(tmp_path):
+    files = write_series(tmp_path, ct_data(), make_affine("axial"), modality="CT", patient=PATIENT)
+    ds = pydicom.dcmread(files[3])
+    del ds.PixelData
+    ds.save_as(files[3])
+    assert rejected(tmp_path) == "missing pixel data"
+
+
+def _non_image(path: Path, sop_class: str, modality: str):
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = modality
+    ds.PatientID = "PID-4711"
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_scan_reports_every_unused_file(tmp_path):
+    files = write_series(tmp_path / "ct", ct_data(), make_affine("axial"), modality="CT", patient=PATIENT)
+    (tmp_path / "notes.txt").write_text("not dicom at all\n")
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    raw = files[0].read_bytes()
+    (tmp_path / "trunc_pixels.dcm").write_bytes(raw[: len(raw) - 500])
+    (tmp_path / "trunc_header.dcm").write_bytes(raw[:200])
+    (tmp_path / "trunc_header2.dcm").write_bytes(raw[:700])
+    _non_image(tmp_path / "rs.dcm", "1.2.840.10008.5.1.4.1.1.481.3", "RTSTRUCT")
+    _non_image(tmp_path / "sr.dcm", "1.2.840.10008.5.1.4.1.1.88.22", "SR")
+    _non_image(tmp_path / "pr.dcm", "1.2.840.10008.5.1.4.1.1.11.1", "PR")
+    _non_image(tmp_path / "DICOMDIR", "1.2.840.10008.1.3.10", "")
+    shutil.copy(files[1], tmp_path / "copy_of_slice")
+    series, skipped = scan_tree(tmp_path)
+    reasons = {p.name: r for p, r in skipped}
+    assert reasons["notes.txt"] == "not a DICOM file"
+    assert reasons["empty.dcm"] == "not a DICOM file"
+    assert reasons["trunc_pixels.dcm"].startswith("truncated or unreadable DICOM")
+    assert reasons["trunc_header.dcm"].startswith("truncated or unreadable DICOM")
+    assert reasons["trunc_header2.dcm"].startswith("truncated or unreadable DICOM")
+    assert reasons["rs.dcm"] == "non-image DICOM (RTSTRUCT)"
+    assert reasons["sr.dcm"] == "non-image DICOM (SR)"
+    assert reasons["pr.dcm"] == "non-image DICOM (presentation state)"
+    assert reasons["DICOMDIR"] == "DICOMDIR"
+    assert len(series) == 1 and len(series[0].files) == 12
+    assert sum(r.startswith("duplicate SOP instance") for r in reasons.values()) == 1
+    assert len(skipped) == 10
+    np.testing.assert_array_equal(read_series(series[0]).data, ct_data())
+
+
+def test_truncated_compressed_file(tmp_path):
+    files = write_series(tmp_path, ct_data(), make_affine("axial"), modality="CT", patient=PATIENT, transfer_syntax="rle")
+    raw = files[2].read_bytes()
+    files[2].write_bytes(raw[: len(raw) - 300])
+    series, skipped = scan_tree(tmp_path)
+    assert [(p.name, r.split(":")[0]) for p, r in skipped] == [(files[2].name, "truncated or unreadable DICOM")]
+    with pytest.raises(SeriesRejected, match="missing slices"):
+        read_series(series[0])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# real scanner series (../shared/data/dicom), compared with dcm2niix
+
+
+REAL = ["ge_3d_t1_oblique", "siemens_prisma_epi_4d", "siemens_xa10_enhanced_multiframe", "siemens_mosaic_uncompressed",
+        "siemens_mosaic_jpeg_lossless"]
+REAL_SHAPES = {"ge_3d_t1_oblique": (256, 256, 130), "siemens_prisma_epi_4d": (64, 64, 25, 12),
+               "siemens_xa10_enhanced_multiframe": (64, 64, 6, 4), "siemens_mosaic_uncompressed": (64, 64, 35),
+               "siemens_mosaic_jpeg_lossless": (64, 64, 35)}
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", REAL)
+def test_real_series_match_dcm2niix(shared_data, tmp_path, name):
+    src = shared_data / "dicom" / name
+    series, skipped = scan_tree(src)
+    assert skipped == [] and len(series) == 1
+    vol = read_series(series[0])
+    assert vol.modality == "MR"
+    assert vol.data.shape == REAL_SHAPES[name]
+    refs = run_dcm2niix(src, tmp_path / "ref")
+    assert len(refs) == 1
+    assert_matches_dcm2niix(vol, refs[0])
+    # and what we write is what we read
+    out = save_nifti(vol, tmp_path / "ours.nii.gz")
+    img = nib.load(str(out))
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), vol.data)
+    assert vol.meta["mosaic"] == ("mosaic" in name) and vol.meta["enhanced"] == ("enhanced" in name)
