@@ -65,6 +65,30 @@ def cmd_preprocess(args) -> int:
     return 0
 
 
+def cmd_train_source(args) -> int:
+    from .steps.train import train_source
+
+    path = train_source(_settings(args), args.site, seed=args.seed)
+    print(f"source segmenter -> {path}")
+    return 0
+
+
+def cmd_adapt(args) -> int:
+    from .steps.train import adapt
+
+    path = adapt(_settings(args), args.site, args.method, source=args.source, seed=args.seed)
+    print(f"{args.method} adapted to {args.site} -> {path}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .steps.train import predict
+
+    out = predict(_settings(args), args.site, args.method, splits=tuple(args.splits.split(",")))
+    print(f"predictions -> {out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The main job on the embedded synthetic sites (grows with the pipeline: later issues add training/evaluation)."""
     s = _settings(args)
@@ -110,6 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("preprocess", help="reorient, resample, crop, normalize, slice, split")
     sp.add_argument("--site", required=True)
     sp.set_defaults(func=cmd_preprocess)
+
+    sp = sub.add_parser("train-source", help="train the source segmenter on a labeled site")
+    sp.add_argument("--site", required=True)
+    sp.add_argument("--seed", type=int, default=None)
+    sp.set_defaults(func=cmd_train_source)
+
+    sp = sub.add_parser("adapt", help="adapt to a target site with a method (no target labels)")
+    sp.add_argument("--site", required=True, help="target site")
+    sp.add_argument("--method", required=True)
+    sp.add_argument("--source", default=None, help="source site, when several directions end at the target")
+    sp.add_argument("--seed", type=int, default=None)
+    sp.set_defaults(func=cmd_adapt)
+
+    sp = sub.add_parser("predict", help="write label maps on each target subject's original grid")
+    sp.add_argument("--site", required=True)
+    sp.add_argument("--method", required=True)
+    sp.add_argument("--splits", default="test", help="comma-separated splits to predict (default: test)")
+    sp.set_defaults(func=cmd_predict)
 
     sp = sub.add_parser("demo", help="run the main job on the embedded synthetic sites")
     sp.set_defaults(func=cmd_demo)

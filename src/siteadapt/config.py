@@ -109,6 +109,14 @@ class Site(_Strict):
     synthetic: str | None = Field(None, description="'<task>/<site>' of `siteadapt synth` that produces `images`")
 
 
+class Train(_Strict):
+    checkpoint_every: int = Field(100, gt=0)
+    log_every: int = Field(20, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    threads: int | None = Field(None, gt=0)
+
+
 class Settings(_Strict):
     profile: str = "quick"
     seed: int = 0
@@ -116,6 +124,9 @@ class Settings(_Strict):
     profiles: dict[str, Profile]
     tasks: dict[str, Task]
     sites: dict[str, Site]
+    train: Train = Train()
+    methods: dict[str, dict] = {}
+    """Per-method options (``methods.<name>.<option>``), validated by each method's own ``Options``."""
 
     @model_validator(mode="after")
     def _cross_refs(self):
@@ -151,6 +162,15 @@ class Settings(_Strict):
 
     def is_target(self, site: str) -> bool:
         return any(d.target == site for d in self.task_of(site).directions)
+
+    def direction_to(self, target: str, source: str | None = None) -> Direction:
+        ds = [d for d in self.task_of(target).directions if d.target == target and (source is None or d.source == source)]
+        if not ds:
+            raise ConfigError(f"no adaptation direction in tasks.{self.site(target).task}.directions has target "
+                              f"{target!r}" + (f" and source {source!r}" if source else ""))
+        if len(ds) > 1:
+            raise ConfigError(f"several directions end at {target!r}: pass --source ({', '.join(d.source for d in ds)})")
+        return ds[0]
 
     def roi_rule(self, site: str) -> str:
         rule = self.task_of(site).preprocess.roi_rule

@@ -1,0 +1,94 @@
+"""The plain segmenter E∘C (SIFA's encoder + pixel-wise classifier), trained with weighted CE + Dice on labeled slices.
+
+Two uses, one class:
+- the *source segmenter* (``siteadapt train-source``): trained on the labeled source site; ``noadapt``,
+  ``histmatch`` and the translate-then-segment methods apply it;
+- ``supervised``: the same network trained on the target site's own labels, the upper bound every table starts with
+  (an evaluation-only reference: it reads target labels, which no adaptation method does).
+
+Optimiser: Adam, lr 2e-4, betas (0.9, 0.999) (SIFA TMI trains every module with lr 2e-4; beta1 0.5 is for GAN parts).
+Augmentation: none by default (the papers do not describe any for these slices); ``augment: true`` adds random
+intensity scale/shift (+-10%), small translations (+-4 px) — no flips, which would swap left and right structures.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ..nn.losses import WeightedCrossEntropyDiceLoss
+from ..nn.networks import DilatedResidualEncoder, PixelClassifier
+from .base import Context, Method, MethodOptions, adam, scalars
+
+
+class SegmenterOptions(MethodOptions):
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    class_weights: list[float] | str | None = "batch"
+    dice_weight: float = Field(1.0, ge=0)
+    augment: bool = False
+
+
+class SegmenterNet(nn.Module):
+    """E∘C1: encoder + main pixel-wise classifier, logits at the input size."""
+
+    def __init__(self, ctx: Context):
+        super().__init__()
+        self.encoder = DilatedResidualEncoder(ctx.in_channels, width=ctx.width)
+        self.classifier = PixelClassifier(self.encoder.out_channels, ctx.n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.encoder(x).high, size=x.shape[-2:])
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None = None):
+    b = x.shape[0]
+    scale = 1 + (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.2
+    shift = (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.2
+    x = (x * scale.to(x) + shift.to(x)).clamp(-1, 1)
+    dx, dy = (torch.randint(-4, 5, (2,), generator=gen)).tolist()
+    x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+    y = torch.roll(y, shifts=(dy, dx), dims=(-2, -1))
+    return x, y
+
+
+class Supervised(Method):
+    name = "supervised"
+    Options = SegmenterOptions
+    needs_target_images = False
+    trains_on_target_labels = True
+
+    def __init__(self, ctx: Context, options: SegmenterOptions | None = None):
+        super().__init__(ctx, options)
+        self.net = SegmenterNet(ctx)
+        self.seg_loss = WeightedCrossEntropyDiceLoss(ctx.n_classes, class_weights=self.opts.class_weights,
+                                                     dice_weight=self.opts.dice_weight)
+
+    def build_optimizers(self):
+        return {"seg": adam(self.net.parameters(), self.opts.lr, beta1=0.9, weight_decay=self.opts.weight_decay)}
+
+    def train_step(self, batch):
+        x, y = batch.src_x, batch.src_y
+        if self.opts.augment:
+            x, y = augment_batch(x, y)
+        with self.autocast():
+            logits = self.net(x)
+        loss = self.seg_loss(logits, y)
+        self.update(loss, "seg")
+        return scalars({"seg": loss})
+
+    def predict(self, images):
+        return self.net(images)
+
+
+class SourceSegmenter(Supervised):
+    """The source segmenter: the same network and loss, trained on the labeled source site."""
+
+    name = "source"
+    trains_on_target_labels = False
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    return F.softmax(logits.float(), dim=1)

@@ -1,0 +1,151 @@
+"""Train, adapt and predict steps (the functions behind ``siteadapt train-source | adapt | predict``).
+
+Paths (all under params ``paths``)::
+
+    models/<task>/<site>/source/model.pt       the source segmenter trained on <site>'s labels
+    models/<task>/<target>/<method>/model.pt   a method adapted to <target> (from the direction's source)
+    models/.../checkpoint.pt                   the engine's resumable checkpoint beside it
+    data/predictions/<target>/<method>/<id>.nii.gz   label maps on each subject's original grid
+
+``model.pt`` holds the method name, its options, the task context, the source/target sites, the training summary
+and the weights; :func:`load_model` rebuilds the method from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from ..config import Settings
+from ..data.geometry import to_original
+from ..data.shards import load_slices
+from ..errors import InputError
+from ..io.atomic import atomic_path, write_json
+from ..io.volume import save_nifti
+from ..methods import get_method
+from ..methods.base import Context, Method
+from ..train.engine import TrainConfig, fit
+
+log = logging.getLogger("siteadapt.steps")
+
+
+def context_for(settings: Settings, site: str) -> Context:
+    task = settings.task_of(site)
+    return Context(n_classes=1 + max(task.structures.values()), image_size=settings.active.image_size,
+                   width=settings.active.width, kind=task.kind)
+
+
+def model_dir(settings: Settings, site: str, method: str) -> Path:
+    return settings.paths.models / settings.site(site).task / site / method
+
+
+def build_method(settings: Settings, name: str, site: str) -> Method:
+    cls = get_method(name)
+    opts = cls.parse_options(settings.methods.get(name), f"methods.{name}")
+    return cls(context_for(settings, site), opts)
+
+
+def _train_config(settings: Settings, method: Method, seed: int | None = None) -> TrainConfig:
+    t = settings.train
+    return TrainConfig(iterations=max(1, int(round(settings.active.iterations * method.opts.iterations_factor))),
+                       batch_size=settings.active.batch_size, seed=settings.seed if seed is None else seed,
+                       checkpoint_every=t.checkpoint_every, log_every=t.log_every, device=t.device, amp=t.amp,
+                       threads=t.threads)
+
+
+def save_model(method: Method, path: Path, **info) -> None:
+    payload = {"method": method.name, "options": method.opts.model_dump(), "context": method.ctx.to_dict(),
+               "state_dict": {k: v.detach().cpu() for k, v in method.state_dict().items()
+                              if not k.startswith("source_model.")},  # the source segmenter has its own file
+               **info}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_model(path: Path, device: str = "cpu") -> tuple[Method, dict]:
+    if not Path(path).is_file():
+        raise InputError(path, "model not found (train or adapt it first)")
+    payload = torch.load(path, map_location=device, weights_only=False)
+    cls = get_method(payload["method"])
+    ctx = payload["context"]
+    ctx = Context(**{**ctx, "class_weights": tuple(ctx["class_weights"]) if ctx.get("class_weights") else None})
+    m = cls(ctx, cls.Options.model_validate(payload["options"]))
+    m.load_state_dict(payload["state_dict"], strict=False)
+    m.eval()
+    return m, payload
+
+
+def train_source(settings: Settings, site: str, tracker=None, seed: int | None = None) -> Path:
+    method = build_method(settings, "source", site)
+    data = load_slices(settings.paths.prepared, site, "train", labels=True)
+    out = model_dir(settings, site, "source")
+    summary = fit(method, data, None, _train_config(settings, method, seed), out, tracker=tracker)
+    save_model(method, out / "model.pt", site=site, source_site=site, target_site=None, summary=summary)
+    log.info("source segmenter for %s: %d iterations in %.0f s", site, summary["iterations"], summary["seconds"])
+    return out / "model.pt"
+
+
+def adapt(settings: Settings, target: str, method_name: str, *, source: str | None = None, tracker=None,
+          seed: int | None = None) -> Path:
+    d = settings.direction_to(target, source)
+    method = build_method(settings, method_name, target)
+    src_model = None
+    if method.needs_source_model:
+        src_model, _ = load_model(model_dir(settings, d.source, "source") / "model.pt")
+    out = model_dir(settings, target, method_name)
+    if method.trains_on_target_labels:  # upper-bound references only
+        train_set = load_slices(settings.paths.prepared, target, "train", labels=True)
+        target_set = None
+    else:
+        train_set = load_slices(settings.paths.prepared, d.source, "train", labels=True)
+        target_set = load_slices(settings.paths.prepared, target, "train", labels=False)
+    method.prepare(train_set, target_set, source_model=src_model)
+    summary = {"iterations": 0, "seconds": 0.0}
+    if method.trains:
+        summary = fit(method, train_set, target_set, _train_config(settings, method, seed), out, tracker=tracker)
+    save_model(method, out / "model.pt", source_site=d.source, target_site=target, summary=summary,
+               seed=settings.seed if seed is None else seed)
+    if src_model is not None:  # methods that apply the source segmenter keep a reference to its file
+        write_json(out / "uses.json", {"source_model": str(model_dir(settings, d.source, "source") / "model.pt")})
+    return out / "model.pt"
+
+
+def load_for_prediction(settings: Settings, target: str, method_name: str) -> Method:
+    method, payload = load_model(model_dir(settings, target, method_name) / "model.pt")
+    if method.needs_source_model:
+        src, _ = load_model(model_dir(settings, payload["source_site"], "source") / "model.pt")
+        method.source_model = src
+    return method
+
+
+def predict(settings: Settings, target: str, method_name: str, splits=("test",)) -> Path:
+    """Segment the target's subjects of ``splits`` and write label maps on their original grids."""
+    method = load_for_prediction(settings, target, method_name)
+    task = settings.task_of(target)
+    ids = sorted(task.structures.values())
+    out_dir = settings.paths.predictions / target / method_name
+    written = []
+    for split in splits:
+        data = load_slices(settings.paths.prepared, target, split, labels=False)
+        for si, rec in enumerate(data.subjects):
+            if rec["split"] != split:
+                continue
+            start, n = rec["rows"]
+            x = torch.from_numpy(data.images[start:start + n]).unsqueeze(1)
+            with torch.no_grad():
+                logits = method.predict_subject(x)
+            lab = logits.argmax(1).numpy().astype(np.uint8)  # (n, H, W) slices
+            grid = np.moveaxis(lab, 0, rec["slice_axis"])
+            back = to_original(grid, np.array(rec["grid_affine"]), rec["orig_shape"], np.array(rec["orig_affine"]),
+                               ids=ids)
+            save_nifti(back.astype(np.uint8), out_dir / f"{rec['id']}.nii.gz", np.array(rec["orig_affine"]))
+            written.append(rec["id"])
+    write_json(out_dir / "predictions.json", {"site": target, "method": method_name, "splits": list(splits),
+                                              "subjects": written})
+    log.info("%s/%s: %d label maps -> %s", target, method_name, len(written), out_dir)
+    return out_dir
