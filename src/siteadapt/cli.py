@@ -84,8 +84,27 @@ def cmd_adapt(args) -> int:
 def cmd_predict(args) -> int:
     from .steps.train import predict
 
-    out = predict(_settings(args), args.site, args.method, splits=tuple(args.splits.split(",")))
+    out = predict(_settings(args), args.site, args.method, splits=tuple(args.splits.split(",")), seed=args.seed)
     print(f"predictions -> {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .steps.evaluate import evaluate
+
+    path = evaluate(_settings(args), args.site, args.method, seed=args.seed)
+    print(f"metrics -> {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .steps.report import report
+
+    written = report(_settings(args))
+    for task, path in written.items():
+        print(f"{task}: {path}")
+    if not written:
+        print("no evaluated methods found")
     return 0
 
 
@@ -151,7 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--site", required=True)
     sp.add_argument("--method", required=True)
     sp.add_argument("--splits", default="test", help="comma-separated splits to predict (default: test)")
+    sp.add_argument("--seed", type=int, default=None)
     sp.set_defaults(func=cmd_predict)
+
+    sp = sub.add_parser("evaluate", help="metrics of a method's predictions on a site's labeled test subjects")
+    sp.add_argument("--site", required=True)
+    sp.add_argument("--method", required=True)
+    sp.add_argument("--seed", type=int, default=None, help="seed tag of the run (default: params seed)")
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("report", help="paper-style tables and figures from every evaluated method")
+    sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("demo", help="run the main job on the embedded synthetic sites")
     sp.set_defaults(func=cmd_demo)

@@ -102,6 +102,11 @@ class Method(nn.Module):
         (e.g. histogram matching) override this; the default runs :meth:`predict` in batches."""
         return torch.cat([self.predict(images[i:i + batch_size]).float() for i in range(0, len(images), batch_size)])
 
+    def translations(self, src_x: torch.Tensor, tgt_x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Image-translating methods return e.g. {"source -> target-like": G_t(src_x), "target -> source-like": ...}
+        for the report's translated-image grids; others return nothing."""
+        return {}
+
     def extra_state(self) -> dict:
         return {}
 

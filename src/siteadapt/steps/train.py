@@ -40,14 +40,24 @@ def context_for(settings: Settings, site: str) -> Context:
                    width=settings.active.width, kind=task.kind)
 
 
-def model_dir(settings: Settings, site: str, method: str) -> Path:
-    return settings.paths.models / settings.site(site).task / site / method
+def run_name(settings: Settings, method: str, seed: int | None = None) -> str:
+    """Folder name of a run: the method (or variant) name, plus ``.seed<k>`` for a seed other than params' seed."""
+    return method if seed is None or seed == settings.seed else f"{method}.seed{seed}"
+
+
+def model_dir(settings: Settings, site: str, method: str, seed: int | None = None) -> Path:
+    return settings.paths.models / settings.site(site).task / site / run_name(settings, method, seed)
 
 
 def build_method(settings: Settings, name: str, site: str) -> Method:
-    cls = get_method(name)
-    opts = cls.parse_options(settings.methods.get(name), f"methods.{name}")
-    return cls(context_for(settings, site), opts)
+    """``name`` is a method, or a named variant in params: ``methods: {sifa_prior: {method: sifa,
+    deep_supervision: false}}`` (an ablation row = a flag on the method, never a copy of it)."""
+    raw = dict(settings.methods.get(name) or {})
+    cls = get_method(raw.pop("method", name))
+    opts = cls.parse_options(raw, f"methods.{name}")
+    m = cls(context_for(settings, site), opts)
+    m.variant = name
+    return m
 
 
 def _train_config(settings: Settings, method: Method, seed: int | None = None) -> TrainConfig:
@@ -97,7 +107,7 @@ def adapt(settings: Settings, target: str, method_name: str, *, source: str | No
     src_model = None
     if method.needs_source_model:
         src_model, _ = load_model(model_dir(settings, d.source, "source") / "model.pt")
-    out = model_dir(settings, target, method_name)
+    out = model_dir(settings, target, method_name, seed)
     if method.trains_on_target_labels:  # upper-bound references only
         train_set = load_slices(settings.paths.prepared, target, "train", labels=True)
         target_set = None
@@ -109,26 +119,61 @@ def adapt(settings: Settings, target: str, method_name: str, *, source: str | No
     if method.trains:
         summary = fit(method, train_set, target_set, _train_config(settings, method, seed), out, tracker=tracker)
     save_model(method, out / "model.pt", source_site=d.source, target_site=target, summary=summary,
-               seed=settings.seed if seed is None else seed)
+               seed=settings.seed if seed is None else seed, variant=method_name)
+    if target_set is not None:
+        save_translations(method, train_set, target_set, out / "translations.png")
     if src_model is not None:  # methods that apply the source segmenter keep a reference to its file
         write_json(out / "uses.json", {"source_model": str(model_dir(settings, d.source, "source") / "model.pt")})
     return out / "model.pt"
 
 
-def load_for_prediction(settings: Settings, target: str, method_name: str) -> Method:
-    method, payload = load_model(model_dir(settings, target, method_name) / "model.pt")
+def save_translations(method: Method, source, target, path: Path, n: int = 4) -> Path | None:
+    """Grid of a few source and target slices and what the method translates them into (if it translates)."""
+    method.eval()
+    dev = next(method.parameters()).device if any(True for _ in method.parameters()) else torch.device("cpu")
+    idx_s = np.linspace(0, len(source) - 1, n).astype(int)
+    idx_t = np.linspace(0, len(target) - 1, n).astype(int)
+    sx = torch.from_numpy(source.images[idx_s]).unsqueeze(1).to(dev)
+    tx = torch.from_numpy(target.images[idx_t]).unsqueeze(1).to(dev)
+    with torch.no_grad():
+        tr = method.translations(sx, tx)
+    if not tr:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("source", sx), ("target", tx)] + list(tr.items())
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.8 * n, 1.9 * len(rows)))
+    for r, (title, imgs) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(np.rot90(imgs[c, 0].float().cpu().numpy()), cmap="gray", vmin=-1, vmax=1)
+            ax.axis("off")
+            if c == 0:
+                ax.set_title(title, fontsize=7, loc="left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return path
+
+
+def load_for_prediction(settings: Settings, target: str, method_name: str, seed: int | None = None) -> Method:
+    method, payload = load_model(model_dir(settings, target, method_name, seed) / "model.pt")
     if method.needs_source_model:
         src, _ = load_model(model_dir(settings, payload["source_site"], "source") / "model.pt")
         method.source_model = src
     return method
 
 
-def predict(settings: Settings, target: str, method_name: str, splits=("test",)) -> Path:
+def predict(settings: Settings, target: str, method_name: str, splits=("test",), seed: int | None = None) -> Path:
     """Segment the target's subjects of ``splits`` and write label maps on their original grids."""
-    method = load_for_prediction(settings, target, method_name)
+    method = load_for_prediction(settings, target, method_name, seed)
     task = settings.task_of(target)
     ids = sorted(task.structures.values())
-    out_dir = settings.paths.predictions / target / method_name
+    out_dir = settings.paths.predictions / target / run_name(settings, method_name, seed)
     written = []
     for split in splits:
         data = load_slices(settings.paths.prepared, target, split, labels=False)

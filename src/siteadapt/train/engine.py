@@ -135,6 +135,8 @@ def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainCon
         with atomic_path(ckpt) as tmp:
             torch.save(state, tmp)
 
+    curve = run_dir / "losses.csv"
+    _truncate_curve(curve, start)
     method.train()
     losses: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -158,6 +160,7 @@ def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainCon
                 raise FloatingPointError(f"{method.name}: non-finite losses at iteration {it}: {bad}")
             msg = " ".join(f"{k}={v:.3f}" for k, v in sorted(losses.items()))
             print(f"[{method.name}] {it}/{cfg.iterations} {ips:.2f} it/s {msg}", file=sys.stderr, flush=True)
+            _append_curve(curve, it, ips, losses)
             if tracker is not None:
                 tracker.log_metrics({f"train/{k}": v for k, v in losses.items()} | {"train/it_per_s": ips}, it)
         if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
@@ -167,3 +170,23 @@ def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainCon
     secs = time.perf_counter() - t0
     return {"iterations": start + done_here, "seconds": secs, "it_per_s": done_here / max(secs, 1e-9),
             "losses": losses, "device": str(device)}
+
+
+def _truncate_curve(path: Path, start: int) -> None:
+    """On resume, drop curve rows past the checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    if not lines:
+        return
+    keep = [lines[0]] + [ln for ln in lines[1:] if ln and int(ln.split(",")[0]) <= start]
+    path.write_text("\n".join(keep) + "\n")
+
+
+def _append_curve(path: Path, it: int, ips: float, losses: dict[str, float]) -> None:
+    keys = sorted(losses)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a") as fh:
+        if new:
+            fh.write(",".join(["iteration", "it_per_s", *keys]) + "\n")
+        fh.write(",".join([str(it), f"{ips:.4f}", *(f"{losses[k]:.6g}" for k in keys)]) + "\n")

@@ -1,0 +1,159 @@
+"""Evaluate step: a method's predictions on a site's labeled evaluation subjects -> metrics JSON + overlay PNGs.
+
+- Subjects: the site's ``test`` split (subject-level, from preprocessing). For a target site, its labels are read here
+  and nowhere else in the adaptation path.
+- Predictions (label maps on each subject's original grid, from ``siteadapt predict``) are post-processed as the task
+  configures (largest connected component per structure, hole filling: the SeUDA paper's post-processing), then
+  compared with the reference in 3D (2D for 2D tasks) per subject, distances in mm on the original voxel grid.
+- Output ``<metrics>/<task>/<site>/<method>.json`` (``<method>.seed<k>.json`` for extra seeds): per metric, per
+  structure and "mean" (over structures), per subject, and the mean/std over subjects with counts of NaN cases.
+  The papers' "ASD" column is our ``assd`` (symmetric, pooled; see :mod:`siteadapt.metrics.segmentation`).
+- Overlays ``<reports>/<task>/overlays/<site>/<method>/<id>.png`` for the first ``n_overlays`` subjects: image,
+  reference and prediction on the slice with the largest reference area (canonical RAS orientation, along the task's
+  slice axis).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..config import Settings
+from ..data.geometry import AXES
+from ..errors import InputError
+from ..io.atomic import atomic_path, write_json
+from ..metrics import segmentation_metrics, summarize
+from ..postprocess import postprocess
+
+log = logging.getLogger("siteadapt.evaluate")
+
+
+def metrics_path(settings: Settings, site: str, method: str, seed: int | None = None) -> Path:
+    task = settings.site(site).task
+    suffix = "" if seed is None or seed == settings.seed else f".seed{seed}"
+    return settings.paths.metrics / task / site / f"{method}{suffix}.json"
+
+
+def _canonical(img: nib.Nifti1Image) -> np.ndarray:
+    return np.asanyarray(nib.as_closest_canonical(img).dataobj)
+
+
+def save_overlay(image: np.ndarray, ref: np.ndarray, pred: np.ndarray, axis: int, path: Path, title: str,
+                 n_labels: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if image.ndim == 2:
+        im, r, p = image, ref, pred
+    else:
+        area = (np.moveaxis(ref, axis, 0) > 0).reshape(ref.shape[axis], -1).sum(1)
+        k = int(np.argmax(area))
+        im, r, p = (np.take(a, k, axis=axis) for a in (image, ref, pred))
+    im, r, p = (np.rot90(a) for a in (im, r, p))  # RAS index order -> radiological-ish display
+    lo, hi = np.percentile(im, [1, 99])
+    cmap = plt.get_cmap("tab10", max(n_labels, 2))
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
+    for ax, lab, name in zip(axes, (None, r, p), ("image", "reference", "prediction")):
+        ax.imshow(im, cmap="gray", vmin=lo, vmax=hi)
+        if lab is not None:
+            ax.imshow(np.ma.masked_equal(lab, 0), cmap=cmap, vmin=0, vmax=max(n_labels, 2) - 1, alpha=0.45,
+                      interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def evaluate(settings: Settings, site: str, method: str, *, seed: int | None = None, n_overlays: int = 3,
+             split: str = "test") -> Path:
+    s = settings
+    task = s.task_of(site)
+    structures = task.structures
+    prep = s.paths.prepared / site / "subjects.json"
+    if not prep.is_file():
+        raise InputError(prep, f"site {site} is not preprocessed")
+    subjects = [r for r in json.loads(prep.read_text())["subjects"] if r["split"] == split]
+    from .train import run_name
+
+    pred_dir = s.paths.predictions / site / run_name(s, method, seed)
+    reports, used = [], []
+    for r in subjects:
+        if not r.get("label"):
+            continue
+        pred_path = pred_dir / f"{r['id']}.nii.gz"
+        if not pred_path.is_file():
+            raise InputError(pred_path, f"no prediction for subject {r['id']}: run `siteadapt predict --site {site} "
+                                        f"--method {method}`")
+        ref_img = nib.load(str(s.paths.ingested / r["label"]))
+        pred_img = nib.load(str(pred_path))
+        ref = np.asanyarray(ref_img.dataobj)
+        pred = np.asanyarray(pred_img.dataobj)
+        if pred.shape != ref.shape or np.abs(pred_img.affine - ref_img.affine).max() > 1e-3:
+            raise InputError(pred_path, f"prediction grid {pred.shape} differs from the reference grid {ref.shape}")
+        pp = task.postprocess
+        pred = postprocess(pred, structures, largest_cc=pp.largest_cc, fill_holes=pp.fill_holes)
+        spacing = tuple(float(v) for v in np.linalg.norm(ref_img.affine[:3, :ref.ndim], axis=0))
+        rep = segmentation_metrics(pred, ref, structures, spacing=spacing)
+        reports.append(rep)
+        used.append(r["id"])
+        if len(used) <= n_overlays:
+            img = nib.load(str(s.paths.ingested / r["image"]))
+            if ref.ndim == 3:
+                img_c, ref_c = _canonical(img), _canonical(ref_img)
+                pred_c = _canonical(nib.Nifti1Image(pred.astype(np.uint8), ref_img.affine))
+                axis = AXES[task.preprocess.slice_axis]
+            else:
+                img_c, ref_c, pred_c, axis = np.asanyarray(img.dataobj), ref, pred, 0
+            save_overlay(img_c, ref_c, pred_c, axis,
+                         s.paths.reports / site_task(s, site) / "overlays" / site / run_name(s, method, seed)
+                         / f"{r['id']}.png",
+                         f"{method} on {site} ({r['id']}): Dice {rep['dice']['mean']:.3f}",
+                         1 + max(structures.values()))
+    if not reports:
+        raise InputError(prep, f"site {site} has no labeled subjects in its {split} split to evaluate on")
+    summary = summarize(reports)
+    out = {
+        "task": site_task(s, site), "site": site, "method": method,
+        "seed": s.seed if seed is None else seed, "split": split, "n_subjects": len(reports),
+        "structures": list(structures), "units": {"distances": "mm"},
+        "postprocess": task.postprocess.model_dump(),
+        "source_site": _source_of(s, site),
+        # per metric: structure -> value (mean over subjects), and "mean" over structures
+        **{m: {k: v["mean"] for k, v in per.items()} for m, per in summary["metrics"].items()},
+        "summary": summary,
+        "per_subject": [{"id": i, **{m: v for m, v in rep.items()}} for i, rep in zip(used, reports)],
+    }
+    path = metrics_path(s, site, method, seed)
+    write_json(path, _nan_to_none(out))
+    log.info("%s/%s: mean Dice %.3f, ASSD %.2f mm over %d subjects -> %s", site, method, out["dice"]["mean"],
+             out["assd"]["mean"], len(reports), path)
+    return path
+
+
+def site_task(s: Settings, site: str) -> str:
+    return s.site(site).task
+
+
+def _source_of(s: Settings, site: str) -> str | None:
+    ds = [d.source for d in s.task_of(site).directions if d.target == site]
+    return ds[0] if len(ds) == 1 else None
+
+
+def _nan_to_none(o):
+    """JSON has no NaN: write null (documented as 'not defined', e.g. distance to an empty mask)."""
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _nan_to_none(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_nan_to_none(v) for v in o]
+    return o

@@ -1,0 +1,215 @@
+"""Report step: every evaluated method -> paper-style tables (Markdown, CSV, LaTeX) and figures, per task.
+
+Layout (as the papers' tables): one table per adaptation direction (source -> target); methods as rows in the
+papers' order (upper bounds first, then no adaptation, then the baselines, then the papers' methods); structures as
+columns plus the average; a Dice block and an ASD block (``assd``, mm). Each cell is the mean over test subjects;
+with several seeds of a method, mean ± std over the seeds' means; with one seed, ± is the std over subjects. The best
+value of each column among the adaptation methods (reference rows excluded) is marked (bold in Markdown/LaTeX, ``*``
+in CSV). Segmentation tasks with 2D data (chest X-ray) also get recall and precision blocks, as in the SeUDA table.
+
+Figures under ``<reports>/<task>/figures/``: training curves of every trained run (from the engine's ``losses.csv``),
+translated-image grids that adapting methods wrote (``translations.png``), and per target site a side-by-side overlay
+of every method's prediction for the same subject.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Settings
+from ..io.atomic import atomic_path, write_text
+
+log = logging.getLogger("siteadapt.report")
+
+# The papers' order of rows; unknown methods (new files, ablation variants) follow in name order.
+METHOD_ORDER = [
+    "supervised", "stl", "noadapt", "histmatch", "dann", "adda", "adaoutput", "cyclegan", "cycada", "cyuda", "seuda",
+    "sifa_prior", "sifa", "dsan", "tunanet",
+]
+REFERENCE_ROWS = {"supervised", "stl"}  # upper bounds: shown, never marked best
+LABELS = {
+    "supervised": "Supervised (upper bound)", "stl": "STL (fine-tuned, labeled target)", "noadapt": "W/o adaptation",
+    "histmatch": "HistM", "dann": "DANN (FeatDA)", "adda": "ADDA", "adaoutput": "AdaOutput", "cyclegan": "CycleGAN",
+    "cycada": "CyCADA", "cyuda": "CyUDA", "seuda": "SeUDA", "sifa_prior": "Prior SIFA (AAAI)", "sifa": "SIFA (TMI)",
+    "dsan": "DSAN", "tunanet": "TUNA-Net",
+}
+HIGHER_IS_BETTER = {"dice": True, "recall": True, "precision": True, "assd": False, "asd": False, "hd95": False}
+BLOCK_TITLES = {"dice": "Dice (%)", "assd": "ASD (mm)", "recall": "Recall (%)", "precision": "Precision (%)",
+                "hd95": "HD95 (mm)"}
+
+
+def _order_key(name: str):
+    base = name.split("@")[0]
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), name)
+
+
+def collect(metrics_root: Path) -> dict[str, dict[tuple[str | None, str], dict[str, list[dict]]]]:
+    """{task: {(source, target): {method: [metrics json per seed]}}}."""
+    out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for p in sorted(Path(metrics_root).glob("*/*/*.json")):
+        try:
+            m = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s: not valid JSON, skipped", p)
+            continue
+        if "method" not in m or "site" not in m:
+            continue
+        out[m["task"]][(m.get("source_site"), m["site"])][m["method"]].append(m)
+    return out
+
+
+def _cell(runs: list[dict], metric: str, structure: str, scale: float) -> tuple[float, float]:
+    if len(runs) > 1:  # mean ± std over seeds of the per-seed means
+        vals = [r.get(metric, {}).get(structure) for r in runs]
+        vals = np.array([v for v in vals if v is not None], dtype=float) * scale
+        return (float(vals.mean()), float(vals.std())) if vals.size else (math.nan, math.nan)
+    st = runs[0].get("summary", {}).get("metrics", {}).get(metric, {}).get(structure, {})
+    mean, std = st.get("mean"), st.get("std")
+    return (math.nan if mean is None else mean * scale, math.nan if std is None else std * scale)
+
+
+def build_tables(task: str, directions: dict, blocks: list[str]) -> tuple[str, list[list[str]], str]:
+    md, rows_csv, tex = [], [], []
+    md.append(f"# {task}: results on the target sites' test subjects\n")
+    md.append("Cells: mean ± std over test subjects (one seed) or over seeds' means (several seeds; `n seeds` column). "
+              "ASD = average symmetric surface distance in mm on the original grid. **Bold**: best adaptation method "
+              "per column (upper-bound rows excluded).\n")
+    for (source, target), methods in sorted(directions.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        names = sorted(methods, key=_order_key)
+        structures = methods[names[0]][0]["structures"]
+        cols = structures + ["mean"]
+        title = f"{source} → {target}" if source else target
+        md.append(f"\n## {title}\n")
+        tex.append(f"% {title}\n\\begin{{tabular}}{{l{'c' * (len(cols) * len(blocks))}r}}\n\\toprule")
+        head = ["Method"] + [f"{BLOCK_TITLES.get(b, b)} {c if c != 'mean' else 'Avg'}" for b in blocks for c in cols]
+        head += ["n seeds"]
+        rows_csv.append(["direction"] + head)
+        md.append("| " + " | ".join(head) + " |")
+        md.append("|" + "---|" * len(head))
+        tex.append(" & ".join(h.replace("%", "\\%") for h in head) + " \\\\ \\midrule")
+        values = {}
+        for n in names:
+            for b in blocks:
+                scale = 100.0 if b in ("dice", "recall", "precision") else 1.0
+                for c in cols:
+                    values[(n, b, c)] = _cell(methods[n], b, c, scale)
+        best = {}
+        for b in blocks:
+            for c in cols:
+                cands = [(values[(n, b, c)][0], n) for n in names
+                         if n.split("@")[0] not in REFERENCE_ROWS and not math.isnan(values[(n, b, c)][0])]
+                if cands:
+                    best[(b, c)] = (max if HIGHER_IS_BETTER.get(b, True) else min)(cands)[1]
+        for n in names:
+            label = LABELS.get(n, n)
+            cells_md, cells_csv, cells_tex = [label], [title, label], [label]
+            for b in blocks:
+                for c in cols:
+                    mean, std = values[(n, b, c)]
+                    txt = "n/a" if math.isnan(mean) else (f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f}±{std:.1f}")
+                    is_best = best.get((b, c)) == n
+                    cells_md.append(f"**{txt}**" if is_best else txt)
+                    cells_csv.append(txt + ("*" if is_best else ""))
+                    cells_tex.append(("\\textbf{%s}" % txt.replace("±", "$\\pm$")) if is_best
+                                     else txt.replace("±", "$\\pm$"))
+            k = str(len(methods[n]))
+            md.append("| " + " | ".join(cells_md + [k]) + " |")
+            rows_csv.append(cells_csv + [k])
+            tex.append(" & ".join(cells_tex + [k]) + " \\\\")
+        tex.append("\\bottomrule\n\\end{tabular}\n")
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows_csv)
+    return "\n".join(md) + "\n", rows_csv, "\n".join(tex)
+
+
+def _training_curves(settings: Settings, task: str, fig_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for log_csv in sorted((settings.paths.models / task).glob("*/*/losses.csv")):
+        site, method = log_csv.parent.parent.name, log_csv.parent.name
+        with open(log_csv) as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows:
+            continue
+        keys = [k for k in rows[0] if k not in ("iteration", "it_per_s")]
+        it = [int(r["iteration"]) for r in rows]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for k in keys:
+            ax.plot(it, [float(r[k]) for r in rows], label=k, lw=1)
+        ax.set_xlabel("iteration")
+        ax.set_yscale("log")
+        ax.set_title(f"{method} on {site}", fontsize=9)
+        ax.legend(fontsize=6, ncol=3)
+        fig.tight_layout()
+        path = fig_dir / f"curves_{site}_{method}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=80, format="png")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _side_by_side(settings: Settings, task: str, target: str, methods: list[str], fig_dir: Path) -> Path | None:
+    """One subject, every method's overlay next to each other (from the evaluate step's overlay PNGs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = settings.paths.reports / task / "overlays" / target
+    firsts = {m: sorted((base / m).glob("*.png")) for m in methods}
+    common = set.intersection(*(set(p.name for p in v) for v in firsts.values())) if firsts else set()
+    if not common:
+        return None
+    name = sorted(common)[0]
+    fig, axes = plt.subplots(len(methods), 1, figsize=(9, 3.3 * len(methods)))
+    axes = np.atleast_1d(axes)
+    for ax, m in zip(axes, methods):
+        ax.imshow(plt.imread(base / m / name))
+        ax.axis("off")
+    fig.tight_layout()
+    path = fig_dir / f"overlays_{target}.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return path
+
+
+def report(settings: Settings) -> dict[str, Path]:
+    data = collect(settings.paths.metrics)
+    written = {}
+    for task, directions in data.items():
+        dims = settings.tasks[task].dims if task in settings.tasks else 3
+        blocks = ["dice", "assd"] + (["recall", "precision"] if dims == 2 else [])
+        md, rows, tex = build_tables(task, directions, blocks)
+        out = settings.paths.reports / task
+        write_text(out / "table.md", md)
+        buf = io.StringIO()
+        csv.writer(buf).writerows(rows)
+        write_text(out / "table.csv", buf.getvalue())
+        write_text(out / "table.tex", tex)
+        fig_dir = out / "figures"
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        _training_curves(settings, task, fig_dir)
+        for (source, target), methods in directions.items():
+            _side_by_side(settings, task, target, sorted(methods, key=_order_key), fig_dir)
+            for m in methods:
+                tr = settings.paths.models / task / target / m / "translations.png"
+                if tr.is_file():
+                    shutil.copyfile(tr, fig_dir / f"translations_{target}_{m}.png")
+        written[task] = out / "table.md"
+        log.info("%s: table -> %s", task, out / "table.md")
+    return written

@@ -1,0 +1,97 @@
+"""Evaluate (metrics JSON, overlays) and report (paper-layout tables) on predictions made here."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from siteadapt.io.volume import save_nifti
+from siteadapt.metrics import segmentation_metrics
+from siteadapt.steps.evaluate import evaluate
+from siteadapt.steps.preprocess import preprocess
+from siteadapt.steps.report import report
+from siteadapt.steps.train import run_name
+
+from test_preprocess import prepared_env  # noqa: F401  (fixture)
+
+
+def _fake_predictions(s, site, method, seed=None, erode=0, shift=0):
+    subj = json.loads((s.paths.prepared / site / "subjects.json").read_text())["subjects"]
+    out = s.paths.predictions / site / run_name(s, method, seed)
+    for r in subj:
+        if r["split"] != "test":
+            continue
+        img = nib.load(s.paths.ingested / r["label"])
+        lab = np.asanyarray(img.dataobj).copy()
+        if erode:
+            for k in (1, 2):
+                m = ndimage.binary_erosion(lab == k, iterations=erode)
+                lab[(lab == k) & ~m] = 0
+        lab = np.roll(lab, shift, axis=0)
+        save_nifti(lab.astype(np.uint8), out / f"{r['id']}.nii.gz", img.affine)
+
+
+@pytest.fixture
+def evaluated(prepared_env):  # noqa: F811
+    s = prepared_env
+    s = s.model_copy(update={"paths": s.paths.model_copy(update={
+        "predictions": s.paths.prepared.parent / "pred", "metrics": s.paths.prepared.parent / "metrics",
+        "reports": s.paths.prepared.parent / "reports"})})
+    preprocess(s, "tgt")
+    _fake_predictions(s, "tgt", "supervised")  # perfect
+    _fake_predictions(s, "tgt", "noadapt", shift=6)
+    _fake_predictions(s, "tgt", "histmatch", erode=1, shift=3)
+    _fake_predictions(s, "tgt", "sifa", erode=1)
+    _fake_predictions(s, "tgt", "sifa", seed=7, erode=1, shift=1)
+    for m in ("supervised", "noadapt", "histmatch", "sifa"):
+        evaluate(s, "tgt", m)
+    evaluate(s, "tgt", "sifa", seed=7)
+    return s
+
+
+def test_metrics_json_layout_and_values(evaluated):
+    s = evaluated
+    m = json.loads((s.paths.metrics / "heart" / "tgt" / "histmatch.json").read_text())
+    assert m["structures"] == ["A", "B"] and m["source_site"] == "src" and m["n_subjects"] == 1
+    for metric in ("dice", "recall", "precision", "asd", "assd", "hd95", "hd"):
+        assert set(m[metric]) == {"A", "B", "mean"}
+        assert set(m["summary"]["metrics"][metric]["mean"]) == {"mean", "std", "n", "n_nan"}
+    # the JSON equals a direct computation on the same files
+    sub = m["per_subject"][0]
+    lab_img = nib.load(s.paths.ingested / "tgt" / "labels" / f"{sub['id']}.nii.gz")
+    pred = np.asanyarray(nib.load(s.paths.predictions / "tgt" / "histmatch" / f"{sub['id']}.nii.gz").dataobj)
+    from siteadapt.postprocess import postprocess
+
+    direct = segmentation_metrics(postprocess(pred, {"A": 1, "B": 2}), np.asanyarray(lab_img.dataobj),
+                                  {"A": 1, "B": 2}, spacing=(1.5, 1.5, 3.0))
+    assert sub["dice"]["A"] == pytest.approx(direct["dice"]["A"])
+    assert sub["assd"]["mean"] == pytest.approx(direct["assd"]["mean"])
+    perfect = json.loads((s.paths.metrics / "heart" / "tgt" / "supervised.json").read_text())
+    assert perfect["dice"]["mean"] == pytest.approx(1.0) and perfect["assd"]["mean"] == pytest.approx(0.0)
+    assert (s.paths.reports / "heart" / "overlays" / "tgt" / "histmatch" / f"{sub['id']}.png").is_file()
+
+
+def test_missing_prediction_is_a_named_error(evaluated):
+    with pytest.raises(Exception, match="no prediction for subject"):
+        evaluate(evaluated, "tgt", "cyclegan")
+
+
+def test_report_tables_in_paper_order_with_best_marked(evaluated):
+    s = evaluated
+    report(s)
+    md = (s.paths.reports / "heart" / "table.md").read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| Method")]
+    names = [r.split("|")[1].strip() for r in rows]
+    assert names == ["Supervised (upper bound)", "W/o adaptation", "HistM", "SIFA (TMI)"]
+    sifa = rows[3]
+    assert sifa.rstrip(" |").endswith("2")  # two seeds -> mean ± std over seeds
+    assert "**" in sifa and "**" not in rows[0]  # best among adaptation methods; the upper bound is never marked
+    csv_text = (s.paths.reports / "heart" / "table.csv").read_text()
+    assert "src → tgt" in csv_text and "*" in csv_text
+    tex = (s.paths.reports / "heart" / "table.tex").read_text()
+    assert "\\textbf{" in tex and "\\toprule" in tex
+    assert (s.paths.reports / "heart" / "figures" / "overlays_tgt.png").is_file()
