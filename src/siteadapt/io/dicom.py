@@ -139,7 +139,7 @@ def _f(v, default=None):
 
 def _vec(v, n):
     try:
-        a = np.array([float(x) for x in v], dtype=np.float64)
+        a = np.array([float(x) for x in _multi(v)], dtype=np.float64)
     except (TypeError, ValueError):
         return None
     return a if a.shape == (n,) and np.all(np.isfinite(a)) else None
@@ -210,6 +210,30 @@ def _non_image_label(ds) -> str | None:
     return _NON_IMAGE_MODALITIES.get(modality)
 
 
+def _pixel_element(fp, pix_head: bytes, pix_tell: int, ts: UID, size: int):
+    """Parse the PixelData element header. Returns (offset, length, problem): offset/length of the value when the
+    pixels are native little-endian (read directly later), None otherwise; problem describes a truncated file."""
+    little = ts.is_little_endian
+    explicit = not ts.is_implicit_VR
+    if explicit and pix_head[4:6] in _LONG_VRS:
+        length = struct.unpack_from("<I" if little else ">I", pix_head, 8)[0]
+        value_at = pix_tell + 12
+    elif explicit:
+        length = struct.unpack_from("<H" if little else ">H", pix_head, 6)[0]
+        value_at = pix_tell + 8
+    else:
+        length = struct.unpack_from("<I", pix_head, 4)[0]
+        value_at = pix_tell + 8
+    if length == 0xFFFFFFFF:
+        bad = _check_encapsulated(fp, value_at, size)
+        return None, None, bad
+    if value_at + length > size:
+        return None, None, f"pixel data ends early ({size - value_at} of {length} bytes present)"
+    if little and not ts.is_compressed and ts != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return value_at, length, None
+    return None, None, None
+
+
 def _probe(path: Path) -> tuple[list[_Frame] | None, str | None]:
     """Read one file's header. Returns (frames, None) for an image file, (None, reason) for a file not used."""
     if path.name.upper() == "DICOMDIR":
@@ -217,10 +241,23 @@ def _probe(path: Path) -> tuple[list[_Frame] | None, str | None]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as fp:
-            head = fp.read(132)
-            magic = len(head) >= 132 and head[128:132] == b"DICM"
-            if not magic and not _looks_like_raw_dataset(head):
+            buf = fp.read(_FAST_READ)
+            magic = len(buf) >= 132 and buf[128:132] == b"DICM"
+            if not magic and not _looks_like_raw_dataset(buf):
                 return None, "not a DICOM file"
+            fast = _fast_header(buf) if magic else None
+            if fast is None and magic and len(buf) == _FAST_READ and size > _FAST_READ:
+                buf += fp.read(_FAST_READ_MAX - _FAST_READ)  # a big (private) header: try with more of the file
+                fast = _fast_header(buf)
+            if fast is not None:  # the common case: a plain image file, parsed without pydicom
+                hdr, ts, pix_tell = fast
+                offset, length, bad = _pixel_element(fp, buf[pix_tell:pix_tell + 12], pix_tell, ts, size)
+                if bad:
+                    return None, f"truncated or unreadable DICOM: {bad}"
+                try:
+                    return _frames_from_header(hdr, path, str(ts), True, offset, length), None
+                except Exception:
+                    pass  # let pydicom have a go (and word the error)
             fp.seek(0)
             try:
                 ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not magic)
@@ -256,33 +293,171 @@ def _probe(path: Path) -> tuple[list[_Frame] | None, str | None]:
                 return None, f"non-image DICOM ({what})"
             pixel_offset = pixel_length = None
             if has_pixels:
-                little = ts.is_little_endian
-                explicit = not ts.is_implicit_VR
-                if explicit and pix_head[4:6] in _LONG_VRS:
-                    length = struct.unpack_from("<I" if little else ">I", pix_head, 8)[0]
-                    value_at = pix_tell + 12
-                elif explicit:
-                    length = struct.unpack_from("<H" if little else ">H", pix_head, 6)[0]
-                    value_at = pix_tell + 8
-                else:
-                    length = struct.unpack_from("<I", pix_head, 4)[0]
-                    value_at = pix_tell + 8
-                if length == 0xFFFFFFFF:
-                    bad = _check_encapsulated(fp, value_at, size)
-                    if bad:
-                        return None, f"truncated or unreadable DICOM: {bad}"
-                else:
-                    if value_at + length > size:
-                        return None, (f"truncated or unreadable DICOM: pixel data ends early "
-                                      f"({size - value_at} of {length} bytes present)")
-                    if little and not ts.is_compressed and ts != pydicom.uid.DeflatedExplicitVRLittleEndian:
-                        pixel_offset, pixel_length = value_at, length
+                pixel_offset, pixel_length, bad = _pixel_element(fp, pix_head, pix_tell, ts, size)
+                if bad:
+                    return None, f"truncated or unreadable DICOM: {bad}"
     except OSError as exc:
         return None, f"truncated or unreadable DICOM: {exc.strerror or exc}"
     try:
         return _frames_from_header(ds, path, str(ts), has_pixels, pixel_offset, pixel_length), None
     except Exception as exc:  # malformed values in an otherwise readable header
         return None, f"truncated or unreadable DICOM: bad header value ({type(exc).__name__}: {str(exc)[:100]})"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# fast header path: most files are plain little-endian images whose header sits in the first few KB. Walking the
+# top-level elements with struct and decoding only the ~40 tags needed is several times faster than a full pydicom
+# parse. Anything unusual (no pixel data found, enhanced or mosaic, DICOMDIR, odd encodings) goes to pydicom.
+
+_FAST_READ = 1 << 16
+_FAST_READ_MAX = 1 << 20
+_FAST_KEYWORDS = (
+    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality", "Manufacturer", "Rows", "Columns",
+    "NumberOfFrames", "ImageType", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
+    "PhotometricInterpretation", "GantryDetectorTilt", "AccessionNumber", "PatientID", "StudyID",
+    "ComplexImageComponent", "EchoNumbers", "RescaleSlope", "RescaleIntercept", "PixelSpacing", "ImagerPixelSpacing",
+    "SliceThickness", "SpacingBetweenSlices", "InstanceNumber", "TemporalPositionIdentifier", "AcquisitionDateTime",
+    "AcquisitionTime", "ContentTime", "ImagePositionPatient", "ImageOrientationPatient", "GridFrameOffsetVector",
+)
+_FAST_TAGS = {int(pydicom.datadict.tag_for_keyword(k)): k for k in _FAST_KEYWORDS}
+# presence of any of these sends the file to pydicom
+_FAST_BAIL = {0x52009229, 0x52009230, 0x00041220}
+_NUMERIC_VR = {b"US": "<H", b"SS": "<h", b"UL": "<I", b"SL": "<i", b"FL": "<f", b"FD": "<d"}
+
+
+class _FastHeader:
+    """The decoded subset of a header, with the ``get`` / ``in`` that _frames_from_header uses on a Dataset."""
+
+    def __init__(self, raw: dict[str, tuple[bytes, bytes]]):
+        self._raw = raw
+
+    def __contains__(self, keyword) -> bool:
+        return keyword in self._raw
+
+    def get(self, keyword, default=None):
+        if keyword not in self._raw:
+            return default
+        vr, value = self._raw[keyword]
+        fmt = _NUMERIC_VR.get(vr)
+        if fmt is not None:
+            n = len(value) // struct.calcsize(fmt)
+            vals = struct.unpack("<" + fmt[1] * n, value[: n * struct.calcsize(fmt)])
+            return vals[0] if n == 1 else list(vals) if n else default
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            text = value.decode("latin-1")
+        text = text.rstrip("\x00 ").strip()
+        if "\\" in text:
+            return [v.strip() for v in text.split("\\")]
+        return text
+
+
+def _elem_header(buf: bytes, pos: int, explicit: bool):
+    """(tag, vr, length, value_pos) of the element at pos, or None past the buffer / on nonsense."""
+    if pos + 8 > len(buf):
+        return None
+    group, elem = struct.unpack_from("<HH", buf, pos)
+    tag = group << 16 | elem
+    if group == 0xFFFE:  # item / delimiters carry no VR
+        return tag, None, struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
+    if explicit:
+        vr = buf[pos + 4:pos + 6]
+        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+            return None
+        if vr in _LONG_VRS:
+            if pos + 12 > len(buf):
+                return None
+            return tag, vr, struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+        return tag, vr, struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
+    return tag, None, struct.unpack_from("<I", buf, pos + 4)[0], pos + 8
+
+
+def _skip_sequence(buf: bytes, pos: int, explicit: bool, depth: int = 0) -> int | None:
+    """Skip the items of an undefined-length sequence starting at pos; return the position after its delimiter."""
+    if depth > 16:
+        return None
+    while True:
+        h = _elem_header(buf, pos, explicit)
+        if h is None:
+            return None
+        tag, _, length, vpos = h
+        if tag == 0xFFFEE0DD:
+            return vpos
+        if tag != 0xFFFEE000:
+            return None
+        if length != 0xFFFFFFFF:
+            pos = vpos + length
+            continue
+        pos = vpos
+        while True:
+            h = _elem_header(buf, pos, explicit)
+            if h is None:
+                return None
+            tag, vr, length, vpos = h
+            if tag == 0xFFFEE00D:
+                pos = vpos
+                break
+            if length == 0xFFFFFFFF:
+                pos = _skip_sequence(buf, vpos, explicit and vr != b"UN", depth + 1)
+                if pos is None:
+                    return None
+            else:
+                pos = vpos + length
+
+
+def _fast_header(buf: bytes):
+    """Parse a Part-10 file's header from ``buf``: returns (_FastHeader, transfer syntax, PixelData position) or
+    None when the file should be read by pydicom instead."""
+    pos = 132
+    meta: dict[int, bytes] = {}
+    while True:
+        h = _elem_header(buf, pos, True)
+        if h is None:
+            return None
+        tag, vr, length, vpos = h
+        if tag >> 16 != 0x0002:
+            break
+        if length == 0xFFFFFFFF or vpos + length > len(buf):
+            return None
+        meta[tag] = buf[vpos:vpos + length]
+        pos = vpos + length
+    ts = UID(meta.get(0x00020010, b"").decode("ascii", "replace").rstrip("\x00 "))
+    if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) and not (ts.is_transfer_syntax and
+                                                                          ts.is_compressed):
+        return None
+    if meta.get(0x00020002, b"").rstrip(b"\x00 ") == _DICOMDIR_SOP.encode():
+        return None
+    explicit = ts != ImplicitVRLittleEndian
+    raw: dict[str, tuple[bytes, bytes]] = {}
+    while True:
+        h = _elem_header(buf, pos, explicit)
+        if h is None:
+            return None
+        tag, vr, length, vpos = h
+        if tag == 0x7FE00010:
+            break
+        if tag > 0x7FE00010 or tag in _FAST_BAIL:
+            return None
+        if length == 0xFFFFFFFF:
+            pos = _skip_sequence(buf, vpos, explicit and vr != b"UN")
+            if pos is None:
+                return None
+            continue
+        if vpos + length > len(buf):
+            return None
+        kw = _FAST_TAGS.get(tag)
+        if kw is not None:
+            if vr is None or vr == b"UN":
+                vr = pydicom.datadict.dictionary_VR(tag).encode()
+            raw[kw] = (vr, buf[vpos:vpos + length])
+        pos = vpos + length
+    if pos + 12 > len(buf) or "SOPClassUID" not in raw:
+        return None
+    hdr = _FastHeader(raw)
+    if "MOSAIC" in str(hdr.get("ImageType", "")).upper():
+        return None
+    return hdr, ts, pos
 
 
 def _last_value_short(ds) -> bool:
@@ -321,7 +496,7 @@ def _check_encapsulated(fp, value_at: int, size: int) -> str | None:
 def _frames_from_header(ds, path: Path, ts: str, has_pixels: bool, pixel_offset, pixel_length) -> list[_Frame]:
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     n_frames = int(_f(ds.get("NumberOfFrames", 1), 1) or 1)
-    image_type = [str(v).upper() for v in (ds.get("ImageType", None) or [])]
+    image_type = [str(v).upper() for v in _multi(ds.get("ImageType", None))]
     manufacturer = str(ds.get("Manufacturer", "") or "")
     info = _FileInfo(
         path=path, ts=ts, sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
@@ -335,8 +510,8 @@ def _frames_from_header(ds, path: Path, ts: str, has_pixels: bool, pixel_offset,
         keys=tuple(str(ds.get(k, "") or "").strip() for k in ("AccessionNumber", "PatientID", "StudyID")),
     )
     phase = "P" in image_type[2:4] or "PHASE" in image_type or str(ds.get("ComplexImageComponent", "")) == "PHASE"
-    echo = ds.get("EchoNumbers", None)
-    echo = _f(echo[0] if isinstance(echo, (list, pydicom.multival.MultiValue)) else echo)
+    echo = _multi(ds.get("EchoNumbers", None))
+    echo = _f(echo[0]) if echo else None
     slope = _f(ds.get("RescaleSlope", 1.0), 1.0) or 1.0
     intercept = _f(ds.get("RescaleIntercept", 0.0), 0.0) or 0.0
     spacing = _vec(ds.get("PixelSpacing", None) or ds.get("ImagerPixelSpacing", None) or [], 2)
@@ -369,7 +544,7 @@ def _frames_from_header(ds, path: Path, ts: str, has_pixels: bool, pixel_offset,
             info.mosaic_normal = tuple(float(v) for v in sn)
         info.mosaic_spacing = between if between else thickness
     frames = []
-    grid = ds.get("GridFrameOffsetVector", None)
+    grid = _multi(ds.get("GridFrameOffsetVector", None)) or None
     if n_frames > 1 and grid is not None and ipp is not None and iop is not None and len(grid) == n_frames:
         normal = np.cross(iop[:3], iop[3:])
         for i, off in enumerate(grid):
@@ -381,6 +556,14 @@ def _frames_from_header(ds, path: Path, ts: str, has_pixels: bool, pixel_offset,
                              _tuple(spacing), slope, intercept, (tpi, acq, instance), echo, phase, thickness,
                              between))
     return frames
+
+
+def _multi(v) -> list:
+    if v is None or v == "":
+        return []
+    if isinstance(v, (str, bytes, int, float)):
+        return [v]
+    return list(v)
 
 
 def _tuple(a):
@@ -417,7 +600,7 @@ def _enhanced_frames(ds, info: _FileInfo, phase: bool, instance: float) -> list[
         echo = _f(pick(fg, "MREchoSequence", "EffectiveEchoTime"))
         frame_type = pick(fg, "MRImageFrameTypeSequence", "FrameType") or pick(fg, "CTImageFrameTypeSequence",
                                                                                "FrameType")
-        ft = [str(v).upper() for v in (frame_type or [])]
+        ft = [str(v).upper() for v in _multi(frame_type)]
         fphase = phase or "P" in ft[2:4] or "PHASE" in ft
         frames.append(_Frame(info, i, ipp, iop, _tuple(spacing), slope, intercept, (tpi, acq, instance, i), echo,
                              fphase, thickness, between))
@@ -588,6 +771,28 @@ def _read_pixels(info: _FileInfo) -> np.ndarray:
     return np.asarray(arr).reshape(info.n_frames, info.rows, info.cols)
 
 
+def _read_native_into(info: _FileInfo, slots: list, out: np.ndarray) -> bool:
+    """Read uncompressed frames straight into their slots of ``out`` (no intermediate copy). False when the file
+    needs the general path (other dtype, sign extension, compressed)."""
+    if info.pixel_offset is None or info.pixel_rep and info.bits_stored < info.bits_alloc:
+        return False
+    try:
+        dt = _native_dtype(info)
+    except SeriesRejected:
+        return False
+    if dt != out.dtype:
+        return False
+    frame_bytes = info.rows * info.cols * dt.itemsize
+    if info.pixel_length < frame_bytes * info.n_frames:
+        return False
+    with open(info.path, "rb", buffering=0) as fp:
+        for idx, t, k in slots:
+            fp.seek(info.pixel_offset + idx * frame_bytes)
+            if fp.readinto(memoryview(out[t, k]).cast("B")) != frame_bytes:
+                raise SeriesRejected(info.path, "truncated or unreadable DICOM: pixel data ends early")
+    return True
+
+
 def _check_common(frames: list[_Frame], first_path: Path) -> None:
     infos = list({id(f.info): f.info for f in frames}.values())
     for info in infos:
@@ -619,15 +824,18 @@ def _apply_rescale(raw: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray) 
     if np.all(slopes == 1.0) and np.all(intercepts == np.round(intercepts)):
         if np.all(intercepts == 0):
             return raw
-        lo = float(raw.min()) + float(intercepts.min())
-        hi = float(raw.max()) + float(intercepts.max())
+        raw_lo, raw_hi = float(raw.min()), float(raw.max())
+        lo, hi = raw_lo + float(intercepts.min()), raw_hi + float(intercepts.max())
         for dt in (np.int16, np.uint16, np.int32):
-            info = np.iinfo(dt)
-            if info.min <= lo and hi <= info.max:
+            if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
                 break
         else:
             dt = np.float32
-        out = raw.astype(dt)
+        if dt is not np.float32 and raw.dtype.itemsize == np.dtype(dt).itemsize and raw.flags.writeable \
+                and np.iinfo(dt).min <= raw_lo and raw_hi <= np.iinfo(dt).max:
+            out = raw.view(dt)  # same values in the same bytes: add in place, no copy
+        else:
+            out = raw.astype(dt)
         if np.all(intercepts == intercepts.flat[0]):
             out += dt(intercepts.flat[0])
         else:
@@ -670,6 +878,8 @@ def _fill(frames_slots: list[tuple[_Frame, int, int]], shape_tz: tuple[int, int]
 
     def job(item):
         info, slots = item
+        if _read_native_into(info, slots, out):
+            return None
         arr = _read_pixels(info)
         if arr.dtype != out.dtype:
             return arr, slots
