@@ -378,3 +378,189 @@ def test_real_series_match_dcm2niix(shared_data, tmp_path, name):
     img = nib.load(str(out))
     np.testing.assert_array_equal(np.asanyarray(img.dataobj), vol.data)
     assert vol.meta["mosaic"] == ("mosaic" in name) and vol.meta["enhanced"] == ("enhanced" in name)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# enhanced multi-frame and Siemens mosaic, built by hand (the real ones are in the realdata tests)
+
+
+def _base_mr(sop_class: str) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.Modality = "MR"
+    ds.Manufacturer = "SIEMENS"
+    ds.PatientID = "PID-4711"
+    ds.SeriesNumber = 3
+    ds.InstanceNumber = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    return ds
+
+
+def _lps_parts(aff):
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff
+    cs, rs, dz = (float(np.linalg.norm(lps[:3, i])) for i in range(3))
+    return lps, lps[:3, 0] / cs, lps[:3, 1] / rs, cs, rs, dz
+
+
+def _enhanced(path: Path, data: np.ndarray, aff: np.ndarray, order: np.ndarray):
+    from pydicom.sequence import Sequence
+
+    nx, ny, nz, nt = data.shape
+    lps, row, col, cs, rs, dz = _lps_parts(aff)
+    ds = _base_mr("1.2.840.10008.5.1.4.1.1.4.1")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.Rows, ds.Columns, ds.NumberOfFrames = ny, nx, nz * nt
+    shared = Dataset()
+    pm = Dataset()
+    pm.PixelSpacing = [rs, cs]
+    pm.SliceThickness = dz
+    po = Dataset()
+    po.ImageOrientationPatient = [*row, *col]
+    pv = Dataset()
+    pv.RescaleSlope, pv.RescaleIntercept, pv.RescaleType = 1, 0, "US"
+    shared.PixelMeasuresSequence = Sequence([pm])
+    shared.PlaneOrientationSequence = Sequence([po])
+    shared.PixelValueTransformationSequence = Sequence([pv])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per, frames = [], []
+    for f in order:  # frames stored in a scrambled order
+        t, k = divmod(int(f), nz)
+        fg = Dataset()
+        pp = Dataset()
+        pp.ImagePositionPatient = list(lps[:3, 3] + k * lps[:3, 2])
+        fc = Dataset()
+        fc.TemporalPositionIndex = t + 1
+        fc.InStackPositionNumber = k + 1
+        fc.StackID = "1"
+        fc.DimensionIndexValues = [1, k + 1, t + 1]
+        fg.PlanePositionSequence = Sequence([pp])
+        fg.FrameContentSequence = Sequence([fc])
+        per.append(fg)
+        frames.append(data[:, :, k, t].T)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
+    ds.PixelData = np.ascontiguousarray(np.stack(frames)).astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_enhanced_multiframe_synthetic(tmp_path):
+    rng = np.random.default_rng(6)
+    data = rng.integers(0, 4000, size=(20, 16, 5, 3)).astype(np.uint16)
+    aff = make_affine("oblique", spacing=(1.5, 1.25, 3.0))
+    _enhanced(tmp_path / "mf.dcm", data, aff, rng.permutation(15))
+    vol = read_series(only_series(tmp_path))
+    assert vol.meta["enhanced"] is True and vol.meta["n_frames"] == 15
+    np.testing.assert_array_equal(vol.data, data)
+    np.testing.assert_allclose(vol.affine, aff, atol=1e-4)
+
+
+def _csa(tags: dict[str, list[str]]) -> bytes:
+    import struct
+
+    out = bytearray(b"SV10" + b"\x04\x03\x02\x01" + struct.pack("<II", len(tags), 77))
+    for name, items in tags.items():
+        out += name.encode().ljust(64, b"\x00") + struct.pack("<i", len(items)) + b"DS\x00\x00"
+        out += struct.pack("<iii", 3, len(items), 77)
+        for v in items:
+            b = v.encode() + b"\x00"
+            out += struct.pack("<iiii", len(b), len(b), 77, len(b)) + b.ljust((len(b) + 3) // 4 * 4, b"\x00")
+    return bytes(out)
+
+
+def _mosaic(path: Path, vol: np.ndarray, aff: np.ndarray, with_csa=True):
+    nx, ny, nz = vol.shape
+    m = math.ceil(math.sqrt(nz))
+    lps, row, col, cs, rs, dz = _lps_parts(aff)
+    normal = lps[:3, 2] / dz
+    tiles = np.zeros((m * m, ny, nx), dtype=np.uint16)
+    tiles[:nz] = vol.transpose(2, 1, 0)
+    mosaic = tiles.reshape(m, m, ny, nx).transpose(0, 2, 1, 3).reshape(m * ny, m * nx)
+    ipp = lps[:3, 3] - row * cs * (m * nx - nx) / 2 - col * rs * (m * ny - ny) / 2
+    ds = _base_mr("1.2.840.10008.5.1.4.1.1.4")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"]
+    ds.Rows, ds.Columns = mosaic.shape
+    ds.ImagePositionPatient = [float(v) for v in ipp]
+    ds.ImageOrientationPatient = [float(v) for v in (*row, *col)]
+    ds.PixelSpacing = [rs, cs]
+    ds.SliceThickness = dz
+    ds.SpacingBetweenSlices = dz
+    ds.AcquisitionMatrix = [nx, 0, 0, ny]
+    ds.AcquisitionTime = "101010.000"
+    block = ds.private_block(0x0019, "SIEMENS MR HEADER", create=True)
+    block.add_new(0x0A, "US", nz)
+    if with_csa:
+        csa = ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True)
+        csa.add_new(0x10, "OB", _csa({"NumberOfImagesInMosaic": [str(nz)],
+                                      "SliceNormalVector": [f"{v:.8f}" for v in normal]}))
+    ds.PixelData = mosaic.astype("<u2").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("orientation,descending", [("axial", False), ("oblique", False), ("sagittal", True)])
+def test_mosaic_synthetic_matches_truth_and_dcm2niix(tmp_path, orientation, descending):
+    rng = np.random.default_rng(8)
+    vol_true = rng.integers(0, 4000, size=(16, 16, 7)).astype(np.uint16)
+    aff = make_affine(orientation, spacing=(3.0, 3.0, 3.6))
+    if descending:  # slices stored against the IOP cross product (CSA SliceNormalVector says so)
+        aff = aff @ np.diag([1.0, 1.0, -1.0, 1.0])
+    _mosaic(tmp_path / "m" / "mosaic.dcm", vol_true, aff)
+    vol = read_series(only_series(tmp_path / "m"))
+    assert vol.meta["mosaic"] is True and vol.data.shape == (16, 16, 7)
+    np.testing.assert_array_equal(vol.data, vol_true)
+    np.testing.assert_allclose(vol.affine, aff, atol=1e-4)
+    assert_matches_dcm2niix(vol, run_dcm2niix(tmp_path / "m", tmp_path / "ref")[0])
+
+
+def test_mosaic_without_csa_is_refused(tmp_path):
+    _mosaic(tmp_path / "mosaic.dcm", np.ones((16, 16, 7), dtype=np.uint16), make_affine("axial"), with_csa=False)
+    reason = rejected(tmp_path)
+    assert reason.startswith("Siemens mosaic not supported")
+
+
+def test_fast_header_path_agrees_with_pydicom(tmp_path, monkeypatch, request):
+    """The struct-based header walk must give exactly what the pydicom parse gives."""
+    from siteadapt.io import dicom as mod
+
+    data = ct_data(shape=(32, 32, 4))
+    for ts in ["explicit_le", "implicit_le", "rle", "jpeg_lossless"]:
+        write_series(tmp_path / ts, data, make_affine("oblique"), modality="CT", patient=PATIENT, transfer_syntax=ts,
+                     rescale=(1.0, -1024.0), seed=ts)
+    write_2d(tmp_path / "cr.dcm", np.zeros((8, 6)), patient=PATIENT)
+    paths = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    real = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
+    if real.is_dir():
+        paths += sorted(p for p in real.rglob("*") if p.is_file() and p.suffix != ".md")[::7]
+
+    def facts(frames):
+        out = []
+        for f in frames:
+            info = {k: v for k, v in vars(f.info).items()}
+            out.append((info, f.index, None if f.ipp is None else tuple(f.ipp),
+                        None if f.iop is None else tuple(f.iop), f.spacing, f.slope, f.intercept, f.tkey, f.echo,
+                        f.phase, f.thickness, f.between))
+        return out
+
+    n_fast = 0
+    for p in paths:
+        fast_frames, fast_reason = mod._probe(p)
+        n_fast += mod._fast_header(p.read_bytes()[: 1 << 20]) is not None
+        with monkeypatch.context() as mp:
+            mp.setattr(mod, "_fast_header", lambda buf: None)
+            slow_frames, slow_reason = mod._probe(p)
+        assert fast_reason == slow_reason, p
+        if fast_frames is not None:
+            assert facts(fast_frames) == facts(slow_frames), p
+    assert n_fast >= 17
