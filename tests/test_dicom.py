@@ -341,7 +341,8 @@ def test_scan_reports_every_unused_file(tmp_path):
 
 
 def test_truncated_compressed_file(tmp_path):
-    files = write_series(tmp_path, ct_data(), make_affine("axial"), modality="CT", patient=PATIENT, transfer_syntax="rle")
+    files = write_series(tmp_path, ct_data(), make_affine("axial"), modality="CT", patient=PATIENT,
+                         transfer_syntax="rle")
     raw = files[2].read_bytes()
     files[2].write_bytes(raw[: len(raw) - 300])
     series, skipped = scan_tree(tmp_path)
@@ -564,3 +565,40 @@ def test_fast_header_path_agrees_with_pydicom(tmp_path, monkeypatch, request):
         if fast_frames is not None:
             assert facts(fast_frames) == facts(slow_frames), p
     assert n_fast >= 17
+
+
+def test_radiographs_sharing_a_series_uid_become_one_series_each(tmp_path):
+    img = np.arange(12 * 10).reshape(12, 10)
+    a = write_2d(tmp_path / "pa.dcm", img, modality="DX", patient=PATIENT)
+    b = write_2d(tmp_path / "lat.dcm", img[::-1], modality="DX", patient=PATIENT)
+    ds = pydicom.dcmread(b)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(b)
+    series, skipped = scan_tree(tmp_path)
+    assert not skipped and len(series) == 2
+    assert {s.files[0].name for s in series} == {a.name, b.name}
+    assert all(read_series(s).data.shape == (10, 12) for s in series)
+
+
+def test_scan_tree_missing_folder(tmp_path):
+    from siteadapt.errors import InputError
+
+    with pytest.raises(InputError):
+        scan_tree(tmp_path / "nope")
+
+
+def test_files_without_preamble(tmp_path):
+    """Old archives hold bare datasets (no 128-byte preamble, no file meta): read as implicit VR little endian."""
+    data = ct_data(shape=(16, 12, 5))
+    files = write_series(tmp_path / "a", data, make_affine("coronal"), modality="CT", patient=PATIENT,
+                         transfer_syntax="implicit_le")
+    (tmp_path / "bare").mkdir()
+    for f in files:
+        bare = Dataset()
+        bare.update(pydicom.dcmread(f))
+        bare.save_as(tmp_path / "bare" / f.name, implicit_vr=True, little_endian=True)
+    assert (tmp_path / "bare" / files[0].name).read_bytes()[128:132] != b"DICM"
+    (tmp_path / "bare" / "junk.bin").write_bytes(b"\x08\x00\x00\x00" + b"garbage" * 20)
+    series, skipped = scan_tree(tmp_path / "bare")
+    assert [(p.name, r) for p, r in skipped] == [("junk.bin", "not a DICOM file")]
+    np.testing.assert_array_equal(read_series(series[0]).data, data)

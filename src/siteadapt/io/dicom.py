@@ -34,7 +34,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ..errors import SeriesRejected
+from ..errors import InputError, SeriesRejected
 from .volume import Volume
 
 __all__ = ["DicomSeries", "scan_tree", "read_series"]
@@ -196,7 +196,7 @@ def _parse_csa(raw: bytes | None) -> dict[str, list[str]]:
 
 def _looks_like_raw_dataset(head: bytes) -> bool:
     """A DICOM dataset without the 128-byte preamble (old or badly written files) starts with a group 2 or 8 tag."""
-    return len(head) >= 8 and head[0:2] in (b"\x02\x00", b"\x08\x00") and head[2:4] < b"\x00\x10"
+    return len(head) >= 8 and head[0:2] in (b"\x02\x00", b"\x08\x00")
 
 
 def _non_image_label(ds) -> str | None:
@@ -643,8 +643,9 @@ def _split_frames(uid: str, frames: list[_Frame]) -> list[tuple[str, list[_Frame
         orient = _cluster_orientations(by_kind[kind])
         for oi, og in enumerate(orient):
             oparts = parts + ([f"+o{oi + 1}"] if len(orient) > 1 else [])
-            # Single projection images (no position/orientation): one series per file.
-            if og[0].iop is None and all(f.info.n_frames == 1 for f in og) and len({id(f.info) for f in og}) > 1:
+            # Single projection images (no position/orientation, or CR/DX/MG/...): one series per file.
+            projection = og[0].iop is None or all(f.info.modality in _PROJECTION_MODALITIES for f in og)
+            if projection and all(f.info.n_frames == 1 for f in og) and len({id(f.info) for f in og}) > 1:
                 files = sorted({f.info.path for f in og})
                 for fi, p in enumerate(files):
                     out.append((oparts + [f"+i{fi + 1}"], [f for f in og if f.info.path == p]))
@@ -685,8 +686,10 @@ def scan_tree(root) -> tuple[list[DicomSeries], list[tuple[Path, str]]]:
     root = Path(root)
     if root.is_file():
         paths = [root]
+    elif root.is_dir():
+        paths = sorted(p for p in root.rglob("*") if p.is_file())
     else:
-        paths = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        raise InputError(root, "DICOM folder does not exist")
     skipped: list[tuple[Path, str]] = []
     with ThreadPoolExecutor(_workers(len(paths))) as pool:
         results = list(pool.map(_probe, paths))
@@ -916,8 +919,6 @@ def read_series(series: DicomSeries) -> Volume:
 
     with_geo = [f for f in frames if f.ipp is not None and f.iop is not None]
     if len(with_geo) < len(frames):
-        if len(frames) == 1 and (len(with_geo) == 0 or modality in _PROJECTION_MODALITIES):
-            return _read_2d(frames[0], modality)
         if len(frames) == 1:
             return _read_2d(frames[0], modality)
         if infos[0].n_frames > 1 and len(infos) == 1:
