@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from siteadapt.errors import SeriesRejected
-from siteadapt.io.dicom import DicomSeries, read_series, scan_tree
+from siteadapt.io.dicom import DicomSeries, read_series, scan_dicom_files, scan_tree
 from siteadapt.io.dicom_write import write_2d, write_series
 from siteadapt.io.volume import save_nifti
 
@@ -602,3 +602,11 @@ def test_files_without_preamble(tmp_path):
     series, skipped = scan_tree(tmp_path / "bare")
     assert [(p.name, r) for p, r in skipped] == [("junk.bin", "not a DICOM file")]
     np.testing.assert_array_equal(read_series(series[0]).data, data)
+
+
+def test_scan_dicom_files_takes_a_file_list(tmp_path):
+    files = write_series(tmp_path / "s", ct_data(), make_affine("axial"), modality="CT", patient=PATIENT)
+    (tmp_path / "notes.txt").write_text("x")
+    series, skipped = scan_dicom_files([*files[::-1], tmp_path / "notes.txt"])
+    assert len(series) == 1 and series[0].files == sorted(files)
+    assert skipped == [(tmp_path / "notes.txt", "not a DICOM file")]

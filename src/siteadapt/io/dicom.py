@@ -37,7 +37,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from ..errors import InputError, SeriesRejected
 from .volume import Volume
 
-__all__ = ["DicomSeries", "scan_tree", "read_series"]
+__all__ = ["DicomSeries", "scan_tree", "scan_dicom_files", "read_series"]
 
 _DICOMDIR_SOP = "1.2.840.10008.1.3.10"
 _RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -690,6 +690,12 @@ def scan_tree(root) -> tuple[list[DicomSeries], list[tuple[Path, str]]]:
         paths = sorted(p for p in root.rglob("*") if p.is_file())
     else:
         raise InputError(root, "DICOM folder does not exist")
+    return scan_dicom_files(paths)
+
+
+def scan_dicom_files(paths) -> tuple[list[DicomSeries], list[tuple[Path, str]]]:
+    """:func:`scan_tree` over an explicit list of files (e.g. what is left of a tree after other formats)."""
+    paths = sorted(Path(p) for p in paths)
     skipped: list[tuple[Path, str]] = []
     with ThreadPoolExecutor(_workers(len(paths))) as pool:
         results = list(pool.map(_probe, paths))
