@@ -1,31 +1,44 @@
 """Synthetic hospital sites with a real domain shift (the embedded data of the demo and of every training test).
 
-Two tasks, two sites each:
+Two tasks, two sites each (``synthesize(task, out_dir, seed=..., n_subjects=..., n_images=..., scale=...)``)::
 
-``cardiac`` (3D, cross-modality MR <-> CT, the SIFA / DSAN setting)
-    ``mr``: bSSFP-like cardiac MR, coronal acquisition, ~1.6 mm x 1.6 mm x 2.8 mm, smooth bias field, Rician noise,
-    written as NIfTI (``images/case_XXXX.nii.gz`` + ``labels/case_XXXX.nii.gz``).
-    ``ct``: contrast-enhanced cardiac CT in Hounsfield units, axial ~1.1 mm x 1.1 mm x 2.2 mm, larger field of view,
-    correlated Gaussian noise, written as one DICOM series per subject in a PACS-like tree with opaque folder names,
-    mixed transfer syntaxes and fake (but realistic) patient identifiers; labels are ``labels/<AccessionNumber>.nii.gz``
-    on the CT grid.
-    Labels (ids of SIFA's released MMWHS data): 1 MYO, 2 LAC, 3 LVC, 4 AA.
+    <out>/cardiac/mr/images/case_0001.nii.gz ...      labels/case_0001.nii.gz ...           site.json
+    <out>/cardiac/ct/images/<opaque>/<opaque>/IM0001 ...  labels/<AccessionNumber>.nii.gz   site.json
+    <out>/chestxray/cxr_a/images/<opaque>/<opaque>/IM0001 labels/<AccessionNumber>.png      site.json
+    <out>/chestxray/cxr_b/images/case_0001.png ...    labels/case_0001.png ...              site.json
 
-``chestxray`` (2D, cross-site, the SeUDA setting: Montgomery -> JSRT)
-    ``cxr_a``: CR radiographs, 12-bit DICOM, portrait, sharper, edge-enhanced, white collimation, lead "R" marker;
-    ``cxr_b``: digitised-film look, 8-bit PNG, square, blurrier, noisier, another tone curve, black film margins.
-    Labels: 1 right lung (image left, radiological convention), 2 left lung.
+``cardiac`` (3D, cross-modality MR <-> CT, the SIFA / DSAN setting; 20 subjects per site by default)
+    ``mr``: bSSFP-like whole-heart MR, coronal acquisition (orientation LIA), 96 x 96 x 48 voxels of
+    ~1.5-1.7 mm x 1.5-1.7 mm x 2.6-3.0 mm, smooth multiplicative bias field (coil profile), a faint N/2 ghost,
+    Rician noise; int16 NIfTI.
+    ``ct``: contrast-enhanced cardiac CT in Hounsfield units, axial (LPS), 160 x 160 x 64 voxels of
+    ~1.05-1.2 mm x 1.05-1.2 mm x 2.0-2.5 mm (a larger field of view than the MR), in-plane correlated Gaussian noise;
+    one DICOM series per subject (rescale slope 1, intercept -1024) in a PACS-like tree with opaque folder names, mixed
+    transfer syntaxes (explicit/implicit little endian, RLE, JPEG 2000 lossless) and invented but realistic patient
+    identifiers, unique per subject; labels on exactly the grid the series describes.
+    Labels (ids of SIFA's released MMWHS data): 1 MYO, 2 LAC, 3 LVC, 4 AA. Unlabelled: right heart, pericardial
+    fat, other vessels, lungs, bones, liver dome, airways.
+
+``chestxray`` (2D, cross-site, the SeUDA setting: Montgomery -> JSRT; 100 images per site by default)
+    ``cxr_a``: CR radiographs, 12-bit DICOM with invented identifiers, 320 x 264 (portrait), sharp, edge-enhanced,
+    white collimation borders, lead "R" marker, a burned-in text stripe; about one in eight is MONOCHROME1.
+    ``cxr_b``: digitised-film look, 8-bit PNG, 256 x 256, more scatter, blurrier, noisier, film grain, a sigmoid
+    tone curve, black film margins, an "L" marker.
+    Labels: 1 right lung (on the image's left, radiological convention), 2 left lung (the heart is cut out).
+
+``scale`` multiplies every matrix size (scale 0.5 halves it) and keeps the anatomy and field of view in millimetres.
 
 The anatomy is a parametric phantom in world millimetres (:func:`phantom_cardiac`, :func:`phantom_cxr`); imaging is a
-separate step that evaluates the phantom on a scanner grid (:func:`render_ct`, :func:`render_mr`, :func:`render_cxr`),
-so tests can check anatomy and contrast without writing files. Subjects of different sites are different random
-people (independent random streams), never the same patient imaged twice.
+separate step that evaluates the phantom on a scanner grid (:func:`ct_grid` / :func:`mr_grid` with
+:func:`render_ct` / :func:`render_mr`, and :func:`render_cxr`), so tests can check anatomy and contrast without writing
+files. Subjects of different sites are different random people (independent random streams).
 
-Tissue-to-intensity mappings differ non-monotonically between MR and CT (fat: dark in CT, bright in MR; bone: brightest
-in CT, darkest in MR; marrow and CSF swap places too), so that histogram matching cannot undo the shift.
+Tissue-to-intensity mappings differ non-monotonically between MR and CT (fat: dark in CT, bright in MR; bone:
+brightest in CT, darkest in MR; marrow and CSF swap places too), so that histogram matching cannot undo the shift.
 
-Everything is deterministic for a seed; files are byte-identical on re-run. A site is written into a temporary folder
-beside its final place and renamed at the end, so a killed run leaves no half site behind.
+Everything is deterministic for a seed (independent of the number of worker processes); files are byte-identical on
+re-run. A site is written into a hidden temporary folder beside its final place and renamed at the end, so a killed
+run leaves no half site behind (and keeps the previous one).
 """
 
 from __future__ import annotations
@@ -33,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,8 +395,9 @@ class CardiacPhantom:
         for cp, ax in h["papillary"]:
             cv.paint((_ellipsoid_sdf(local(cp), ax) < 0) & (sd_lv < -1) & lv_zone, MYOCARD, CARDIAC_LABELS["LVC"],
                      idx=idx)
-        # great vessels and airways. Blood vessels may not cut into the LV or the LA lumen; airways and the
-        # oesophagus not into any chamber. Order: airways, vessel walls, vessel lumens (the labelled aorta last).
+        # great vessels and airways. Blood vessels may not cut into the LV or the LA lumen (the labelled aorta may
+        # cut into the LA); airways and the oesophagus not into any chamber. Order: airways, vessel walls, vessel
+        # lumens (the labelled aorta last).
         lv_core = (sd_epi < 0) & lv_zone
         la_lumen = (sd_la < 0) & la_zone
         no_blood = np.zeros(P.shape[1], dtype=bool)
@@ -404,9 +417,11 @@ class CardiacPhantom:
                 cur = cv.tissue[ti]
                 cv.paint((sd < t.wall_mm) & (sd >= 0) & ~no_blood[ti] & (cur != BLOOD) & (cur != BLOOD_R), t.wall,
                          idx=ti)
+        no_aorta = np.zeros(P.shape[1], dtype=bool)
+        no_aorta[idx] = lv_core  # the aortic root indents the left atrium, not the other way round
         for t, ti, sd, arc in sorted(evals, key=lambda e: e[0].label):
             if t.lumen in (BLOOD, BLOOD_R):
-                lumen = (sd < 0) & ~no_blood[ti]
+                lumen = (sd < 0) & ~(no_aorta[ti] if t.label else no_blood[ti])
                 if t.label:
                     a0, a1 = t.label_arc_mm
                     lab = lumen & (arc >= a0) & (arc <= a1) & (u_all[ti] < ub)
@@ -643,8 +658,11 @@ def ct_grid(phantom: CardiacPhantom, rng, scale: float = 1.0) -> tuple[tuple[int
     The affine is the one a standard axial DICOM series gives (rows run to the patient's left, columns posterior,
     slices towards the head), so the ingest of the written series rebuilds exactly this grid."""
     n_xy, n_z = max(32, int(round(160 * scale))), max(12, int(round(64 * scale)))
-    s = round(float(rng.uniform(1.05, 1.2)) * 160 / n_xy, 3)
-    dz = round(float(rng.uniform(2.0, 2.5)) * 64 / n_z, 2)
+    ext = phantom.heart_extent[1] - phantom.heart_extent[0]
+    s0 = max(float(rng.uniform(1.05, 1.2)), (max(ext[0], ext[1]) + 50) / 160)
+    dz0 = max(float(rng.uniform(2.0, 2.5)), (ext[2] + 40) / 64)
+    s = round(s0 * 160 / n_xy, 3)
+    dz = round(dz0 * 64 / n_z, 2)
     A = np.diag([-s, -s, dz, 1.0])
     centre = phantom.heart_center + rng.normal(0, [6, 6, 5])
     shape = (n_xy, n_xy, n_z)
@@ -657,8 +675,12 @@ def mr_grid(phantom: CardiacPhantom, rng, scale: float = 1.0) -> tuple[tuple[int
 
     Voxel axes: i towards the patient's left, j towards the feet, k anterior (orientation code LIA)."""
     n_in, n_sl = max(24, int(round(96 * scale))), max(12, int(round(48 * scale)))
-    s = round(float(rng.uniform(1.5, 1.7)) * 96 / n_in, 3)
-    dz = round(float(rng.uniform(2.6, 3.0)) * 48 / n_sl, 2)
+    # like a technologist, widen the field of view (coarser voxels) when a large heart would not fit
+    ext = phantom.heart_extent[1] - phantom.heart_extent[0]
+    s0 = max(float(rng.uniform(1.5, 1.7)), (max(ext[0], ext[2] + 16) + 30) / 96)
+    dz0 = max(float(rng.uniform(2.6, 3.0)), (ext[1] + 30) / 48)
+    s = round(s0 * 96 / n_in, 3)
+    dz = round(dz0 * 48 / n_sl, 2)
     A = np.zeros((4, 4))
     A[0, 0], A[2, 1], A[1, 2], A[3, 3] = -s, -s, dz, 1.0
     lab = phantom.heart_extent
@@ -687,7 +709,12 @@ def render_ct(phantom: CardiacPhantom, shape, affine, rng) -> tuple[np.ndarray, 
     psf = (0.65, 0.65, 0.4)
     gain = _kernel_gain(psf)
     white = rng.standard_normal(shape).astype(np.float32)
-    img = _tissue_image(tissue, _CT_HU, 0.06, (_smooth_field(shape, sp, 6.0, rng), white / np.float32(gain)), rng)
+    # contrast bolus timing differs per scan: scale the enhancement of blood (left and right heart separately)
+    table = dict(_CT_HU)
+    for t, f in ((BLOOD, rng.uniform(0.75, 1.35)), (BLOOD_R, rng.uniform(0.6, 1.4)), (VESSEL, rng.uniform(0.8, 1.2))):
+        mu, sd = table[t]
+        table[t] = (40 + (mu - 40) * f, sd)
+    img = _tissue_image(tissue, table, 0.06, (_smooth_field(shape, sp, 6.0, rng), white / np.float32(gain)), rng)
     sigma_n = float(rng.uniform(10, 22))
     img += rng.standard_normal(shape).astype(np.float32) * np.float32(sigma_n / gain)
     img = ndimage.gaussian_filter(img, psf, truncate=3.0)
@@ -746,7 +773,8 @@ def phantom_cxr(rng: np.random.Generator) -> dict:
         s=s, W=W, H=H, asym=rng.uniform(0.93, 1.0), wm=rng.uniform(20, 28) * s, knob=rng.uniform(12, 20) * s,
         knob_y=H * rng.uniform(0.26, 0.34), apex_x=rng.uniform(0.45, 0.55), apex_k=rng.uniform(2.2, 3.4),
         y_dr=y_dr, y_dl=y_dr + rng.uniform(6, 22) * s, heart_D=D, heart_x=0.2 * D + rng.normal(0, 5),
-        heart_rot=np.radians(rng.uniform(-24, -8)), heart_b=D * rng.uniform(0.40, 0.48), wall=rng.uniform(14, 34) * s, ap=rng.uniform(190, 250) * s,
+        heart_rot=np.radians(rng.uniform(-24, -8)), heart_b=D * rng.uniform(0.40, 0.48),
+        wall=rng.uniform(14, 34) * s, ap=rng.uniform(190, 250) * s,
         neck=rng.uniform(50, 62) * s, shoulder=rng.uniform(35, 55) * s, lung_depth=rng.uniform(0.6, 0.75),
         rib_y0=rng.uniform(-22, -10) * s, rib_sp=rng.uniform(21, 25) * s, rib_sp_growth=rng.uniform(0.01, 0.04),
         rib_up=rng.uniform(0.08, 0.16), rib_curv=rng.uniform(0.0018, 0.0026) / s, rib_hw=rng.uniform(4.5, 6.0) * s,
@@ -872,7 +900,8 @@ _FONT5x7 = {  # a few block letters for burned-in markers (rows of 5 bits)
 }
 
 
-def render_cxr(ph: dict, site: str, rng: np.random.Generator, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict]:
+def render_cxr(ph: dict, site: str, rng: np.random.Generator,
+               scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict]:
     """Project ``ph`` with ``site``'s equipment: (stored pixel values (rows, cols) float, label uint8, facts).
 
     Physics: Beer-Lambert attenuation of soft tissue, lung air and bone; scatter (a blurred copy of the primary);
@@ -1068,6 +1097,20 @@ def _ct_transfer_syntax(i: int) -> str:
     return {1: "rle", 3: "implicit_le", 4: "jpeg2000_lossless"}.get(i % 6, "explicit_le")
 
 
+@contextlib.contextmanager
+def _quiet_encoders():
+    """The JPEG 2000 encoder logs one INFO line per tile; keep the user's log readable while we encode."""
+    import logging
+
+    lg = logging.getLogger("openjpeg")
+    old = lg.level
+    lg.setLevel(max(old, logging.WARNING))
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
+
+
 def _cardiac_subject(job: dict) -> dict:
     from ..io.volume import save_nifti
 
@@ -1080,10 +1123,11 @@ def _cardiac_subject(job: dict) -> dict:
         shape, A = ct_grid(ph, rng, scale)
         img, lab, _ = render_ct(ph, shape, A, rng)
         plan = job["plan"]
-        write_series(root / "images" / plan["study"] / plan["series"], img, A, modality="CT", patient=plan["patient"],
-                     series_number=plan["series_number"], rescale=(1.0, -1024.0), transfer_syntax=plan["ts"],
-                     file_names="instance", seed=f"siteadapt-synth/{seed}/ct/{i}",
-                     series_description="CTA HEART 1.0 CE", pixel_dtype=np.uint16)
+        with _quiet_encoders():
+            write_series(root / "images" / plan["study"] / plan["series"], img, A, modality="CT",
+                         patient=plan["patient"], series_number=plan["series_number"], rescale=(1.0, -1024.0),
+                         transfer_syntax=plan["ts"], file_names="instance", seed=f"siteadapt-synth/{seed}/ct/{i}",
+                         series_description="CTA HEART 1.0 CE", pixel_dtype=np.uint16)
         save_nifti(lab, root / "labels" / f"{plan['patient']['AccessionNumber']}.nii.gz", A, dtype=np.uint8)
     else:
         shape, A = mr_grid(ph, rng, scale)
@@ -1112,10 +1156,11 @@ def _cxr_subject(job: dict) -> dict:
         stored = (maxv - img) if plan["photometric"] == "MONOCHROME1" else img
         folder = root / "images" / plan["study"] / plan["series"]
         folder.mkdir(parents=True, exist_ok=True)
-        write_2d(folder / "IM0001", stored.astype(np.uint16), modality=st["modality"],
-                 pixel_spacing=(facts["pixel_mm"], facts["pixel_mm"]), patient=plan["patient"],
-                 transfer_syntax=plan["ts"], photometric=plan["photometric"], bits_stored=st["bits"],
-                 seed=f"siteadapt-synth/{seed}/{site}/{i}")
+        with _quiet_encoders():
+            write_2d(folder / "IM0001", stored.astype(np.uint16), modality=st["modality"],
+                     pixel_spacing=(facts["pixel_mm"], facts["pixel_mm"]), patient=plan["patient"],
+                     transfer_syntax=plan["ts"], photometric=plan["photometric"], bits_stored=st["bits"],
+                     seed=f"siteadapt-synth/{seed}/{site}/{i}")
         stem = plan["patient"]["AccessionNumber"]
     else:
         stem = f"case_{i + 1:04d}"
@@ -1149,7 +1194,10 @@ def _default_workers() -> int:
 
 
 def _range(values) -> list:
-    a = np.asarray(values, dtype=np.float64)
+    a = np.asarray(values)
+    if a.dtype.kind in "iu":
+        return [a.min(0).tolist(), a.max(0).tolist()]
+    a = a.astype(np.float64)
     return [a.min(0).round(3).tolist(), a.max(0).round(3).tolist()]
 
 
