@@ -153,6 +153,10 @@ def _load(c: _Candidate, modality: str | None, pixel_spacing: float | None) -> V
         from ..io import dicom as D
 
         vol = D.read_series(c.series)
+        if vol.meta.get("photometric") == "MONOCHROME1":  # 0 = white: invert so that brighter = larger everywhere
+            lo, hi = vol.data.min(), vol.data.max()
+            vol.data = (hi + lo - vol.data).astype(vol.data.dtype)
+            vol.meta["inverted_monochrome1"] = True
         if modality:
             vol.modality = modality
         return vol
