@@ -887,10 +887,10 @@ def _cxr_anatomy(ph: dict, X: np.ndarray, Y: np.ndarray):
 # Site styles: how each hospital's equipment and processing turns the same physics into pixels.
 CXR_STYLES = {
     "cxr_a": dict(rows=320, cols=264, pixel_mm=1.34, modality="CR", bits=12, scatter=(0.10, 0.2), n0=(2.5e4, 6e4),
-                  mtf_px=0.45, grain=0.0, unsharp=(0.5, 0.9), lut="cr", gamma=(0.8, 1.0), collimation="white",
+                  mtf_mm=0.6, grain=0.0, unsharp=(0.3, 0.7), lut="cr", gamma=(0.8, 1.0), collimation="white",
                   margin=(0.0, 0.03), marker="R", apex_frac=(0.13, 0.19), zoom=(0.97, 1.05)),
-    "cxr_b": dict(rows=256, cols=256, pixel_mm=1.40, modality="DX", bits=8, scatter=(0.35, 0.55), n0=(5e2, 1.5e3),
-                  mtf_px=1.25, grain=0.05, unsharp=(0.0, 0.0), lut="film", gamma=(1.2, 1.6), collimation="black",
+    "cxr_b": dict(rows=256, cols=256, pixel_mm=1.40, modality="DX", bits=8, scatter=(0.25, 0.45), n0=(8e2, 2.5e3),
+                  mtf_mm=1.4, grain=0.05, unsharp=(0.0, 0.0), lut="film", gamma=(1.2, 1.6), collimation="black",
                   margin=(0.0, 0.045), marker="L", apex_frac=(0.10, 0.16), zoom=(0.92, 1.0)),
 }
 
@@ -941,7 +941,7 @@ def render_cxr(ph: dict, site: str, rng: np.random.Generator,
         scat = np.pad(scat, [(0, rows - scat.shape[0]), (0, cols - scat.shape[1])], mode="edge")
     scat = rng.uniform(*st["scatter"]) * scat
     inten = primary + scat
-    inten = ndimage.gaussian_filter(inten, st["mtf_px"] / max(scale, 0.25) * scale, mode="nearest")
+    inten = ndimage.gaussian_filter(inten, st["mtf_mm"] / pm, mode="nearest")  # detector MTF
     n0 = rng.uniform(*st["n0"]) * (pm / st["pixel_mm"]) ** 2  # larger pixels collect more quanta
     noisy = inten + np.sqrt(np.maximum(inten, 1e-6) / n0) * rng.standard_normal(inten.shape).astype(np.float32)
     L = -np.log(np.clip(noisy, 1e-5, None))  # high attenuation -> high value (bone bright, lung dark)
