@@ -109,19 +109,22 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on the embedded synthetic sites (grows with the pipeline: later issues add training/evaluation)."""
+    """The main job on the embedded synthetic sites: every stage, every task, then the tables."""
+    from .steps.pipeline import run_all
+
     s = _settings(args)
     t0 = time.perf_counter()
-    base = argparse.Namespace(**vars(args))
-    for task in sorted({site.task for site in s.sites.values() if site.synthetic}):
-        cmd_synth(argparse.Namespace(**{**vars(base), "task": task, "out": None, "seed": None, "subjects": None,
-                                        "images": None, "scale": None}))
-    for name, site in s.sites.items():
-        cmd_ingest(argparse.Namespace(**{**vars(base), "site": name, "source": None, "labels": None,
-                                         "no_labels": False, "data_root": None, "modality": None}))
-    for name in s.sites:
-        cmd_preprocess(argparse.Namespace(**{**vars(base), "site": name}))
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs under {s.paths.ingested} and {s.paths.prepared}")
+    out = run_all(s, tasks=args.tasks.split(",") if args.tasks else None)
+    total = time.perf_counter() - t0
+    print("\n== siteadapt demo finished in %.0f s (profile %s) ==" % (total, s.profile))
+    for name, secs in out["timings"].items():
+        print(f"  {name:40s} {secs:7.1f} s")
+    for task, table in out["reports"].items():
+        print(f"\n--- {table} ---")
+        print(table.read_text())
+    print(f"tables:   {s.paths.reports}/<task>/table.md (.csv, .tex)")
+    print(f"figures:  {s.paths.reports}/<task>/figures/ and overlays/")
+    print(f"metrics:  {s.paths.metrics}/<task>/<site>/<method>.json")
     return 0
 
 
@@ -183,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("demo", help="run the main job on the embedded synthetic sites")
+    sp.add_argument("--tasks", default=None, help="comma-separated tasks (default: all with sites)")
     sp.set_defaults(func=cmd_demo)
     return p
 

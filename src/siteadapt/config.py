@@ -86,6 +86,9 @@ class Task(_Strict):
     dims: Literal[2, 3] = 3
     structures: dict[str, int]
     directions: list[Direction] = []
+    methods: list[str] = []
+    """Methods (or named variants from ``methods:``) run for every direction by the demo / DVC pipeline, in table
+    order. ``supervised`` is the upper bound (it reads the target's labels; evaluation-only reference)."""
     preprocess: Preprocess = Preprocess()
     postprocess: Postprocess = Postprocess()
 

@@ -1,0 +1,58 @@
+"""The whole job in one process, in stage order: synth -> ingest -> preprocess -> train_source -> adapt -> predict ->
+evaluate -> report, for every task with synthetic or user sites in params.yaml.
+
+This is what ``siteadapt demo`` runs. Each stage is the same function the single-step CLI commands call; a stage whose
+output already exists for unchanged settings is *not* detected here (use ``dvc repro`` for that): the demo redoes
+training so that its wall time is honest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..config import Settings
+
+log = logging.getLogger("siteadapt.pipeline")
+
+
+def run_all(settings: Settings, tasks: list[str] | None = None, synth: bool = True) -> dict:
+    from ..data.synth import synthesize
+    from .evaluate import evaluate
+    from .ingest import ingest
+    from .preprocess import preprocess
+    from .report import report
+    from .train import adapt, predict, train_source
+
+    s = settings
+    tasks = tasks or [t for t in s.tasks if any(site.task == t for site in s.sites.values())]
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *a, **k):
+        t0 = time.perf_counter()
+        out = fn(*a, **k)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+    sites = [n for n, site in s.sites.items() if site.task in tasks]
+    if synth:
+        for task in sorted({s.sites[n].synthetic.split("/")[0] for n in sites if s.sites[n].synthetic}):
+            timed("synth", synthesize, task, s.paths.raw, seed=s.seed, n_subjects=s.active.synth_subjects,
+                  n_images=s.active.synth_images, scale=s.active.synth_scale)
+    for n in sites:
+        site = s.sites[n]
+        timed("ingest", ingest, site.images, n, s.paths.ingested, labels=site.labels, modality=site.modality,
+              pixel_spacing_mm=site.pixel_spacing_mm)
+    for n in sites:
+        timed("preprocess", preprocess, s, n)
+    for task in tasks:
+        t = s.tasks[task]
+        for src in sorted({d.source for d in t.directions}):
+            timed(f"train_source/{src}", train_source, s, src)
+        for d in t.directions:
+            for m in t.methods:
+                timed(f"adapt/{d.target}/{m}", adapt, s, d.target, m, source=d.source)
+                timed("predict", predict, s, d.target, m)
+                timed("evaluate", evaluate, s, d.target, m)
+    written = timed("report", report, s)
+    return {"timings": timings, "reports": written}
