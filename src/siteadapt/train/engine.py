@@ -7,6 +7,8 @@
   settings resumes from the last checkpoint and reaches the same state as an uninterrupted run (bit-identical on CPU;
   on CUDA up to non-deterministic kernels).
 - On CUDA, automatic mixed precision runs in bfloat16 (no loss scaling needed) and convolutions use channels_last.
+- A checkpoint made with other settings (method options, widths, batch size, seed, sites) is not resumed: the run
+  starts afresh (the iteration count may differ: a longer run continues a shorter one).
 - Checkpoint choice: the final iteration. The papers picked "the best model within 20k iterations", which needs
   target labels; we never look at target labels during training, and a fixed schedule is the choice that is both
   label-free and reproducible. (Label-free selection criteria such as the discriminator loss plateau or prediction
@@ -113,8 +115,14 @@ def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainCon
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
     ckpt = run_dir / "checkpoint.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+    signature = {"method": method.name, "options": method.opts.model_dump(), "context": method.ctx.to_dict(),
+                 "batch_size": cfg.batch_size, "seed": cfg.seed, "source": source.site,
+                 "target": target.site if target is not None else None}
+    state = torch.load(ckpt, map_location=device, weights_only=False) if ckpt.exists() else None
+    if state is not None and state.get("signature") != signature:
+        log.warning("%s: checkpoint in %s was made with other settings; starting afresh", method.name, run_dir)
+        state = None
+    if state is not None:
         method.load_state_dict(state["model"])
         method.load_extra_state(state.get("extra", {}))
         for name, opt in optims.items():
@@ -129,7 +137,7 @@ def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainCon
         if (target is not None and method.needs_target_images) else None
 
     def save(step: int) -> None:
-        state = {"step": step, "model": method.state_dict(), "extra": method.extra_state(),
+        state = {"step": step, "signature": signature, "model": method.state_dict(), "extra": method.extra_state(),
                  "optim": {n: o.state_dict() for n, o in optims.items()}, "sampler": gen.get_state(),
                  "rng": _rng_state()}
         with atomic_path(ckpt) as tmp:
