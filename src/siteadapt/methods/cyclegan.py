@@ -1,0 +1,150 @@
+"""CycleGAN image alignment (the papers' "CycleGAN" row; Zhu et al. 2017): source images are translated to the target
+look by a CycleGAN, and a segmenter E∘C (the source segmenter's network) is trained on the translated source images
+G_s->t(x_s) with the source labels. ``predict`` applies that segmenter to real target images.
+
+Networks: G_st (source -> target), G_ts (target -> source): ResNet generators; D_t, D_s: 70x70 PatchGANs; segmenter
+E∘C1 (:class:`.segmenter.SegmenterNet`). Losses: LSGAN (weight ``lambda_adv`` = 1), cycle L1 both ways
+(``lambda_cyc`` = 10), optional identity loss (``lambda_identity``, CycleGAN's, off by default: with intensities
+swapped between modalities an identity prior is wrong), weighted CE + Dice for the segmenter. Adam lr 2e-4,
+beta1 0.5 for generators and discriminators (CycleGAN); the segmenter as :mod:`.segmenter` (lr 2e-4, beta1 0.9,
+weight decay 1e-4). Image pools of 50 per discriminator, saved in ``extra_state`` for exact resume.
+
+Choices (the papers name the baseline, not its training):
+- Joint training, one stage: every iteration updates the generators, then the segmenter on this iteration's
+  G_st(x_s), then the discriminators. (Two stages, CycleGAN first and the segmenter afterwards on a frozen G_st, is
+  the other common reading; joint training reaches a trained segmenter in one schedule, which is what the quick
+  profile can afford, and the segmenter keeps following G_st as it improves.)
+- The segmenter's gradient does not reach the generator (``seg_through_generator: false``): this row is image
+  alignment only. With ``true`` the segmentation loss also shapes G_st (a task-driven translation, a step towards
+  CyCADA/SeUDA-like methods, not the papers' CycleGAN row).
+- The segmenter starts from scratch (the papers' CycleGAN row trains a segmenter on translated images).
+- Generators: CycleGAN's ResNet generator with reflection padding and no skip, but SIFA's G_t width (32 base channels
+  rather than CycleGAN's 64, so a table compares methods, not generator sizes) and CycleGAN's block rule: 9 residual
+  blocks for images of 256 px and more, 6 below (``generator_blocks``).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from ..nn.losses import CycleConsistencyLoss, LSGANDiscriminatorLoss, LSGANGeneratorLoss, WeightedCrossEntropyDiceLoss
+from ..nn.networks import PatchDiscriminator, ResnetGenerator
+from ..nn.pool import ImagePool
+from .base import Context, Method, MethodOptions, adam, scalars
+from .segmenter import SegmenterNet
+
+
+def generator_blocks(image_size: int, blocks: int | None) -> int:
+    """CycleGAN's rule for its ResNet generator: 9 blocks at 256 px, 6 blocks at 128 px and below."""
+    if blocks is not None:
+        return blocks
+    return 9 if image_size >= 256 else 6
+
+
+class CycleGANOptions(MethodOptions):
+    lambda_adv: float = Field(1.0, ge=0)
+    lambda_cyc: float = Field(10.0, ge=0)
+    lambda_identity: float = Field(0.0, ge=0, description="CycleGAN identity loss weight (x lambda_cyc); 0 = off")
+    lambda_seg: float = Field(1.0, ge=0)
+    seg_through_generator: bool = False
+    lr: float = Field(2e-4, gt=0)
+    beta1: float = Field(0.5, ge=0, lt=1)
+    seg_lr: float = Field(2e-4, gt=0)
+    seg_beta1: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    pool_size: int = Field(50, ge=0)
+    class_weights: list[float] | str | None = "batch"
+    dice_weight: float = Field(1.0, ge=0)
+    generator_channels: int = Field(32, ge=1)
+    generator_blocks: int | None = Field(None, ge=1, description="None: 9 at >= 256 px, else 6 (CycleGAN)")
+
+
+class CycleGAN(Method):
+    name = "cyclegan"
+    Options = CycleGANOptions
+
+    def __init__(self, ctx: Context, options: CycleGANOptions | None = None):
+        super().__init__(ctx, options)
+        o = self.opts
+        w, ch = ctx.width, ctx.in_channels
+        nb = generator_blocks(ctx.image_size, o.generator_blocks)
+        self.G_st = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb)
+        self.G_ts = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb)
+        self.D_t = PatchDiscriminator(ch, width=w)
+        self.D_s = PatchDiscriminator(ch, width=w)
+        self.seg = SegmenterNet(ctx)
+        self.seg_loss = WeightedCrossEntropyDiceLoss(ctx.n_classes, class_weights=o.class_weights,
+                                                     dice_weight=o.dice_weight)
+        self.cyc_loss = CycleConsistencyLoss()
+        self.gen_loss = LSGANGeneratorLoss()
+        self.disc_loss = LSGANDiscriminatorLoss()
+        self.pool_t = ImagePool(o.pool_size)
+        self.pool_s = ImagePool(o.pool_size)
+        self.iteration = 0
+
+    def build_optimizers(self):
+        o = self.opts
+        return {
+            "G": adam([*self.G_st.parameters(), *self.G_ts.parameters()], o.lr, o.beta1),
+            "seg": adam(self.seg.parameters(), o.seg_lr, o.seg_beta1, weight_decay=o.weight_decay),
+            "D_t": adam(self.D_t.parameters(), o.lr, o.beta1),
+            "D_s": adam(self.D_s.parameters(), o.lr, o.beta1),
+        }
+
+    def extra_state(self) -> dict:
+        return {"pool_t": self.pool_t.state_dict(), "pool_s": self.pool_s.state_dict(), "iteration": self.iteration}
+
+    def load_extra_state(self, state: dict) -> None:
+        if not state:
+            return
+        self.pool_t.load_state_dict(state["pool_t"])
+        self.pool_s.load_state_dict(state["pool_s"])
+        self.iteration = int(state["iteration"])
+
+    def _d_update(self, name: str, D, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        b = real.shape[0]
+        with self.autocast():
+            out = D(torch.cat([real, fake]).detach())  # instance norm: per sample, same as two forwards
+        loss = self.disc_loss(out[:b], out[b:])
+        self.update(loss, name)
+        return loss
+
+    def train_step(self, batch):
+        o = self.opts
+        xs, ys, xt = batch.src_x, batch.src_y, batch.tgt_x
+        if self.iteration == 0:  # pools draw from their own generators, seeded from the engine-seeded global RNG
+            for pool in (self.pool_t, self.pool_s):
+                pool.generator.manual_seed(int(torch.randint(0, 2**62, ())))
+        terms = {}
+        with self.frozen(self.D_t, self.D_s), self.autocast():
+            fake_t = self.G_st(xs)
+            fake_s = self.G_ts(xt)
+            loss = 0.0
+            if o.lambda_adv > 0:
+                terms["adv_t"] = self.gen_loss(self.D_t(fake_t))
+                terms["adv_s"] = self.gen_loss(self.D_s(fake_s))
+                loss = loss + o.lambda_adv * (terms["adv_t"] + terms["adv_s"])
+            if o.lambda_cyc > 0:
+                terms["cyc"] = self.cyc_loss(self.G_ts(fake_t), xs) + self.cyc_loss(self.G_st(fake_s), xt)
+                loss = loss + o.lambda_cyc * terms["cyc"]
+            if o.lambda_identity > 0:
+                terms["idt"] = self.cyc_loss(self.G_st(xt), xt) + self.cyc_loss(self.G_ts(xs), xs)
+                loss = loss + o.lambda_identity * o.lambda_cyc * terms["idt"]
+            seg_in = fake_t if o.seg_through_generator else fake_t.detach()
+            if o.lambda_seg > 0:
+                terms["seg"] = self.seg_loss(self.seg(seg_in), ys)
+                loss = loss + o.lambda_seg * terms["seg"]
+        # one backward: the segmenter sees a detached G_st(x_s) (unless seg_through_generator), D's are frozen
+        self.update(loss, "G", "seg")
+        terms["D_t"] = self._d_update("D_t", self.D_t, xt, self.pool_t.query(fake_t.detach()))
+        terms["D_s"] = self._d_update("D_s", self.D_s, xs, self.pool_s.query(fake_s.detach()))
+        self.iteration += 1
+        return scalars(terms)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.seg(images)
+
+    @torch.no_grad()
+    def translations(self, src_x, tgt_x):
+        return {"source -> target-like G_st(x_s)": self.G_st(src_x), "target -> source-like G_ts(x_t)": self.G_ts(tgt_x)}
