@@ -178,6 +178,21 @@ def test_prior_sifa_has_no_deep_supervision_and_its_training_strategy():
     assert tmi.optimizers["E_C"].param_groups[0]["lr"] == pytest.approx(2e-4)
 
 
+def test_init_from_source_copies_the_source_segmenter():
+    m = build("sifa", {"init_from_source": True})
+    assert m.needs_source_model and not build("sifa").needs_source_model
+    source = get_method("source")(CTX)
+    with pytest.raises(ValueError, match="source segmenter"):
+        m.prepare(None, None)
+    m.prepare(None, None, source_model=source)
+    assert all(torch.equal(a, b) for a, b in zip(m.E.state_dict().values(), source.net.encoder.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(m.C1.state_dict().values(), source.net.classifier.state_dict().values()))
+    x = torch.rand(2, 1, 32, 32)
+    m.eval(), source.eval()
+    with torch.no_grad():
+        assert torch.equal(m.predict(x), source.predict(x))
+
+
 def test_bad_option_names_key():
     with pytest.raises(Exception, match="methods.sifa.lambda_adv_q: unknown key"):
         get_method("sifa").parse_options({"lambda_adv_q": 1}, "methods.sifa")

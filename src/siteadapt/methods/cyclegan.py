@@ -58,6 +58,7 @@ class CycleGANOptions(MethodOptions):
     dice_weight: float = Field(1.0, ge=0)
     generator_channels: int = Field(32, ge=1)
     generator_blocks: int | None = Field(None, ge=1, description="None: 9 at >= 256 px, else 6 (CycleGAN)")
+    disc_layers: int | None = Field(None, ge=1, description="PatchGAN stride-2 layers; None: 3 (70x70 patches)")
 
 
 class CycleGAN(Method):
@@ -71,8 +72,9 @@ class CycleGAN(Method):
         nb = generator_blocks(ctx.image_size, o.generator_blocks)
         self.G_st = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb)
         self.G_ts = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb)
-        self.D_t = PatchDiscriminator(ch, width=w)
-        self.D_s = PatchDiscriminator(ch, width=w)
+        nl = o.disc_layers or 3
+        self.D_t = PatchDiscriminator(ch, width=w, n_layers=nl)
+        self.D_s = PatchDiscriminator(ch, width=w, n_layers=nl)
         self.seg = SegmenterNet(ctx)
         self.seg_loss = WeightedCrossEntropyDiceLoss(ctx.n_classes, class_weights=o.class_weights,
                                                      dice_weight=o.dice_weight)

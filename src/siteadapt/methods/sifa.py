@@ -115,8 +115,10 @@ class SIFAOptions(MethodOptions):
     class_weights: list[float] | str | None = "batch"
     dice_weight: float = Field(1.0, ge=0)
     prediction_activation: Literal["softmax", "none"] = "softmax"
+    init_from_source: bool = Field(False, description="start E, C1 from the trained source segmenter")
     generator_channels: int = Field(32, ge=1)
     generator_blocks: int | None = Field(None, ge=1, description="G_t residual blocks; None: 9 at >= 256 px, else 6")
+    disc_layers: int | None = Field(None, ge=1, description="PatchGAN stride-2 layers; None: 3 (70x70 patches)")
     skip: bool = False
 
 
@@ -138,10 +140,11 @@ class SIFA(Method):
         self.C1 = PixelClassifier(self.E.out_channels, k)
         self.C2 = PixelClassifier(self.E.low_channels, k) if o.deep_supervision else None
         self.U = ResnetDecoder(self.E.out_channels, ch, width=w, skip=o.skip)
-        self.D_t = PatchDiscriminator(ch, width=w)
-        self.D_s = PatchDiscriminator(ch, width=w, aux_head=o.lambda_adv_s_aux > 0)
-        self.D_p1 = PatchDiscriminator(k, width=w) if o.lambda_adv_p1 > 0 else None
-        self.D_p2 = PatchDiscriminator(k, width=w) if o.deep_supervision and o.lambda_adv_p2 > 0 else None
+        nl = o.disc_layers or 3
+        self.D_t = PatchDiscriminator(ch, width=w, n_layers=nl)
+        self.D_s = PatchDiscriminator(ch, width=w, n_layers=nl, aux_head=o.lambda_adv_s_aux > 0)
+        self.D_p1 = PatchDiscriminator(k, width=w, n_layers=nl) if o.lambda_adv_p1 > 0 else None
+        self.D_p2 = PatchDiscriminator(k, width=w, n_layers=nl) if o.deep_supervision and o.lambda_adv_p2 > 0 else None
 
         self.seg_loss = WeightedCrossEntropyDiceLoss(k, class_weights=o.class_weights, dice_weight=o.dice_weight)
         self.cyc_loss = CycleConsistencyLoss()
@@ -154,6 +157,7 @@ class SIFA(Method):
         aaai = not o.deep_supervision
         self.seg_lr0 = o.seg_lr if o.seg_lr is not None else (1e-3 if aaai else o.lr)
         self.seg_decay = o.seg_lr_decay if o.seg_lr_decay is not None else (0.9 if aaai else 1.0)
+        self.needs_source_model = o.init_from_source  # the adapt step then hands the source segmenter to prepare()
 
     # ---- set-up ---------------------------------------------------------------------------------------------------
     @property
@@ -181,6 +185,12 @@ class SIFA(Method):
 
     def prepare(self, source, target, source_model=None) -> None:
         self.n_source = len(source) if source is not None else None
+        if self.opts.init_from_source:
+            if source_model is None:
+                raise ValueError("sifa with init_from_source: true needs the trained source segmenter")
+            net = source_model.net  # segmenter.SegmenterNet: the same E and C1 (same context)
+            self.E.load_state_dict(net.encoder.state_dict())
+            self.C1.load_state_dict(net.classifier.state_dict())
 
     def extra_state(self) -> dict:
         return {"pool_t": self.pool_t.state_dict(), "pool_s": self.pool_s.state_dict(), "iteration": self.iteration}
