@@ -409,3 +409,21 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, name):
     for pool in [k for k in ea if k.startswith("pool_")]:
         assert len(ea[pool]["images"]) == len(ec[pool]["images"]) == 8
         assert all(torch.equal(x, y) for x, y in zip(ea[pool]["images"], ec[pool]["images"]))
+
+
+def test_params_variants_build():
+    """Every named variant in params.yaml's ``methods:`` names a method and options it accepts; one is built through
+    ``steps.train.build_method`` (building all at the quick profile's width would cost seconds)."""
+    from pathlib import Path
+
+    from siteadapt.config import load_settings
+    from siteadapt.steps.train import build_method
+
+    settings = load_settings(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert {"dsan_shared_decoders", "dsan_unshared_encoders", "dsan_unshared_discriminators"} <= set(settings.methods)
+    for name, raw in settings.methods.items():
+        raw = dict(raw)
+        get_method(raw.pop("method", name)).parse_options(raw, f"methods.{name}")
+    site = next(d.target for t in settings.tasks.values() for d in t.directions if t.kind == "segmentation")
+    m = build_method(settings, "dsan_shared_decoders", site)
+    assert m.variant == "dsan_shared_decoders" and m.U_s is None and m.U_t is not None
