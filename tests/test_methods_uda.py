@@ -9,6 +9,8 @@ Tiny shapes (32x32, batch 2, width 0.125) and one thread keep the file well unde
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,10 +223,10 @@ def test_seuda_frozen_segmenter_and_prediction():
         get_method("seuda")(CTX).prepare(None, None)
     # the adapted model's file leaves the source segmenter out (it has its own file)
     from siteadapt.steps.train import save_model
-    import tempfile, pathlib
+
     with tempfile.TemporaryDirectory() as d:
-        save_model(m, pathlib.Path(d) / "model.pt")
-        saved = torch.load(pathlib.Path(d) / "model.pt", weights_only=False)["state_dict"]
+        save_model(m, Path(d) / "model.pt")
+        saved = torch.load(Path(d) / "model.pt", weights_only=False)["state_dict"]
     assert saved and not any(k.startswith("source_model.") for k in saved)
 
 
@@ -414,8 +416,6 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, name):
 def test_params_variants_build():
     """Every named variant in params.yaml's ``methods:`` names a method and options it accepts; one is built through
     ``steps.train.build_method`` (building all at the quick profile's width would cost seconds)."""
-    from pathlib import Path
-
     from siteadapt.config import load_settings
     from siteadapt.steps.train import build_method
 

@@ -210,4 +210,5 @@ class CyCADA(FrozenSourceMixin, Method):
 
     @torch.no_grad()
     def translations(self, src_x, tgt_x):
-        return {"source -> target-like G_st(x_s)": self.G_st(src_x), "target -> source-like G_ts(x_t)": self.G_ts(tgt_x)}
+        return {"source -> target-like G_st(x_s)": self.G_st(src_x),
+                "target -> source-like G_ts(x_t)": self.G_ts(tgt_x)}

@@ -38,8 +38,9 @@ Where the paper is silent or unclear (choices, all options):
   lr 2e-3 gave 0.71 / 0.74, CycleGAN's 2e-4 gave 0.14 / 0.69 (its generators are still half-trained after 150
   iterations). ``lr: 0.0002`` is CycleGAN's value.
 - The semantic discriminator sees the softmax probabilities of f_s (the paper: "the predicted lung mask") and
-  one-hot ground-truth masks, K channels each (a hard argmax mask would carry no gradient to G_t->s). Its fakes also go through a 50-mask pool
-  ("the discriminator loss was calculated using one image from a collection of fifty previously generated images").
+  one-hot ground-truth masks, K channels each (a hard argmax mask would carry no gradient to G_t->s). Its fakes
+  also go through a 50-mask pool ("the discriminator loss was calculated using one image from a collection of fifty
+  previously generated images").
 - Discriminator losses are LSGAN's 0.5 x [(D(real) - 1)^2 + D(fake)^2], not scaled by α, λ (with Adam a constant
   factor on one module's loss barely changes its updates).
 - The segmenter is this project's source segmenter (SIFA's E∘C1, the same for every method in a table) rather than
