@@ -271,6 +271,9 @@ DSAN_FLAGS = [
     ({"shared_semantic_discriminators": False},
      {"rec_t", "adv_t", "rec_s", "adv_s", "seg_s", "seg_st", "adv_p", "adv_tp", "D_t", "D_s", "D_p"},
      {"E", "C1", "C2", "U_t", "U_s", "D_t", "D_s", "D_p1", "D_p2", "D_tp1", "D_tp2"}),
+    ({"lambda_adv": 0},  # no image-space GAN terms: no D_t, D_s
+     {"rec_t", "rec_s", "seg_s", "seg_st", "adv_p", "adv_tp", "D_p"},
+     {"E", "C1", "C2", "U_t", "U_s", "D_p1", "D_p2"}),
     ({"deep_supervision": False},
      {"rec_t", "adv_t", "rec_s", "adv_s", "seg_s", "seg_st", "adv_p", "adv_tp", "D_t", "D_s", "D_p"},
      {"E", "C1", "U_t", "U_s", "D_t", "D_s", "D_p1"}),

@@ -133,8 +133,9 @@ class DSAN(Method):
 
         self.U_t = decoder() if tt or (st and o.shared_decoders) else None
         self.U_s = decoder() if st and not o.shared_decoders else None
-        self.D_t = PatchDiscriminator(ch, width=w, n_layers=o.disc_layers) if tt else None
-        self.D_s = PatchDiscriminator(ch, width=w, n_layers=o.disc_layers) if st else None
+        adv = o.lambda_adv > 0
+        self.D_t = PatchDiscriminator(ch, width=w, n_layers=o.disc_layers) if tt and adv else None
+        self.D_s = PatchDiscriminator(ch, width=w, n_layers=o.disc_layers) if st and adv else None
         sem = o.semantic_adversarial and o.lambda_sec_adv > 0
         self.tp = sem and tt and st  # eq. (10) needs both translations
         levels = 2 if self.C2 is not None else 1
@@ -253,11 +254,13 @@ class DSAN(Method):
             if self.tt:
                 fake_t = self.U_t(f_s.high)  # x^{s->t}
                 terms["rec_t"] = self.rec_loss(self.U_t(f_t.high), xt)
-                terms["adv_t"] = self.gen_loss(self.D_t(fake_t))
+                if self.D_t is not None:
+                    terms["adv_t"] = self.gen_loss(self.D_t(fake_t))
             if self.st:
                 fake_s = self.dec_s(f_t.high)  # x^{t->s}
                 terms["rec_s"] = self.rec_loss(self.dec_s(f_s.high), xs)
-                terms["adv_s"] = self.gen_loss(self.D_s(fake_s))
+                if self.D_s is not None:
+                    terms["adv_s"] = self.gen_loss(self.D_s(fake_s))
             # segmentation sub-network, eqs. (7)-(11): translated images enter detached
             enc = self.seg_encoder
             if o.source_segmentation or sem:
@@ -281,9 +284,9 @@ class DSAN(Method):
             loss = self._objective(terms)
         self.update(loss, *[n for n in ("E_C", "E", "U") if n in self.optimizers])
         logs = {}
-        if self.tt:
+        if self.D_t is not None:
             logs["D_t"] = self._d_update("D_t", self.D_t, xt, self.pool_t.query(fake_t.detach()))
-        if self.st:
+        if self.D_s is not None:
             logs["D_s"] = self._d_update("D_s", self.D_s, xs, self.pool_s.query(fake_s.detach()))
         if sem:
             logs["D_p"] = self._semantic_d_update(preds)
