@@ -38,6 +38,8 @@ class Profile(_Strict):
     image_size: int = Field(gt=7, description="in-plane size of training slices (pixels)")
     batch_size: int = Field(gt=0)
     iterations: int = Field(gt=0)
+    adapt_iterations: int | None = Field(None, gt=0, description="iterations of methods that learn from unlabeled "
+                                         "target images (GANs converge slower than a segmenter); None: iterations")
     width: float = Field(gt=0, le=4, description="channel-width multiplier of the networks (1.0 = papers)")
     synth_scale: float = Field(gt=0, le=2, description="matrix-size factor of the synthetic sites")
     synth_subjects: int = Field(gt=2, description="3D subjects per synthetic site")
