@@ -90,3 +90,8 @@ def ran_stages(output: str) -> list[str]:
         if line.startswith("Running stage '"):
             out.append(line[len("Running stage '"):].split("'")[0])
     return out
+
+
+def status_stages(output: str) -> list[str]:
+    """Stage names that ``dvc status`` reports as changed (its unindented ``name:`` lines)."""
+    return [ln[:-1] for ln in output.splitlines() if ln and not ln[0].isspace() and ln.endswith(":")]

@@ -101,20 +101,23 @@ def dvc_experiments(cwd: str | Path = ".") -> list[dict]:
         raise RuntimeError(f"dvc exp show failed: {res.stderr.strip()[-500:]}")
     rows = []
 
-    def add(entry: dict, default_name: str) -> None:
+    def add(entry: dict, kind: str, name: str) -> None:
         data = entry.get("data") or {}
         params = {}
         for _file, blob in (data.get("params") or {}).items():
             params.update(_flatten((blob or {}).get("data") or {}))
         metrics = {p: (blob or {}).get("data") or {} for p, blob in (data.get("metrics") or {}).items()}
-        rows.append({"name": entry.get("name") or default_name, "rev": entry.get("rev"), "params": params,
-                     "metrics": metrics})
+        rows.append({"name": name, "kind": kind, "rev": entry.get("rev"), "params": params, "metrics": metrics})
 
-    for baseline in json.loads(res.stdout or "[]"):
-        add(baseline, "workspace" if baseline.get("rev") == "workspace" else "baseline")
-        for ex in baseline.get("experiments") or []:
-            for rev in ex.get("revs") or []:
-                add(rev, ex.get("name") or rev.get("name") or rev.get("rev", "")[:7])
+    for top in json.loads(res.stdout or "[]"):
+        rev = top.get("rev") or ""
+        if rev == "workspace":
+            add(top, "workspace", "workspace")
+        else:
+            add(top, "baseline", f"baseline ({top.get('name') or rev[:7]})")
+        for ex in top.get("experiments") or []:
+            for r in ex.get("revs") or []:
+                add(r, "experiment", ex.get("name") or r.get("name") or (r.get("rev") or "")[:7])
     return rows
 
 
@@ -132,7 +135,7 @@ def write_experiment_tables(settings: Settings, rows: list[dict]) -> dict[str, P
     """``<reports>/<task>/experiments.md`` per task that has metrics in the experiments."""
     if not rows:
         return {}
-    base = next((r for r in rows if r["name"] == "baseline"), rows[0])
+    base = next((r for r in rows if r.get("kind") == "baseline"), rows[0])
     changed_keys = sorted({k for r in rows for k, v in r["params"].items() if base["params"].get(k) != v})
     written = {}
     metrics_root = settings.paths.metrics.as_posix().rstrip("/") + "/"
