@@ -64,6 +64,12 @@ def tiny_params(methods: list[str] | None = None) -> dict:
     return p
 
 
+def git_identity(root: Path) -> None:
+    """A local committer identity (DVC experiments commit; CI machines may have no global git identity)."""
+    run(["git", "config", "user.name", "siteadapt test"], root)
+    run(["git", "config", "user.email", "test@example.org"], root)
+
+
 def write_params(root: Path, params: dict) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -72,6 +78,7 @@ def make_project(root: Path, params: dict | None = None) -> Path:
     """git init + dvc init + params.yaml + generated dvc.yaml, committed."""
     root.mkdir(parents=True, exist_ok=True)
     run(["git", "init", "-q", "-b", "main"], root)
+    git_identity(root)
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     write_params(root, params or tiny_params())
     dvc("init", "-q", cwd=root)

@@ -93,6 +93,7 @@ def pipeline(tmp_path_factory, mlflow_server):
 def clone(base: Path, dest: Path) -> Path:
     """A git clone of the project that uses its DVC cache (no data copied over a remote)."""
     dp.run(["git", "clone", "-q", str(base), str(dest)], base.parent)
+    dp.git_identity(dest)
     dp.dvc("cache", "dir", "--local", str(base / ".dvc" / "cache"), cwd=dest)
     dp.dvc("checkout", "-q", cwd=dest)
     return dest

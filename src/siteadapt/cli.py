@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,10 @@ log = logging.getLogger("siteadapt")
 def _settings(args):
     from .config import load_settings
 
+    if os.environ.get("DVC_STAGE") and (args.profile or os.environ.get("SITEADAPT_PROFILE")):
+        # DVC tracks params.yaml's `profile`; another profile here would make its records lie
+        raise ConfigError(f"DVC stage {os.environ['DVC_STAGE']}: the profile comes from params.yaml under DVC; unset "
+                          "SITEADAPT_PROFILE / --profile and use `dvc exp run -S profile=NAME` (or edit params.yaml)")
     return load_settings(args.params, profile=args.profile)
 
 

@@ -4,7 +4,8 @@ Where runs go
 -------------
 ``$MLFLOW_TRACKING_URI`` when set (a tracking server such as ``http://mlflow:5000``, or any URI MLflow accepts);
 otherwise the embedded store ``sqlite:///<project>/mlflow.db`` with artifacts under ``<project>/mlruns/`` (project =
-the current folder, which is where DVC runs its stages). ``SITEADAPT_TRACKING=off`` turns tracking off (the steps run
+``$DVC_ROOT`` inside a DVC stage, else the current folder; experiments queued with ``dvc exp run --queue/--temp`` run
+in a temporary copy, so point ``MLFLOW_TRACKING_URI`` at a fixed store for them). ``SITEADAPT_TRACKING=off`` turns tracking off (the steps run
 as before, nothing is logged). Look at the runs with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
 
 What a run holds (experiment ``siteadapt-<task>``)
@@ -69,11 +70,12 @@ def enabled() -> bool:
 
 
 def tracking_uri(root: str | Path | None = None) -> str:
-    """``$MLFLOW_TRACKING_URI``, else the sqlite store ``<root>/mlflow.db`` (root: the current folder)."""
+    """``$MLFLOW_TRACKING_URI``, else the sqlite store ``<root>/mlflow.db`` (root: the DVC project a stage runs in,
+    ``$DVC_ROOT``, else the current folder)."""
     env = os.environ.get(ENV_URI, "").strip()
     if env:
         return env
-    root = Path(root or Path.cwd()).resolve()
+    root = Path(root or os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
     return f"sqlite:///{root / DEFAULT_DB}"
 
 

@@ -225,6 +225,7 @@ def register_model(settings: Settings, site: str, method: str, seed: int | None 
     mpath = mdir / "model.pt"
     if not mpath.is_file():
         raise InputError(mpath, f"no model: run `siteadapt adapt --site {site} --method {method}` first")
+    client = tracking.connect()  # fail fast (naming the URI) before measuring anything
     payload = torch.load(mpath, map_location="cpu", weights_only=False)
     source = payload.get("source_site")
     artifacts = {"model": str(mpath)}
@@ -239,10 +240,11 @@ def register_model(settings: Settings, site: str, method: str, seed: int | None 
     sha = h.hexdigest()
     values = gate_values(settings, site, method, seed)
 
-    client = tracking.connect()
     name = model_name(task, site)
     for mv in client.search_model_versions(f"name='{name}'"):
         if mv.tags.get("model_sha256") == sha:
+            for k, v in values.items():  # the evaluation may have changed (e.g. post-processing): fresh measurements
+                client.set_model_version_tag(name, mv.version, f"gate.{k}", _tag_value(v))
             client.set_registered_model_alias(name, CANDIDATE, mv.version)
             log.info("%s: same weights as version %s; alias %s moved to it", name, mv.version, CANDIDATE)
             return {"name": name, "version": str(mv.version), "alias": CANDIDATE, "run_id": mv.run_id}
