@@ -1,4 +1,7 @@
-"""Command line: ``siteadapt <step> ...``. Each step is a thin wrapper over a function in :mod:`siteadapt.steps`.
+"""Command line: ``siteadapt <step> ...``, one thin command per pipeline step.
+
+Each command wraps a function in :mod:`siteadapt.steps` (``train-source``, ``adapt`` and ``evaluate`` through
+:mod:`siteadapt.tracking`, which logs them to MLflow). The DVC stages in dvc.yaml (``siteadapt dvc-gen``) call them.
 
 Settings come from params.yaml (``--params``), with the profile from ``--profile`` / ``$SITEADAPT_PROFILE`` / the file.
 Errors that siteadapt raises on purpose are printed as one clear line (file and reason) with exit status 2.
