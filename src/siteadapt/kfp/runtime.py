@@ -295,11 +295,16 @@ def run_evaluate(job: Job, method: str, ingested_target: str | Path, prepared_ta
         labeled = any(r["split"] == "test" and r.get("label") for r in subjects)
         summary: dict = {"method": method, "site": job.site, "task": job.task, "labeled": labeled,
                          "plausibility": plausibility(s, job.site, method), "dice_mean": None, "assd_mean": None}
-        if labeled:
-            path = evaluate(s, job.site, method)
-            m = json.loads(path.read_text())
-            summary.update(dice_mean=m["dice"]["mean"], assd_mean=m["assd"]["mean"],
-                           metrics_file=str(metrics_path(s, job.site, method).relative_to(ws.root)))
+        try:  # metrics against labels; the registry step reads this file (label-free checks too, where supported)
+            m = json.loads(evaluate(s, job.site, method).read_text())
+        except InputError:
+            if labeled:
+                raise
+            m = None  # a site without labels, and an evaluate step that only scores labeled subjects
+        if m is not None:
+            summary["metrics_file"] = str(metrics_path(s, job.site, method).relative_to(ws.root))
+            if m.get("labeled", True) and m.get("dice"):
+                summary.update(dice_mean=m["dice"]["mean"], assd_mean=(m.get("assd") or {}).get("mean"))
     # rank by Dice on labeled evaluation subjects when the site has them, else by the label-free check
     summary["score"] = summary["dice_mean"] if summary["dice_mean"] is not None else summary["plausibility"]["fraction"]
     write_json_file(out_dir / "summary" / f"{method}.json", summary)
