@@ -32,6 +32,16 @@ class Paths(_Strict):
     models: Path = Path("models")
     metrics: Path = Path("metrics")
     reports: Path = Path("reports")
+    registry: Path = Path("registry")  # <registry>/<task>/<site>/<method>.json: what `siteadapt register` registered
+    remote: Path = Path("data/remote")  # local copies of site folders that live on an object store (s3://)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _local_only(cls, v):
+        if isinstance(v, str) and "://" in v:
+            raise ValueError("a local folder is needed here; object-store URIs (s3://...) are for site images/labels, "
+                             "`siteadapt sync` and the DVC remote (see README: Storage)")
+        return v
 
 
 class Profile(_Strict):
@@ -103,13 +113,28 @@ class Task(_Strict):
         return v
 
 
+def _path_or_uri(v):
+    """Local folders become ``Path``; object-store URIs (``s3://bucket/prefix``) stay strings (``Path`` would
+    collapse the ``//``)."""
+    if isinstance(v, str) and "://" in v:
+        if not v.startswith("s3://"):
+            raise ValueError(f"unsupported URI scheme in {v!r} (local paths and s3:// are supported)")
+        return v
+    return Path(v) if isinstance(v, str) else v
+
+
 class Site(_Strict):
     task: str
-    images: Path = Field(description="folder of DICOM, NIfTI or 2D images (any nesting)")
-    labels: Path | None = None
+    images: Path | str = Field(description="folder of DICOM, NIfTI or 2D images (any nesting), or s3://bucket/prefix")
+    labels: Path | str | None = None
     modality: str | None = Field(None, description="CT, MR, CR, DX, ...; read from DICOM when absent")
     pixel_spacing_mm: float | None = Field(None, gt=0, description="for 2D images without spacing (PNG/JPEG)")
     synthetic: str | None = Field(None, description="'<task>/<site>' of `siteadapt synth` that produces `images`")
+
+    @field_validator("images", "labels", mode="before")
+    @classmethod
+    def _uris(cls, v):
+        return _path_or_uri(v)
 
 
 class Train(_Strict):
@@ -120,6 +145,27 @@ class Train(_Strict):
     threads: int | None = Field(None, gt=0)
 
 
+class Gates(_Strict):
+    """Promotion gates (``siteadapt promote``): the candidate becomes ``champion`` only if every gate that applies
+    passes. A gate set to null is off. Values are measured when the candidate is registered."""
+
+    min_target_dice: float | None = Field(0.5, ge=0, le=1, description="mean Dice on the site's labeled test subjects")
+    max_source_dice_drop: float | None = Field(
+        0.1, ge=-1, le=1, description="label-free: source-site Dice of the source segmenter minus the adapted model's")
+    max_empty_fraction: float | None = Field(
+        0.1, ge=0, le=1, description="label-free: share of (test subject, structure) pairs predicted empty")
+    max_fragmented_fraction: float | None = Field(
+        0.25, ge=0, le=1, description="label-free: share of predicted structures whose largest connected component "
+                                      "holds less than 90% of the structure")
+    label_free: Literal["auto", "always"] = Field(
+        "auto", description="auto: label-free gates only for a site without labeled test subjects; always: also "
+                            "for labeled sites")
+
+
+class Registry(_Strict):
+    gates: Gates = Gates()
+
+
 class Settings(_Strict):
     profile: str = "quick"
     seed: int = 0
@@ -128,6 +174,7 @@ class Settings(_Strict):
     tasks: dict[str, Task]
     sites: dict[str, Site]
     train: Train = Train()
+    registry: Registry = Registry()
     methods: dict[str, dict] = {}
     """Per-method options (``methods.<name>.<option>``), validated by each method's own ``Options``."""
 
