@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ def test_whole_pipeline_with_kfp_local_registers_a_candidate(tmp_path, monkeypat
         monkeypatch.setenv(k, v)
     sites = demo_sites("chestxray", tmp_path / "raw", n=10)
     args = {**sites, "site": "hospital_b", "methods": ["noadapt", "histmatch"], "profile": "tiny",
-            "params_yaml": tiny_params(REPO / "params.yaml"), "min_dice": 0.0, "min_plausible": 0.0}
+            "params_yaml": tiny_params(REPO / "params.yaml"), "gate_thresholds": {"min_target_dice": 0.0}}
     runner = LocalSubmitter(tmp_path / "kfp", cache=True)
 
     runner.submit("run-1", args)
@@ -63,12 +64,11 @@ def test_whole_pipeline_with_kfp_local_registers_a_candidate(tmp_path, monkeypat
     promoted = _task_outputs(tmp_path / "kfp", "promote")
     assert len(promoted) == 1  # the gates passed: the promotion step ran
     res = json.loads(promoted[0]["Output"])
-    if res["promoted"]:  # the registry's own gates (params) may still refuse; then they say which
-        assert str(client.get_model_version_by_alias(reg["name"], "champion").version) == str(reg["version"])
-    else:
-        assert any(not g["passed"] for g in res["gates"])
+    assert res["promoted"] and [g["name"] for g in res["gates"]] == ["min_target_dice"]  # the same gates
+    champion = client.get_model_version_by_alias(reg["name"], "champion")
+    assert str(champion.version) == str(reg["version"]) and champion.tags["promoted_by"].startswith("kubeflow:")
 
-    runner.submit("run-2", {**args, "min_dice": 1.01})  # a gate no model passes
+    runner.submit("run-2", {**args, "gate_thresholds": {"min_target_dice": 1.0}})  # a gate no model passes
     cand2 = json.loads(runner.outputs["run-2"]["Output"])
     assert cand2["method"] == cand["method"]
     assert str(client.get_model_version_by_alias(reg["name"], "candidate").version) == \
@@ -84,12 +84,14 @@ def test_whole_pipeline_with_kfp_local_registers_a_candidate(tmp_path, monkeypat
 
 def test_component_steps_in_process_on_an_unlabeled_s3_site(tmp_path, monkeypatch, s3):  # noqa: F811
     """The functions the components call, without KFP: a target site on the object store without labels is ingested
-    from S3, adapted to, and scored by the label-free check (no Dice), and the artifacts hold only their step's
-    outputs."""
+    from S3, adapted to, evaluated with the label-free checks only, registered, and gated by the label-free gates;
+    the artifacts hold only their step's outputs."""
     from siteadapt.kfp import runtime as R
     from siteadapt.kfp.local import demo_sites, tiny_params
 
     monkeypatch.setenv("SITEADAPT_DEID_KEY", "test-key-not-secret")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
     sites = demo_sites("chestxray", tmp_path / "raw", n=8)
     target = Path(sites["target_uri"])
     for f in sorted((target / "images").rglob("*")):
@@ -113,10 +115,24 @@ def test_component_steps_in_process_on_an_unlabeled_s3_site(tmp_path, monkeypatc
     R.run_adapt(tgt, "noadapt", art / "prep_src", art / "prep_tgt", art / "src_model", art / "model")
     summary = R.run_evaluate(tgt, "noadapt", art / "ing_tgt", art / "prep_tgt", art / "src_model", art / "model",
                              art / "eval")
-    assert summary["labeled"] is False and summary["dice_mean"] is None
-    assert summary["score"] == summary["plausibility"]["fraction"] and summary["plausibility"]["subjects"] >= 1
-    gates = R.check_gates(summary, min_dice=0.7, min_plausible=0.0)
-    assert gates["passed"] and [g["name"] for g in gates["gates"]] == ["plausible_fraction"]
+    assert summary["labeled"] is False and summary["dice_mean"] is None and summary["empty_fraction"] is not None
+    assert summary["score"] == R.score(summary)
+
+    # registration measures the label-free gates; the gates step applies them as the registry will
+    cand = R.run_register(tgt, [json.dumps(summary)], [art / d for d in ("ing_src", "ing_tgt", "prep_src",
+                                                                         "prep_tgt", "src_model", "model", "eval")])
+    assert cand["registered"]["name"] == "siteadapt-chestxray-new_site" and cand["registered"]["alias"] == "candidate"
+    lenient = replace(tgt, gates={"max_source_dice_drop": 1.0, "max_empty_fraction": 1.0,
+                                  "max_fragmented_fraction": 1.0})
+    res = R.check_gates(lenient, cand)
+    assert [g["name"] for g in res["gates"]] == ["max_source_dice_drop", "max_empty_fraction",
+                                                 "max_fragmented_fraction"]  # no Dice gate without labels
+    assert res["passed"] == all(g["passed"] for g in res["gates"])
+    if res["passed"]:
+        promoted = R.run_promote(lenient, cand, actor="test", reason="lenient gates")
+        assert promoted["promoted"] and promoted["version"] == cand["registered"]["version"]
+    strict = R.check_gates(replace(tgt, gates={"max_source_dice_drop": -1.0}), cand)  # a drop below -1: never
+    assert not strict["passed"]
 
     def files(d):
         return sorted(p.relative_to(d).parts[0] for p in d.rglob("*") if p.is_file())

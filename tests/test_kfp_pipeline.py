@@ -227,25 +227,33 @@ def test_workspace_links_inputs_and_leaves_only_outputs(tmp_path):
         R.Workspace(tmp_path / "w").add(tmp_path / "missing")
 
 
-def _summary(method, score, dice=None, frac=1.0):
-    return {"method": method, "score": score, "dice_mean": dice, "plausibility": {"fraction": frac}}
+def _summary(method, dice=None, empty=0.0, fragmented=0.0):
+    s = {"method": method, "dice_mean": dice, "empty_fraction": empty, "fragmented_fraction": fragmented}
+    return {**s, "score": R.score(s)}
 
 
-def test_candidate_choice_and_gates():
+def test_candidate_choice():
     pick = R.select_candidate([_summary("noadapt", 0.5), _summary("histmatch", 0.7), _summary("supervised", 0.9)],
                               ("noadapt", "histmatch", "supervised"))
-    assert pick["method"] == "histmatch"  # best score; the label-trained reference is never a candidate
+    assert pick["method"] == "histmatch"  # best Dice; the label-trained reference is never a candidate
     tie = R.select_candidate([_summary("histmatch", 0.5), _summary("noadapt", 0.5)], ("noadapt", "histmatch"))
     assert tie["method"] == "noadapt"  # ties: the order of the methods parameter
     with pytest.raises(InputError, match="no adapted method"):
         R.select_candidate([_summary("supervised", 0.9)], ("supervised",))
+    # without labels: the label-free checks rank (fewer empty / fragmented structures first)
+    unlabeled = [_summary("noadapt", empty=0.5, fragmented=0.2), _summary("sifa", empty=0.0, fragmented=0.1)]
+    assert R.select_candidate(unlabeled, ("noadapt", "sifa"))["method"] == "sifa"
+    assert R.score({"dice_mean": None, "empty_fraction": None}) is None
 
-    labeled = R.check_gates(_summary("sifa", 0.8, dice=0.8, frac=1.0), min_dice=0.7, min_plausible=0.9)
-    assert labeled["passed"] and [g["name"] for g in labeled["gates"]] == ["plausible_fraction", "dice_mean"]
-    low = R.check_gates(_summary("sifa", 0.6, dice=0.6, frac=1.0), min_dice=0.7, min_plausible=0.9)
-    assert not low["passed"] and [g["passed"] for g in low["gates"]] == [True, False]
-    unlabeled = R.check_gates(_summary("sifa", 0.5, dice=None, frac=0.5), min_dice=0.7, min_plausible=0.9)
-    assert not unlabeled["passed"] and [g["name"] for g in unlabeled["gates"]] == ["plausible_fraction"]
+
+def test_run_gate_overrides_reach_the_registry_settings(tmp_path):
+    job = R.Job(task="chestxray", source_site="cxr_a", site="h", params_yaml=PARAMS,
+                gates={"min_target_dice": 0.9, "max_empty_fraction": None})
+    g = R.settings_for(job, tmp_path).registry.gates
+    assert g.min_target_dice == 0.9 and g.max_empty_fraction is None and g.max_fragmented_fraction == 0.25
+    with pytest.raises(ConfigError, match="min_target_dise"):
+        R.settings_for(R.Job(task="chestxray", source_site="cxr_a", site="h", params_yaml=PARAMS,
+                             gates={"min_target_dise": 0.9}), tmp_path)
 
 
 def test_local_locations(tmp_path):
@@ -265,3 +273,21 @@ def test_local_locations(tmp_path):
     assert L.fetch(str(site), tmp_path / "unused") == site  # a local location is read in place
     with pytest.raises(InputError, match="empty"):
         L.fingerprint(str(tmp_path / "sites" / "h2"))
+
+
+def test_workspace_copies_for_consumers_that_refuse_links(tmp_path):
+    a = tmp_path / "a" / "models" / "t" / "s" / "m"
+    a.mkdir(parents=True)
+    (a / "model.pt").write_text("W")
+    (a / "losses.csv").write_text("L")
+    out = tmp_path / "out"
+    with R.Workspace(out) as ws:
+        ws.add(tmp_path / "a", copy=True)
+        copied = out / "models" / "t" / "s" / "m" / "model.pt"
+        assert copied.is_file() and not copied.is_symlink() and copied.read_text() == "W"
+        new = copied.with_name(".tmp")
+        new.write_text("W2")
+        new.replace(out / "models" / "t" / "s" / "m" / "losses.csv")  # the step rewrote this one: an output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "models/t/s/m/losses.csv"]
+    assert (a / "losses.csv").read_text() == "L"

@@ -20,12 +20,24 @@ def _methods(text: str | None) -> list[str] | None:
     return [m.strip() for m in text.split(",") if m.strip()] if text else None
 
 
+def _gates(items: list[str] | None) -> dict:
+    """``--gate min_target_dice=0.6 --gate max_empty_fraction=null`` -> registry.gates overrides."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--gate {item!r}: expected NAME=VALUE (a registry.gates key of params.yaml)")
+        value = value.strip()
+        out[key.strip()] = None if value.lower() in ("null", "none", "off") else (
+            value if value in ("auto", "always") else float(value))
+    return out
+
+
 def _run_arguments(args, **extra) -> dict:
     """Pipeline arguments from the common options; options left unset keep the pipeline's defaults."""
     out = {}
     for opt, name in (("task", "task"), ("source_site", "source_site"), ("source_uri", "source_uri"),
-                      ("profile", "profile"), ("min_dice", "min_dice"), ("min_plausible", "min_plausible"),
-                      ("target_modality", "target_modality"),
+                      ("profile", "profile"), ("target_modality", "target_modality"),
                       ("target_pixel_spacing_mm", "target_pixel_spacing_mm")):
         v = getattr(args, opt, None)
         if v is not None:
@@ -34,6 +46,8 @@ def _run_arguments(args, **extra) -> dict:
         out["methods"] = _methods(args.methods)
     if getattr(args, "params_file", None):
         out["params_yaml"] = Path(args.params_file).read_text()
+    if getattr(args, "gate", None):
+        out["gate_thresholds"] = _gates(args.gate)
     out.update({k: v for k, v in extra.items() if v is not None})
     return out
 
@@ -70,8 +84,9 @@ def cmd_run_local(args) -> int:
                  "methods": _methods(args.methods) or ["noadapt", "histmatch"],
                  "params_yaml": Path(args.params_file).read_text() if args.params_file
                  else tiny_params(args.params)}
-    arguments.update({k: v for k, v in (("min_dice", args.min_dice), ("min_plausible", args.min_plausible),
-                                         ("target_modality", args.target_modality),
+    if args.gate:
+        arguments["gate_thresholds"] = _gates(args.gate)
+    arguments.update({k: v for k, v in (("target_modality", args.target_modality),
                                          ("target_pixel_spacing_mm", args.target_pixel_spacing_mm))
                       if v is not None})
     submitter = LocalSubmitter(root / "kfp", cache=not args.no_cache)
@@ -80,10 +95,16 @@ def cmd_run_local(args) -> int:
     if out:
         cand = json.loads(out)
         reg = cand.get("registered", {})
+
+        def fmt(v):
+            return "n/a" if v is None else f"{v:.3f}"
+
         print(f"\ncandidate: {cand['method']} -> {reg.get('name')} version {reg.get('version')} "
-              f"(alias {reg.get('alias')}); score {cand['score']:.3f} over methods "
-              + ", ".join(f"{c['method']}={c['score']:.3f}" for c in cand["compared"]))
-    print(f"artifacts: {root / 'kfp'}")
+              f"(alias {reg.get('alias')}); scores " + ", ".join(f"{c['method']}={fmt(c['score'])}"
+                                                                  for c in cand["compared"]))
+    from ..tracking import ui_command
+
+    print(f"artifacts: {root / 'kfp'}\nMLflow:    {ui_command()}")
     return 0
 
 
@@ -137,9 +158,9 @@ def _run_options(sp: argparse.ArgumentParser, *, with_images: bool = True) -> No
     sp.add_argument("--methods", default=None, help="comma-separated methods, adapted in parallel")
     sp.add_argument("--profile", default=None, help="settings profile of the run (pipeline default: paper)")
     sp.add_argument("--params-file", default=None, help="send this params.yaml with the run (default: the image's)")
-    sp.add_argument("--min-dice", type=float, default=None, help="gate: mean Dice on labeled test subjects")
-    sp.add_argument("--min-plausible", type=float, default=None,
-                    help="gate: share of test subjects whose prediction has every structure")
+    sp.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a promotion gate of params.yaml registry.gates for this run (repeatable), "
+                         "e.g. min_target_dice=0.6")
     sp.add_argument("--target-modality", default=None, help="modality of NIfTI/2D target images (CT, MR, DX, ...)")
     sp.add_argument("--target-pixel-spacing-mm", type=float, default=None, help="for 2D target images without one")
     if with_images:

@@ -91,8 +91,8 @@ def adapt(params_yaml: str, profile: str, task: str, source_site: str, site: str
 def evaluate(params_yaml: str, profile: str, task: str, source_site: str, site: str, method: str,
              ingested_target: Input[Dataset], prepared_target: Input[Dataset], source_model: Input[Model],
              model: Input[Model], evaluation: Output[Dataset], metrics: Output[Metrics]) -> str:
-    """Predict the target's test subjects; metrics against labels when the site has them, a label-free plausibility
-    check always. Returns the summary (JSON) that registration ranks methods by."""
+    """Predict the target's test subjects; metrics against labels when the site has them, the label-free checks
+    always. Returns the summary (JSON) that registration ranks methods by."""
     import json
     import logging
 
@@ -102,8 +102,8 @@ def evaluate(params_yaml: str, profile: str, task: str, source_site: str, site: 
     job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile)
     summary = runtime.run_evaluate(job, method, ingested_target.path, prepared_target.path, source_model.path,
                                    model.path, evaluation.path)
-    values = {"plausible_fraction": summary["plausibility"]["fraction"],
-              **{k: summary[k] for k in ("dice_mean", "assd_mean") if summary.get(k) is not None}}
+    values = {k: summary[k] for k in ("dice_mean", "assd_mean", "empty_fraction", "fragmented_fraction", "score")
+              if summary.get(k) is not None}
     for key, value in values.items():
         metrics.log_metric(key, value)
     with open(metrics.path, "w") as fh:  # also as a file: the artifact then exists in the store (and caches locally)
@@ -131,32 +131,37 @@ def register(params_yaml: str, profile: str, task: str, source_site: str, site: 
     return json.dumps(out, sort_keys=True)
 
 
-def gates(candidate: str, min_dice: float, min_plausible: float) -> bool:
-    """The evaluation gates: True only when the candidate passes every gate that applies to it."""
+def gates(params_yaml: str, profile: str, task: str, source_site: str, site: str, candidate: str,
+          gate_thresholds: dict) -> bool:
+    """The promotion gates as the registry checks them (``registry.gates`` in params, overridden by
+    ``gate_thresholds``) on the measurements recorded at registration: True only when every gate that applies
+    passes."""
     import json
 
     from siteadapt.kfp import runtime
 
-    res = runtime.check_gates(json.loads(candidate), min_dice, min_plausible)
+    job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile,
+                      gates=gate_thresholds)
+    res = runtime.check_gates(job, json.loads(candidate))
     for g in res["gates"]:
         print(f"gate {g['name']}: {g['value']} (threshold {g['threshold']}): {'pass' if g['passed'] else 'FAIL'}")
     return bool(res["passed"])
 
 
 def promote(params_yaml: str, profile: str, task: str, source_site: str, site: str, candidate: str,
-            min_dice: float, min_plausible: float, actor: str) -> str:
-    """Move the site's ``champion`` alias to the candidate (the registry re-checks its own configured gates)."""
+            gate_thresholds: dict, actor: str) -> str:
+    """Move the site's ``champion`` alias to the candidate (the registry re-checks the same gates)."""
     import json
     import logging
 
     from siteadapt.kfp import runtime
 
     logging.basicConfig(level=logging.INFO)
-    job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile)
+    job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile,
+                      gates=gate_thresholds)
     cand = json.loads(candidate)
-    checked = runtime.check_gates(cand, min_dice, min_plausible)["gates"]
-    reason = f"kubeflow gates passed by {cand['method']}: " + ", ".join(
-        f"{g['name']}={g['value']} >= {g['threshold']}" for g in checked)
+    reason = (f"kubeflow run {actor}: {cand['method']} ranked first of "
+              f"{', '.join(c['method'] for c in cand['compared'])} and passed the gates")
     res = runtime.run_promote(job, cand, actor=f"kubeflow:{actor}", reason=reason)
     return json.dumps(res, sort_keys=True, default=str)
 

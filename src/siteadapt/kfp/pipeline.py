@@ -58,7 +58,7 @@ RESOURCES = {
     "adapt": ("4", "8", "16Gi", "32Gi"),
     "evaluate": ("2", "4", "4Gi", "16Gi"),
     "register": ("500m", "2", "2Gi", "8Gi"),
-    "gates": ("100m", "500m", "256Mi", "512Mi"),
+    "gates": ("100m", "500m", "512Mi", "1Gi"),
     "promote": ("100m", "1", "512Mi", "2Gi"),
 }
 CACHED = {"ingest", "preprocess", "train_source", "adapt", "evaluate"}
@@ -108,8 +108,7 @@ def build_pipeline(cpu_image: str | None = None, gpu_image: str | None = None):
         profile: str = "paper",
         target_modality: str = "",
         target_pixel_spacing_mm: float = 0.0,
-        min_dice: float = 0.7,
-        min_plausible: float = 0.9,
+        gate_thresholds: dict = {},
         params_yaml: str = "",
     ) -> str:
         common = dict(params_yaml=params_yaml, profile=profile, task=task, source_site=source_site)
@@ -148,11 +147,11 @@ def build_pipeline(cpu_image: str | None = None, gpu_image: str | None = None):
                                            ingested_target=ing_tgt.outputs["ingested"],
                                            prepared_source=prep_src.outputs["prepared"],
                                            prepared_target=prep_tgt.outputs["prepared"]), "register")
-        gate = _configure(c.gates(candidate=registered.output, min_dice=min_dice, min_plausible=min_plausible),
+        gate = _configure(c.gates(**common, site=site, candidate=registered.output, gate_thresholds=gate_thresholds),
                           "gates", "evaluation gates")
         with dsl.If(gate.output == True, name="gates-passed"):  # noqa: E712 (a KFP condition, not a Python test)
-            _configure(c.promote(**common, site=site, candidate=registered.output, min_dice=min_dice,
-                                 min_plausible=min_plausible, actor=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "promote")
+            _configure(c.promote(**common, site=site, candidate=registered.output, gate_thresholds=gate_thresholds,
+                                 actor=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "promote")
         return registered.output
 
     return site_adaptation

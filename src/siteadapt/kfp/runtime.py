@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -78,6 +79,7 @@ class Job:
     modality: str = ""  # of the target site; "" = from params (or DICOM)
     pixel_spacing_mm: float = 0.0  # of the target site's 2D images; 0 = from params / the files
     methods: tuple[str, ...] = ()
+    gates: dict | None = None  # overrides of registry.gates (params) for this run: the gates step and promotion
 
 
 def settings_for(job: Job, root: Path, *, source_location: str | None = None,
@@ -89,6 +91,10 @@ def settings_for(job: Job, root: Path, *, source_location: str | None = None,
     data = base_params(job.params_yaml)
     if job.profile:
         data["profile"] = job.profile
+    if job.gates:
+        registry = dict(data.get("registry") or {})
+        registry["gates"] = {**(registry.get("gates") or {}), **job.gates}
+        data["registry"] = registry
     data["paths"] = {k: str(Path(root) / k) for k in Paths.model_fields}  # every output folder inside the workspace
     tasks = data.get("tasks") or {}
     if job.task not in tasks:
@@ -133,15 +139,18 @@ def settings_for(job: Job, root: Path, *, source_location: str | None = None,
 # ---- workspace ---------------------------------------------------------------------------------------------------
 class Workspace:
     """The project layout of one step: ``root`` (the output artifact folder, or a temporary one) with the files of
-    input artifacts linked in. Use as a context manager; on exit every link made here is removed and emptied
-    folders are pruned."""
+    input artifacts linked (or copied) in. Use as a context manager; on exit every link and copy made here is removed
+    (unless the step replaced it: then it is the step's output) and emptied folders are pruned."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._links: list[Path] = []
+        self._copies: dict[Path, int] = {}  # copied input file -> its inode (a replaced file is an output)
 
-    def add(self, artifact_dir: str | Path | None) -> None:
+    def add(self, artifact_dir: str | Path | None, *, copy: bool = False) -> None:
+        """Link (or, with ``copy``, copy: for consumers that refuse links, such as MLflow's artifact logging) every
+        file of an input artifact into the workspace."""
         if artifact_dir is None:
             return
         src_root = Path(artifact_dir)
@@ -152,18 +161,27 @@ class Workspace:
             (self.root / rel).mkdir(parents=True, exist_ok=True)
             for fn in filenames:
                 dst = self.root / rel / fn
-                if dst.is_symlink():
+                if dst.is_symlink() or dst in self._copies:
                     dst.unlink()  # two inputs with the same file: the later one wins (they are copies of one step)
+                    self._copies.pop(dst, None)
                 elif dst.exists():
                     raise InputError(dst, "an input artifact would overwrite an output of this step")
-                dst.symlink_to((Path(dirpath) / fn).resolve())
-                self._links.append(dst)
+                if copy:
+                    shutil.copy2(Path(dirpath) / fn, dst)
+                    self._copies[dst] = dst.stat().st_ino
+                else:
+                    dst.symlink_to((Path(dirpath) / fn).resolve())
+                    self._links.append(dst)
 
     def close(self) -> None:
         for link in self._links:
-            if link.is_symlink():
+            if link.is_symlink():  # else the step replaced it with an output of its own
                 link.unlink()
+        for path, ino in self._copies.items():
+            if path.is_file() and path.stat().st_ino == ino:  # an input copy the step did not replace
+                path.unlink()
         self._links.clear()
+        self._copies.clear()
         for dirpath, _dirnames, _files in sorted(os.walk(self.root), key=lambda w: -len(Path(w[0]).parts)):
             p = Path(dirpath)
             if p != self.root and not any(p.iterdir()):
@@ -229,7 +247,7 @@ def run_preprocess(job: Job, ingested_dir: str | Path, out_dir: str | Path) -> d
 
 
 def run_train_source(job: Job, prepared_source: str | Path, out_dir: str | Path) -> dict:
-    from ..steps.train import train_source
+    from ..tracking import train_source  # the tracked step (MLflow run), as the CLI and DVC run it
 
     out_dir = Path(out_dir)
     with Workspace(out_dir) as ws:
@@ -242,7 +260,7 @@ def run_train_source(job: Job, prepared_source: str | Path, out_dir: str | Path)
 
 def run_adapt(job: Job, method: str, prepared_source: str | Path, prepared_target: str | Path,
               source_model: str | Path, out_dir: str | Path) -> dict:
-    from ..steps.train import adapt
+    from ..tracking import adapt
 
     out_dir = Path(out_dir)
     with Workspace(out_dir) as ws:
@@ -254,61 +272,41 @@ def run_adapt(job: Job, method: str, prepared_source: str | Path, prepared_targe
     return {"method": method, "model": str(rel)}
 
 
-def plausibility(settings: Settings, site: str, method: str) -> dict:
-    """Label-free check of a method's predictions on the site's test subjects: the fraction of subjects whose
-    post-processed label map contains every structure of the task (a missing ventricle or lung is implausible)."""
-    import nibabel as nib
-    import numpy as np
-
-    from ..postprocess import postprocess
-    from ..steps.train import run_name
-
-    task = settings.task_of(site)
-    pred_dir = settings.paths.predictions / site / run_name(settings, method)
-    listed = json.loads((pred_dir / "predictions.json").read_text())["subjects"]
-    complete = 0
-    for sid in listed:
-        lab = np.asanyarray(nib.load(str(pred_dir / f"{sid}.nii.gz")).dataobj)
-        pp = task.postprocess
-        lab = postprocess(lab, task.structures, largest_cc=pp.largest_cc, fill_holes=pp.fill_holes)
-        present = set(np.unique(lab).tolist())
-        complete += all(v in present for v in task.structures.values())
-    return {"subjects": len(listed), "complete": complete,
-            "fraction": complete / len(listed) if listed else 0.0}
-
-
 def run_evaluate(job: Job, method: str, ingested_target: str | Path, prepared_target: str | Path,
                  source_model: str | Path, model: str | Path, out_dir: str | Path) -> dict:
-    """Predict the target's test subjects, evaluate them against labels when the site has any (Dice etc. written to
-    ``metrics/<task>/<site>/<method>.json``), and check plausibility without labels. Returns the summary the
-    registration step ranks methods by."""
-    from ..steps.evaluate import evaluate, metrics_path
-    from ..steps.train import predict
+    """Predict the target's test subjects and evaluate them (the tracked step: metrics into the model's MLflow run):
+    Dice etc. against labels when the site has labeled test subjects, the label-free checks always
+    (``metrics/<task>/<site>/<method>.json``). Returns the summary the registration step ranks methods by."""
+    from ..steps.evaluate import metrics_path
+    from ..tracking import evaluate
 
     out_dir = Path(out_dir)
     with Workspace(out_dir) as ws:
         for a in (ingested_target, prepared_target, source_model, model):
             ws.add(a)
         s = settings_for(job, ws.root)
-        predict(s, job.site, method)
-        subjects = json.loads((s.paths.prepared / job.site / "subjects.json").read_text())["subjects"]
-        labeled = any(r["split"] == "test" and r.get("label") for r in subjects)
-        summary: dict = {"method": method, "site": job.site, "task": job.task, "labeled": labeled,
-                         "plausibility": plausibility(s, job.site, method), "dice_mean": None, "assd_mean": None}
-        try:  # metrics against labels; the registry step reads this file (label-free checks too, where supported)
-            m = json.loads(evaluate(s, job.site, method).read_text())
-        except InputError:
-            if labeled:
-                raise
-            m = None  # a site without labels, and an evaluate step that only scores labeled subjects
-        if m is not None:
-            summary["metrics_file"] = str(metrics_path(s, job.site, method).relative_to(ws.root))
-            if m.get("labeled", True) and m.get("dice"):
-                summary.update(dice_mean=m["dice"]["mean"], assd_mean=(m.get("assd") or {}).get("mean"))
-    # rank by Dice on labeled evaluation subjects when the site has them, else by the label-free check
-    summary["score"] = summary["dice_mean"] if summary["dice_mean"] is not None else summary["plausibility"]["fraction"]
+        m = json.loads(evaluate(s, job.site, method, predict=True).read_text())
+        rel = metrics_path(s, job.site, method).relative_to(ws.root)
+    labeled = bool(m.get("labeled", True) and m.get("dice"))
+    pl = m.get("plausibility") or {}
+    summary = {"method": method, "site": job.site, "task": job.task, "labeled": labeled, "metrics_file": str(rel),
+               "dice_mean": m["dice"]["mean"] if labeled else None,
+               "assd_mean": (m.get("assd") or {}).get("mean") if labeled else None,
+               "empty_fraction": pl.get("empty_fraction"), "fragmented_fraction": pl.get("fragmented_fraction")}
+    summary["score"] = score(summary)
     write_json_file(out_dir / "summary" / f"{method}.json", summary)
     return summary
+
+
+def score(summary: dict) -> float | None:
+    """How methods are ranked for registration: mean Dice on labeled test subjects when the site has them; otherwise
+    the label-free plausibility, 1 - (empty + fragmented fractions) / 2 (a weak ranking: no labels, no truth)."""
+    if summary.get("dice_mean") is not None:
+        return float(summary["dice_mean"])
+    e, f = summary.get("empty_fraction"), summary.get("fragmented_fraction")
+    if e is None:
+        return None
+    return 1.0 - (float(e) + float(f if f is not None else 1.0)) / 2.0
 
 
 def write_json_file(path: Path, obj) -> None:
@@ -337,16 +335,17 @@ def select_candidate(summaries: list[dict], methods: list[str] | tuple[str, ...]
     return max(pool, key=lambda s: (s["score"], -order.get(s["method"], len(order))))
 
 
-def check_gates(candidate: dict, min_dice: float, min_plausible: float) -> dict:
-    """The pipeline's evaluation gates for promotion. Dice applies when the site has labeled test subjects; the
-    plausibility gate always does. Returns ``{"passed": bool, "gates": [{name, value, threshold, passed}]}``."""
-    gates = [{"name": "plausible_fraction", "value": candidate["plausibility"]["fraction"],
-              "threshold": float(min_plausible)}]
-    if candidate.get("dice_mean") is not None:
-        gates.append({"name": "dice_mean", "value": candidate["dice_mean"], "threshold": float(min_dice)})
-    for g in gates:
-        g["passed"] = g["value"] is not None and g["value"] >= g["threshold"]
-    return {"passed": all(g["passed"] for g in gates), "gates": gates}
+def check_gates(job: Job, candidate: dict) -> dict:
+    """The promotion gates, as the registry checks them: ``registry.gates`` of the run's settings (params, with the
+    run's overrides) applied to the measurements recorded on the candidate version at registration. Returns
+    ``{"passed": bool, "gates": [{name, value, threshold, passed}]}``."""
+    from ..steps.register import check_gates as registry_gates, version_gates
+
+    reg = candidate["registered"]
+    with tempfile.TemporaryDirectory(prefix="siteadapt-gates-") as tmp:
+        s = settings_for(job, Path(tmp))
+    gates = registry_gates(s.registry.gates, version_gates(reg["name"], reg["version"]))
+    return {"passed": all(g["passed"] for g in gates), "gates": gates}  # no gate configured: passes, as promote
 
 
 def run_register(job: Job, summaries: list[str | dict], inputs: list[str | Path]) -> dict:
@@ -360,8 +359,8 @@ def run_register(job: Job, summaries: list[str | dict], inputs: list[str | Path]
     parsed = [json.loads(s) if isinstance(s, str) else s for s in summaries]
     best = select_candidate(parsed, job.methods)
     with tempfile.TemporaryDirectory(prefix="siteadapt-register-") as tmp, Workspace(tmp) as ws:
-        for a in inputs:
-            ws.add(a)
+        for a in inputs:  # models are copied: MLflow logs them as the registered model's files
+            ws.add(a, copy=(Path(a) / "models").is_dir())
         s = settings_for(job, ws.root)
         reg = register_model(s, job.site, best["method"])
     out = {**best, "registered": {k: reg.get(k) for k in ("name", "version", "alias", "run_id")},

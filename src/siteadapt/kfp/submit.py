@@ -132,6 +132,8 @@ class LocalSubmitter:
             # our images are not named "python*": kfp.local warns that it runs them in this Python environment,
             # which is exactly what we ask for
             warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+            # requests/limits, accelerators and Kubernetes settings are for the cluster; locally they are no-ops
+            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
             task = pipeline(**arguments)
         outputs = getattr(task, "outputs", {}) or {}
         self.outputs[run_name] = {k: v for k, v in outputs.items()}
