@@ -291,3 +291,52 @@ def test_workspace_copies_for_consumers_that_refuse_links(tmp_path):
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         "models/t/s/m/losses.csv"]
     assert (a / "losses.csv").read_text() == "L"
+
+
+def test_cli_submit_and_run_local_build_the_run_arguments(tmp_path, monkeypatch, capsys):
+    """`pipeline submit` goes to kfp.Client with the compiled package; `pipeline run-local` hands the local runner
+    tiny synthetic sites and the tiny profile (the run itself is tested in test_kfp_local.py)."""
+    import kfp
+
+    import siteadapt.kfp.submit as S
+    from siteadapt.cli import main
+
+    created = []
+
+    class FakeClient:
+        def __init__(self, host=None, namespace=None):
+            assert host == "http://kfp.example:8888"
+
+        def create_run_from_pipeline_package(self, package, arguments, run_name, experiment_name, namespace,
+                                             service_account):
+            spec = next(yaml.safe_load_all(Path(package).read_text()))
+            created.append((spec["pipelineInfo"]["name"], arguments, run_name, namespace, service_account))
+            return type("R", (), {"run_id": "run-123"})()
+
+    monkeypatch.setattr(kfp, "Client", FakeClient)
+    rc = main(["pipeline", "submit", "--host", "http://kfp.example:8888", "--site", "hospital_x", "--target-uri",
+               "s3://b/sites/hospital_x/", "--source-uri", "s3://b/sources/cardiac_mr/", "--methods", "sifa,histmatch",
+               "--gate", "min_target_dice=0.6", "--gate", "max_empty_fraction=null", "--namespace", "siteadapt",
+               "--service-account", "siteadapt-pipeline-runner", "--image", CPU, "--gpu-image", GPU])
+    assert rc == 0 and "run-123" in capsys.readouterr().out
+    name, args, run_name, ns, sa = created[0]
+    assert name == P.PIPELINE_NAME and run_name == "siteadapt-hospital_x" and (ns, sa) == (
+        "siteadapt", "siteadapt-pipeline-runner")
+    assert args == {"site": "hospital_x", "target_uri": "s3://b/sites/hospital_x/",
+                    "source_uri": "s3://b/sources/cardiac_mr/", "methods": ["sifa", "histmatch"],
+                    "gate_thresholds": {"min_target_dice": 0.6, "max_empty_fraction": None}}
+    assert main(["pipeline", "submit", "--host", "http://kfp.example:8888", "--site", "Bad Site", "--target-uri",
+                 "s3://b/x/", "--source-uri", "s3://b/y/"]) == 2  # a clear error, no run
+
+    ran = []
+    monkeypatch.setattr(S.LocalSubmitter, "submit", lambda self, run_name, arguments: ran.append(
+        (self.pipeline_root, run_name, arguments)) or "local")
+    monkeypatch.setenv("SITEADAPT_DEID_KEY", "test-key-not-secret")
+    rc = main(["--params", str(REPO / "params.yaml"), "pipeline", "run-local", "--root", str(tmp_path)])
+    assert rc == 0
+    root, run_name, args = ran[0]
+    assert root == tmp_path / "kfp" and args["site"] == "cxr_b_local" and args["profile"] == "tiny"
+    assert args["task"] == "chestxray" and args["source_site"] == "cxr_a" and args["methods"] == ["noadapt",
+                                                                                                 "histmatch"]
+    assert Path(args["source_uri"], "images").is_dir() and Path(args["target_uri"], "labels").is_dir()
+    assert yaml.safe_load(args["params_yaml"])["profiles"]["tiny"]["image_size"] == 32

@@ -102,6 +102,17 @@ def cmd_run_local(args) -> int:
         print(f"\ncandidate: {cand['method']} -> {reg.get('name')} version {reg.get('version')} "
               f"(alias {reg.get('alias')}); scores " + ", ".join(f"{c['method']}={fmt(c['score'])}"
                                                                   for c in cand["compared"]))
+        runs = sorted((root / "kfp").glob("siteadapt-site-adaptation-*"))  # kfp.local: one folder per run
+        if runs:
+            gate = runs[-1] / "gates" / "executor_output.json"
+            promo = runs[-1] / "promote" / "executor_output.json"
+            if promo.is_file():
+                res = json.loads(json.loads(promo.read_text())["parameterValues"]["Output"])
+                print(f"gates passed: version {res.get('version')} "
+                      + ("promoted to champion" if res.get("promoted") else "refused by the registry"))
+            elif gate.is_file():
+                print("gates failed: not promoted (the gates step's log above lists each gate; the tiny profile "
+                      "trains for seconds, so its models rarely pass; --gate NAME=VALUE overrides a threshold)")
     from ..tracking import ui_command
 
     print(f"artifacts: {root / 'kfp'}\nMLflow:    {ui_command()}")
