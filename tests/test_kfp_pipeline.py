@@ -152,27 +152,24 @@ def test_components_run_on_the_project_image_without_installing(compiled):
         assert "from siteadapt.kfp import runtime" in cmd  # the same step functions as the CLI
 
 
-def test_committed_yaml_is_what_the_code_compiles(tmp_path):
-    """pipelines/ and components/ hold the compiled YAML a platform engineer uploads; they must match the code
-    (regenerate with `siteadapt pipeline compile`)."""
-    from siteadapt.kfp.pipeline import DEFAULT_GPU_IMAGE, DEFAULT_IMAGE, compile_components, compile_pipeline
-
-    p = compile_pipeline(tmp_path / "p.yaml", DEFAULT_IMAGE, DEFAULT_GPU_IMAGE)
-    assert p.read_text() == (REPO / "pipelines" / "site-adaptation.yaml").read_text()
-    for c in compile_components(tmp_path / "c", DEFAULT_IMAGE, DEFAULT_GPU_IMAGE):
-        assert c.read_text() == (REPO / "components" / c.name).read_text(), c.name
-
-
-def test_cli_compile_writes_both(tmp_path, capsys):
+def test_cli_compile_writes_the_committed_yaml(tmp_path, monkeypatch):
+    """`siteadapt pipeline compile` writes the pipeline and one YAML per component; with the default images that is
+    exactly what pipelines/ and components/ hold (what a platform engineer uploads): they must match the code."""
     from siteadapt.cli import main
 
-    rc = main(["pipeline", "compile", "--out", str(tmp_path / "p.yaml"), "--components-dir", str(tmp_path / "c"),
-               "--image", CPU, "--gpu-image", GPU])
+    monkeypatch.delenv("SITEADAPT_IMAGE", raising=False)
+    monkeypatch.delenv("SITEADAPT_GPU_IMAGE", raising=False)
+    rc = main(["pipeline", "compile", "--out", str(tmp_path / "p.yaml"), "--components-dir", str(tmp_path / "c")])
     assert rc == 0
-    assert yaml.safe_load_all((tmp_path / "p.yaml").read_text())
-    assert sorted(p.stem for p in (tmp_path / "c").glob("*.yaml")) == sorted(
-        n.replace("_", "-") for n in ("fingerprint", "ingest", "preprocess", "train_source", "adapt", "evaluate",
-                                      "register", "gates", "promote"))
+    assert (tmp_path / "p.yaml").read_text() == (REPO / "pipelines" / "site-adaptation.yaml").read_text(), \
+        "pipelines/site-adaptation.yaml is stale: run `siteadapt pipeline compile`"
+    written = sorted(p.name for p in (tmp_path / "c").glob("*.yaml"))
+    assert written == sorted(p.name for p in (REPO / "components").glob("*.yaml"))
+    assert written == sorted(f"{n.replace('_', '-')}.yaml" for n in (
+        "fingerprint", "ingest", "preprocess", "train_source", "adapt", "evaluate", "register", "gates", "promote"))
+    for name in written:
+        assert (tmp_path / "c" / name).read_text() == (REPO / "components" / name).read_text(), \
+            f"components/{name} is stale: run `siteadapt pipeline compile`"
 
 
 # ---- runtime: settings of a run, workspaces, candidate, gates ------------------------------------------------------
