@@ -324,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="run the main job on the embedded synthetic sites")
     sp.add_argument("--tasks", default=None, help="comma-separated tasks (default: all with sites)")
     sp.set_defaults(func=cmd_demo)
+
+    from .kfp.cli import add_commands as add_kubeflow_commands  # pipeline compile|run-local|submit, watch
+
+    add_kubeflow_commands(sub)
     return p
 
 
