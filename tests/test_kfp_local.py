@@ -58,7 +58,7 @@ def test_whole_pipeline_with_kfp_local_registers_a_candidate(tmp_path, monkeypat
     reg = cand["registered"]
     assert reg["name"] == "siteadapt-chestxray-hospital_b" and reg["alias"] == "candidate"
 
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     mv = client.get_model_version_by_alias(reg["name"], "candidate")
     assert str(mv.version) == str(reg["version"])
     promoted = _task_outputs(tmp_path / "kfp", "promote")

@@ -113,7 +113,7 @@ def test_repro_runs_every_stage_and_tracks_runs(pipeline):
 
     from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(pipeline.url)
+    c = MlflowClient(pipeline.url, registry_uri=pipeline.url)
     exp = c.get_experiment_by_name("siteadapt-chestxray")
     runs = {r.info.run_name: r for r in c.search_runs([exp.experiment_id])}
     src = runs["train_source/cxr_a/source"]
@@ -141,7 +141,7 @@ def test_registry_two_versions_promote_one_refuse_one(pipeline, monkeypatch):
     root, url = pipeline.root, pipeline.url
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    c = MlflowClient(url)
+    c = MlflowClient(url, registry_uri=url)  # other in-process tests may have set a global registry URI
     name = "siteadapt-chestxray-cxr_b"
     by_method = {v.tags["method"]: v for v in c.search_model_versions(f"name='{name}'")}
     assert {"noadapt", "histmatch"} <= set(by_method)
@@ -154,6 +154,7 @@ def test_registry_two_versions_promote_one_refuse_one(pipeline, monkeypatch):
 
     # the registered model loads through mlflow.pyfunc and segments preprocessed slices
     mlflow.set_tracking_uri(url)
+    mlflow.set_registry_uri(url)
     model = mlflow.pyfunc.load_model(f"models:/{name}/{by_method['histmatch'].version}")
     x = np.load(root / "data/prepared/cxr_b/test.npz")["images"][:, None].astype(np.float32)
     assert model.predict(x).shape == x[:, 0].shape
