@@ -83,6 +83,7 @@ class CyCADAOptions(MethodOptions):
 
 class CyCADA(FrozenSourceMixin, Method):
     name = "cycada"
+    pools = ("pool_t", "pool_s")
     Options = CyCADAOptions
     needs_source_model = True
 
@@ -129,16 +130,6 @@ class CyCADA(FrozenSourceMixin, Method):
         self.attach_source(source_model, self.name)
         if self.opts.init_from_source:
             self.net.load_state_dict(source_net(source_model, self.ctx, self.name).state_dict())
-
-    def extra_state(self) -> dict:
-        return {"pool_t": self.pool_t.state_dict(), "pool_s": self.pool_s.state_dict(), "iteration": self.iteration}
-
-    def load_extra_state(self, state: dict) -> None:
-        if not state:
-            return
-        self.pool_t.load_state_dict(state["pool_t"])
-        self.pool_s.load_state_dict(state["pool_s"])
-        self.iteration = int(state["iteration"])
 
     # ---- helpers --------------------------------------------------------------------------------------------------
     def _d_update(self, name: str, D, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

@@ -113,6 +113,7 @@ class DSANOptions(MethodOptions):
 
 class DSAN(Method):
     name = "dsan"
+    pools = ("pool_t", "pool_s")
     Options = DSANOptions
 
     def __init__(self, ctx: Context, options: DSANOptions | None = None):
@@ -196,16 +197,6 @@ class DSAN(Method):
         if dp:
             opt["D_p"] = adam(dp, o.semantic_disc_lr, o.beta1)
         return opt
-
-    def extra_state(self) -> dict:
-        return {"pool_t": self.pool_t.state_dict(), "pool_s": self.pool_s.state_dict(), "iteration": self.iteration}
-
-    def load_extra_state(self, state: dict) -> None:
-        if not state:
-            return
-        self.pool_t.load_state_dict(state["pool_t"])
-        self.pool_s.load_state_dict(state["pool_s"])
-        self.iteration = int(state["iteration"])
 
     # ---- helpers --------------------------------------------------------------------------------------------------
     def _predictions(self, feat, size) -> list[torch.Tensor]:

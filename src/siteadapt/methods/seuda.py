@@ -86,6 +86,7 @@ class CyUDAOptions(SeUDAOptions):
 
 class SeUDA(FrozenSourceMixin, Method):
     name = "seuda"
+    pools = ("pool_s", "pool_t", "pool_m")
     Options = SeUDAOptions
     needs_source_model = True
 
@@ -131,17 +132,6 @@ class SeUDA(FrozenSourceMixin, Method):
         self.attach_source(source_model, self.name)
         sizes = [len(d) for d in (source, target) if d is not None]
         self.n_epoch = max(sizes) if sizes else None
-
-    def extra_state(self) -> dict:
-        return {"pool_s": self.pool_s.state_dict(), "pool_t": self.pool_t.state_dict(),
-                "pool_m": self.pool_m.state_dict(), "iteration": self.iteration}
-
-    def load_extra_state(self, state: dict) -> None:
-        if not state:
-            return
-        for k in ("pool_s", "pool_t", "pool_m"):
-            getattr(self, k).load_state_dict(state[k])
-        self.iteration = int(state["iteration"])
 
     # ---- helpers --------------------------------------------------------------------------------------------------
     def _set_lr(self, batch_size: int) -> None:
