@@ -95,3 +95,37 @@ def test_report_tables_in_paper_order_with_best_marked(evaluated):
     tex = (s.paths.reports / "heart" / "table.tex").read_text()
     assert "\\textbf{" in tex and "\\toprule" in tex
     assert (s.paths.reports / "heart" / "figures" / "overlays_tgt.png").is_file()
+
+
+def test_stability_table_std_over_seeds():
+    """The seed study's numbers: population std over seeds of each seed's mean Dice / ASD, methods with one seed
+    left out (SeUDA's stability test)."""
+    from siteadapt.steps.report import stability_table
+
+    def run(m, seed, dice, asd):
+        return {"method": m, "seed": seed, "dice": {"mean": dice}, "assd": {"mean": asd}}
+
+    directions = {("a", "b"): {
+        "noadapt": [run("noadapt", 0, 0.5, 9.0)],
+        "cyuda": [run("cyuda", k, d, a) for k, (d, a) in enumerate([(0.70, 4.0), (0.80, 2.0), (0.90, 3.0)])],
+        "seuda": [run("seuda", k, 0.8, 2.5) for k in range(2)],
+    }}
+    md = stability_table(directions)
+    lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ") and "seeds" not in ln}
+    assert "W/o adaptation" not in lines and set(lines) == {"CyUDA", "SeUDA"}
+    cy = [c.strip() for c in lines["CyUDA"].split("|")[1:-1]]
+    assert cy[1] == "0,1,2" and cy[2] == "80.0" and cy[3] == f"{np.std([70, 80, 90]):.2f}" and cy[4] == "70.0–90.0"
+    assert cy[5] == "3.00" and cy[6] == f"{np.std([4.0, 2.0, 3.0]):.2f}"
+    se = [c.strip() for c in lines["SeUDA"].split("|")[1:-1]]
+    assert se[3] == "0.00"
+    assert stability_table({("a", "b"): {"noadapt": [run("noadapt", 0, 0.5, 9.0)]}}) == ""
+
+
+def test_study_seed_list():
+    from siteadapt.cli import _seed_list
+    from siteadapt.errors import ConfigError
+
+    assert _seed_list("0-4") == [0, 1, 2, 3, 4] and _seed_list("0,3,7") == [0, 3, 7] and _seed_list("2") == [2]
+    for bad in ("a-b", "1,1", ""):
+        with pytest.raises(ConfigError):
+            _seed_list(bad)

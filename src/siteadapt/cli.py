@@ -114,6 +114,47 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _seed_list(text: str) -> list[int]:
+    """"0-4" -> [0, 1, 2, 3, 4]; "0,3,7" -> [0, 3, 7]."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            a, _, b = part.strip().partition("-")
+            out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected a list like 0-4 or 0,1,2") from None
+    if not out or len(set(out)) != len(out):
+        raise ConfigError(f"--seeds {text!r}: expected distinct seeds")
+    return out
+
+
+def cmd_study(args) -> int:
+    """The seed study: adapt + evaluate each method with each seed (runs whose metrics exist are kept unless
+    --force), then the report (its "Stability over seeds" section)."""
+    from .steps.evaluate import metrics_path
+    from .steps.report import report
+    from .tracking import adapt, evaluate
+
+    s = _settings(args)
+    seeds = _seed_list(args.seeds)
+    methods = [m for m in args.methods.split(",") if m]
+    t_all = time.perf_counter()
+    for m in methods:
+        for k in seeds:
+            done = metrics_path(s, args.site, m, k)
+            if done.is_file() and not args.force:
+                print(f"{m} seed {k}: kept ({done})")
+                continue
+            t0 = time.perf_counter()
+            adapt(s, args.site, m, source=args.source, seed=k)
+            evaluate(s, args.site, m, seed=k, predict=True)
+            print(f"{m} seed {k}: {time.perf_counter() - t0:.0f} s -> {done}", flush=True)
+    written = report(s)
+    print(f"study finished in {time.perf_counter() - t_all:.0f} s; tables: "
+          + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .steps.report import report
 
@@ -289,6 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None, help="seed tag of the run (default: params seed)")
     sp.add_argument("--predict", action="store_true", help="write the predictions first (what the DVC stage does)")
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("study", help="seed study: adapt + evaluate methods with several seeds, then the report")
+    sp.add_argument("--site", required=True, help="target site")
+    sp.add_argument("--methods", required=True, help="comma-separated methods or variants, e.g. cyuda,seuda")
+    sp.add_argument("--seeds", default="0-4", help="seeds: 0-4 (default) or 0,1,2")
+    sp.add_argument("--source", default=None, help="source site when several directions end at --site")
+    sp.add_argument("--force", action="store_true", help="re-run seeds whose metrics exist")
+    sp.set_defaults(func=cmd_study)
 
     sp = sub.add_parser("register", help="register an adapted model in the MLflow registry (alias 'candidate')")
     sp.add_argument("--site", required=True, help="target site")

@@ -132,6 +132,34 @@ def build_tables(task: str, directions: dict, blocks: list[str]) -> tuple[str, l
     return "\n".join(md) + "\n", rows_csv, "\n".join(tex)
 
 
+def stability_table(directions: dict) -> str:
+    """The seed study (SeUDA's stability test, §3): for every method with several seeds, the std over seeds of the
+    per-seed mean Dice and mean ASD (structures averaged), as in "Dice std: 0.25% v.s. 2.03%, ASD std: 0.16 v.s. 1.19
+    mm". Empty when no method has more than one seed."""
+    md = []
+    for (source, target), methods in sorted(directions.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        names = [n for n in sorted(methods, key=_order_key) if len(methods[n]) > 1]
+        if not names:
+            continue
+        title = f"{source} → {target}" if source else target
+        md.append(f"\n### {title}\n")
+        md.append("| Method | seeds | Dice (%) mean | Dice std over seeds | Dice min–max | ASD (mm) mean | "
+                  "ASD std over seeds |")
+        md.append("|---|---|---|---|---|---|---|")
+        for n in names:
+            runs = sorted(methods[n], key=lambda r: r.get("seed", 0))
+            dice = np.array([r.get("dice", {}).get("mean", math.nan) for r in runs], dtype=float) * 100
+            asd = np.array([r.get("assd", {}).get("mean", math.nan) for r in runs], dtype=float)
+            seeds = ",".join(str(r.get("seed")) for r in runs)
+            md.append(f"| {LABELS.get(n, n)} | {seeds} | {np.nanmean(dice):.1f} | {np.nanstd(dice):.2f} | "
+                      f"{np.nanmin(dice):.1f}–{np.nanmax(dice):.1f} | {np.nanmean(asd):.2f} | {np.nanstd(asd):.2f} |")
+    if not md:
+        return ""
+    return ("\n## Stability over seeds\n\nThe same method trained with different seeds (same data, same settings, "
+            "same source model): std over seeds of each seed's mean Dice and ASD (population std). SeUDA's claim: "
+            "its std is below CyUDA's.\n" + "\n".join(md) + "\n")
+
+
 def _training_curves(settings: Settings, task: str, fig_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -196,6 +224,7 @@ def report(settings: Settings) -> dict[str, Path]:
         dims = settings.tasks[task].dims if task in settings.tasks else 3
         blocks = ["dice", "assd"] + (["recall", "precision"] if dims == 2 else [])
         md, rows, tex = build_tables(task, directions, blocks)
+        md += stability_table(directions)
         out = settings.paths.reports / task
         write_text(out / "table.md", md)
         buf = io.StringIO()
