@@ -430,3 +430,14 @@ def test_params_variants_build():
     site = next(d.target for t in settings.tasks.values() for d in t.directions if t.kind == "segmentation")
     m = build_method(settings, "dsan_shared_decoders", site)
     assert m.variant == "dsan_shared_decoders" and m.U_s is None and m.U_t is not None
+
+
+def test_seuda_generator_skip_starts_near_the_identity():
+    x = batch().tgt_x
+    on, off = build("seuda", {"generator_skip": True}), build("seuda")
+    assert on.G_ts.skip and on.G_st.skip and not off.G_ts.skip
+    with torch.no_grad():
+        near = (on.G_ts(x) - torch.tanh(x)).abs().mean().item()
+        far = (off.G_ts(x) - torch.tanh(x)).abs().mean().item()
+    assert near < 0.5 * far, (near, far)  # the residual path's initial output is small (init std 0.02)
+    assert "sem" in step(on)  # trains like the default

@@ -47,7 +47,9 @@ Where the paper is silent or unclear (choices, all options):
   the paper's ResNet-101 DeepLab variant; the paper stresses the segmenter is detached and interchangeable.
 - Generators: CycleGAN's ResNet generator, 32 base channels (as this project's ``cyclegan`` row, so a table compares
   methods and not generator sizes; ``generator_channels: 64`` is CycleGAN's), 9 residual blocks at >= 256 px and 6
-  below (CycleGAN's rule), reflection padding, no identity loss (the paper lists none).
+  below (CycleGAN's rule), reflection padding, no identity loss (the paper lists none). ``generator_skip: true``
+  (off by default, not the paper's) makes both generators ``tanh(G(x) + x)``: they start near the identity, so at
+  init SeUDA's prediction is close to no adaptation and a short CPU schedule only has to learn the appearance residual.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ class SeUDAOptions(MethodOptions):
     pool_size: int = Field(50, ge=0)
     generator_channels: int = Field(32, ge=1)
     generator_blocks: int | None = Field(None, ge=1, description="None: 9 at >= 256 px, else 6 (CycleGAN)")
+    generator_skip: bool = Field(False, description="tanh(G(x) + x): generators start near the identity (not the "
+                                                    "paper's; for short schedules)")
     disc_layers: int | None = Field(None, ge=1, description="PatchGAN stride-2 layers; None: 3 (70x70 patches)")
 
 
@@ -95,8 +99,9 @@ class SeUDA(FrozenSourceMixin, Method):
         o = self.opts
         w, ch, k = ctx.width, ctx.in_channels, ctx.n_classes
         nb = generator_blocks(ctx.image_size, o.generator_blocks)
-        self.G_ts = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb)
-        self.G_st = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb)
+        gen = dict(width=w, base_channels=o.generator_channels, n_blocks=nb, skip=o.generator_skip)
+        self.G_ts = ResnetGenerator(ch, ch, **gen)
+        self.G_st = ResnetGenerator(ch, ch, **gen)
         nl = o.disc_layers or 3
         self.D_s = PatchDiscriminator(ch, width=w, n_layers=nl)
         self.D_t = PatchDiscriminator(ch, width=w, n_layers=nl)
