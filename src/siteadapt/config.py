@@ -42,6 +42,8 @@ class Profile(_Strict):
     synth_scale: float = Field(gt=0, le=2, description="matrix-size factor of the synthetic sites")
     synth_subjects: int = Field(gt=2, description="3D subjects per synthetic site")
     synth_images: int = Field(gt=4, description="2D images per synthetic site")
+    synth_images_classification: int = Field(400, gt=4, description="2D images per synthetic site of a "
+                                              "classification task (AUC needs more test images than Dice)")
     slice_spacing_mm: float = Field(gt=0, description="spacing along the slicing axis of 3D tasks")
 
 
@@ -84,7 +86,11 @@ class Postprocess(_Strict):
 class Task(_Strict):
     kind: Literal["segmentation", "classification"] = "segmentation"
     dims: Literal[2, 3] = 3
-    structures: dict[str, int]
+    structures: dict[str, int] = {}
+    """Segmentation: label ids of the structures (0 is background)."""
+    classes: list[str] = []
+    """Classification: image-level class names, index = class id; ``[negative, positive]`` (e.g. ``[normal,
+    pneumonia]``): the metrics score the second class. Labels come from a CSV (``stem,label``) or class folders."""
     directions: list[Direction] = []
     methods: list[str] = []
     """Methods (or named variants from ``methods:``) run for every direction by the demo / DVC pipeline, in table
@@ -95,18 +101,29 @@ class Task(_Strict):
     @field_validator("structures")
     @classmethod
     def _ids(cls, v):
-        if not v:
-            raise ValueError("at least one structure is needed")
         ids = list(v.values())
         if any(i <= 0 or i > 255 for i in ids) or len(set(ids)) != len(ids):
             raise ValueError("structure ids must be distinct integers in 1..255 (0 is background)")
         return v
 
+    @model_validator(mode="after")
+    def _kind(self):
+        if self.kind == "segmentation" and not self.structures:
+            raise ValueError("a segmentation task needs at least one structure (structures: {name: id})")
+        if self.kind == "classification":
+            if len(self.classes) != 2 or len({c.lower() for c in self.classes}) != 2:
+                raise ValueError("a classification task needs exactly two distinct classes [negative, positive] "
+                                 "(multi-class metrics are not implemented)")
+            if self.dims != 2:
+                raise ValueError("classification tasks are 2D (dims: 2)")
+        return self
+
 
 class Site(_Strict):
     task: str
     images: Path = Field(description="folder of DICOM, NIfTI or 2D images (any nesting)")
-    labels: Path | None = None
+    labels: Path | None = Field(None, description="folder of label maps; for a classification task a CSV file "
+                                "(stem,label), or absent when the images sit in one folder per class")
     modality: str | None = Field(None, description="CT, MR, CR, DX, ...; read from DICOM when absent")
     pixel_spacing_mm: float | None = Field(None, gt=0, description="for 2D images without spacing (PNG/JPEG)")
     synthetic: str | None = Field(None, description="'<task>/<site>' of `siteadapt synth` that produces `images`")
@@ -174,6 +191,12 @@ class Settings(_Strict):
         if len(ds) > 1:
             raise ConfigError(f"several directions end at {target!r}: pass --source ({', '.join(d.source for d in ds)})")
         return ds[0]
+
+    def synth_images(self, task: str) -> int:
+        """Images per synthetic 2D site of ``task`` (classification tasks get more: AUC needs more test images)."""
+        t = self.tasks.get(task)
+        return self.active.synth_images_classification if t is not None and t.kind == "classification" \
+            else self.active.synth_images
 
     def roi_rule(self, site: str) -> str:
         rule = self.task_of(site).preprocess.roi_rule

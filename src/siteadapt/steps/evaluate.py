@@ -11,6 +11,14 @@
 - Overlays ``<reports>/<task>/overlays/<site>/<method>/<id>.png`` for the first ``n_overlays`` subjects: image,
   reference and prediction on the slice with the largest reference area (canonical RAS orientation, along the task's
   slice axis).
+
+Classification tasks (TUNA-Net's protocol, :func:`evaluate_classification`): the method's scores P(positive class) of
+the site's val and test images (``siteadapt predict`` writes both) and the image-level labels of the ingest manifest.
+"The validation set is only used to optimize the threshold using Youden's index": the operating threshold is chosen
+on the labeled **validation** split (:func:`~siteadapt.metrics.classification.youden_threshold`) and applied unchanged
+to the **test** split, whose labels are used for the metrics (AUC, accuracy, sensitivity, specificity, F1) and for
+nothing else. For a target site this is the one place where target validation labels are read: no adaptation method
+trains or picks a checkpoint on them (the engine keeps the final iteration), they only set the operating point.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from ..config import Settings
 from ..data.geometry import AXES
 from ..errors import InputError
 from ..io.atomic import atomic_path, write_json
-from ..metrics import segmentation_metrics, summarize
+from ..metrics import classification_metrics, segmentation_metrics, summarize, youden_threshold
 from ..postprocess import postprocess
 
 log = logging.getLogger("siteadapt.evaluate")
@@ -77,6 +85,8 @@ def evaluate(settings: Settings, site: str, method: str, *, seed: int | None = N
              split: str = "test") -> Path:
     s = settings
     task = s.task_of(site)
+    if task.kind == "classification":
+        return evaluate_classification(settings, site, method, seed=seed, split=split)
     structures = task.structures
     prep = s.paths.prepared / site / "subjects.json"
     if not prep.is_file():
@@ -136,6 +146,60 @@ def evaluate(settings: Settings, site: str, method: str, *, seed: int | None = N
     write_json(path, _nan_to_none(out))
     log.info("%s/%s: mean Dice %.3f, ASSD %.2f mm over %d subjects -> %s", site, method, out["dice"]["mean"],
              out["assd"]["mean"], len(reports), path)
+    return path
+
+
+def threshold_then_metrics(val_labels, val_scores, test_labels, test_scores) -> dict:
+    """The classification protocol: Youden threshold from the validation set only, metrics on the test set at it."""
+    chosen = youden_threshold(val_labels, val_scores, return_details=True)
+    out = classification_metrics(test_labels, test_scores, chosen["threshold"])
+    out["youden_on_val"] = chosen
+    return out
+
+
+def evaluate_classification(settings: Settings, site: str, method: str, *, seed: int | None = None,
+                            split: str = "test", threshold_split: str = "val") -> Path:
+    s = settings
+    task = s.task_of(site)
+    from .train import run_name
+
+    pred_dir = s.paths.predictions / site / run_name(s, method, seed)
+    scores_path = pred_dir / "scores.json"
+    if not scores_path.is_file():
+        raise InputError(scores_path, f"no class scores: run `siteadapt predict --site {site} --method {method}`")
+    scores = json.loads(scores_path.read_text())
+    mpath = s.paths.ingested / site / "manifest.json"
+    if not mpath.is_file():
+        raise InputError(mpath, f"site {site} is not ingested")
+    truth = {it["id"]: it.get("class_label") for it in json.loads(mpath.read_text())["items"]}
+
+    def rows(sp: str) -> list[dict]:
+        return [dict(r, label=truth[r["id"]]) for r in scores["images"]
+                if r["split"] == sp and truth.get(r["id"]) is not None]
+
+    val, test = rows(threshold_split), rows(split)
+    if not test:
+        raise InputError(scores_path, f"site {site} has no labeled images with scores in its {split} split")
+    if not val:
+        raise InputError(scores_path, f"site {site} has no labeled images with scores in its {threshold_split} split "
+                                      "(the operating threshold is chosen there)")
+    res = threshold_then_metrics([r["label"] for r in val], [r["score"] for r in val],
+                                 [r["label"] for r in test], [r["score"] for r in test])
+    out = {
+        "task": site_task(s, site), "kind": "classification", "site": site, "method": method,
+        "seed": s.seed if seed is None else seed, "split": split, "threshold_split": threshold_split,
+        "classes": list(task.classes), "positive_class": task.classes[1], "source_site": _source_of(s, site),
+        "protocol": f"threshold = Youden's J maximum on the {threshold_split} split's labels; metrics on the "
+                    f"{split} split at that threshold",
+        "n_val": len(val), "n_test": len(test), **res,
+        "per_image": [{"id": r["id"], "split": r["split"], "score": r["score"], "label": r["label"]}
+                      for r in val + test],
+    }
+    path = metrics_path(s, site, method, seed)
+    write_json(path, _nan_to_none(out))
+    log.info("%s/%s: AUC %.3f, accuracy %.3f, sensitivity %.3f, specificity %.3f, F1 %.3f (threshold %.3f from %d "
+             "%s images) over %d %s images -> %s", site, method, res["auc"], res["accuracy"], res["sensitivity"],
+             res["specificity"], res["f1"], res["threshold"], len(val), threshold_split, len(test), split, path)
     return path
 
 

@@ -38,11 +38,13 @@ def run_all(settings: Settings, tasks: list[str] | None = None, synth: bool = Tr
     if synth:
         for task in sorted({s.sites[n].synthetic.split("/")[0] for n in sites if s.sites[n].synthetic}):
             timed("synth", synthesize, task, s.paths.raw, seed=s.seed, n_subjects=s.active.synth_subjects,
-                  n_images=s.active.synth_images, scale=s.active.synth_scale)
+                  n_images=s.synth_images(task), scale=s.active.synth_scale)
     for n in sites:
         site = s.sites[n]
+        task = s.tasks[site.task]
         timed("ingest", ingest, site.images, n, s.paths.ingested, labels=site.labels, modality=site.modality,
-              pixel_spacing_mm=site.pixel_spacing_mm)
+              pixel_spacing_mm=site.pixel_spacing_mm,
+              classes=task.classes if task.kind == "classification" else None)
     for n in sites:
         timed("preprocess", preprocess, s, n)
     for task in tasks:
