@@ -26,10 +26,13 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+FAST = {"generator_blocks": 1}  # one residual block per generator keeps the file fast; the paper's 9 are a number
+
+
 def build(name: str, opts: dict | None = None, ctx: Context = CTX, seed: int = 0, source=None):
     cls = get_method(name)
     torch.manual_seed(seed)
-    m = cls(ctx, cls.Options(**(opts or {})))
+    m = cls(ctx, cls.Options(**({**FAST, **(opts or {})} if name in ("tunanet", "cyclegan") else (opts or {}))))
     if m.needs_source_model:
         m.prepare(None, None, source_model=source if source is not None else source_classifier())
     m.attach_optimizers()
@@ -219,7 +222,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, opts):
 
     def run(folder, stop_after=None, init_seed=0):
         torch.manual_seed(init_seed)
-        m = get_method("tunanet")(CTX, get_method("tunanet").Options(**opts))
+        m = get_method("tunanet")(CTX, get_method("tunanet").Options(**FAST, **opts))
         m.total_iterations = cfg.iterations
         m.prepare(src, tgt, source_model=source)
         fit(m, src, tgt, cfg, tmp_path / folder, stop_after=stop_after)

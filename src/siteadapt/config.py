@@ -97,6 +97,9 @@ class Task(_Strict):
     order. ``supervised`` is the upper bound (it reads the target's labels; evaluation-only reference)."""
     preprocess: Preprocess = Preprocess()
     postprocess: Postprocess = Postprocess()
+    method_options: dict[str, dict] = {}
+    """Per-task overrides of ``methods.<name>`` options (e.g. a classifier's learning rate), applied on top of them
+    for this task's sites only; for a named variant, the base method's entry applies first, then the variant's."""
 
     @field_validator("structures")
     @classmethod

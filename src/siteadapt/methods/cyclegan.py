@@ -20,7 +20,8 @@ Choices (the papers name the baseline, not its training):
 - The segmenter starts from scratch (the papers' CycleGAN row trains a segmenter on translated images).
 - Generators: CycleGAN's ResNet generator with reflection padding and no skip, but SIFA's G_t width (32 base channels
   rather than CycleGAN's 64, so a table compares methods, not generator sizes) and CycleGAN's block rule: 9 residual
-  blocks for images of 256 px and more, 6 below (``generator_blocks``).
+  blocks for images of 256 px and more, 6 below (``generator_blocks``). ``generator_skip: true`` returns
+  ``tanh(G(x) + x)`` (generators start near the identity; for same-modality sites such as two X-ray sites).
 
 Classification tasks (``ctx.kind == "classification"``, TUNA-Net's "Cycle-GAN" row): "a model trained on labeled real
 adult X-rays is applied to synthetic adult X-rays generated from pediatric X-rays", i.e. ``predict`` = F_A(G_ts(x_t))
@@ -65,6 +66,8 @@ class CycleGANOptions(MethodOptions):
     generator_channels: int = Field(32, ge=1)
     generator_blocks: int | None = Field(None, ge=1, description="None: 9 at >= 256 px, else 6 (CycleGAN)")
     disc_layers: int | None = Field(None, ge=1, description="PatchGAN stride-2 layers; None: 3 (70x70 patches)")
+    generator_skip: bool = Field(False, description="tanh(G(x) + x): generators start near the identity (a fit "
+                                 "for same-modality sites; wrong for MR <-> CT)")
 
 
 class CycleGAN(Method):
@@ -76,8 +79,10 @@ class CycleGAN(Method):
         o = self.opts
         w, ch = ctx.width, ctx.in_channels
         nb = generator_blocks(ctx.image_size, o.generator_blocks)
-        self.G_st = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb)
-        self.G_ts = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb)
+        self.G_st = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb,
+                                    skip=o.generator_skip)
+        self.G_ts = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb,
+                                    skip=o.generator_skip)
         nl = o.disc_layers or 3
         self.D_t = PatchDiscriminator(ch, width=w, n_layers=nl)
         self.D_s = PatchDiscriminator(ch, width=w, n_layers=nl)

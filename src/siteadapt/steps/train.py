@@ -53,10 +53,17 @@ def model_dir(settings: Settings, site: str, method: str, seed: int | None = Non
 
 def build_method(settings: Settings, name: str, site: str) -> Method:
     """``name`` is a method, or a named variant in params: ``methods: {sifa_prior: {method: sifa,
-    deep_supervision: false}}`` (an ablation row = a flag on the method, never a copy of it)."""
+    deep_supervision: false}}`` (an ablation row = a flag on the method, never a copy of it). The site's task may
+    override options: ``tasks.<task>.method_options.<base method>``, then ``.<name>``."""
     raw = dict(settings.methods.get(name) or {})
-    cls = get_method(raw.pop("method", name))
-    opts = cls.parse_options(raw, f"methods.{name}")
+    base = raw.pop("method", name)
+    per_task = settings.task_of(site).method_options
+    if base != name:
+        raw |= per_task.get(base) or {}
+    raw |= per_task.get(name) or {}
+    cls = get_method(base)
+    opts = cls.parse_options(raw, f"methods.{name}" if not per_task else
+                             f"methods.{name} (+ tasks.{settings.site(site).task}.method_options)")
     m = cls(context_for(settings, site), opts)
     m.variant = name
     return m
@@ -100,7 +107,7 @@ def train_source(settings: Settings, site: str, tracker=None, seed: int | None =
     method.total_iterations = cfg.iterations
     summary = fit(method, data, None, cfg, out, tracker=tracker)
     save_model(method, out / "model.pt", site=site, source_site=site, target_site=None, summary=summary)
-    log.info("source segmenter for %s: %d iterations in %.0f s", site, summary["iterations"], summary["seconds"])
+    log.info("source model for %s: %d iterations in %.0f s", site, summary["iterations"], summary["seconds"])
     return out / "model.pt"
 
 
