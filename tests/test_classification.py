@@ -93,7 +93,6 @@ def test_config_classification_task_rules(tmp_path):
     s = _settings(tmp_path)
     assert s.tasks["pn"].classes == CLASSES and s.tasks["pn"].structures == {}
     with pytest.raises(ConfigError, match="exactly two distinct classes"):
-        _settings(tmp_path / "x").model_copy()  # fine
         parse_settings({"profiles": {"q": {"image_size": 8, "batch_size": 1, "iterations": 1, "width": 1,
                                            "synth_scale": 1, "synth_subjects": 3, "synth_images": 5,
                                            "slice_spacing_mm": 1}}, "profile": "q",
@@ -143,6 +142,8 @@ def test_classification_labels_must_be_a_csv(cls_env, tmp_path):
     s, *_ = cls_env
     with pytest.raises(InputError, match="must be a CSV file"):
         ingest(s.sites["ped"].images, "ped2", s.paths.ingested, labels=s.sites["ped"].images, classes=CLASSES)
+    with pytest.raises(InputError, match="belongs to a classification task"):  # a CSV for a segmentation site
+        ingest(s.sites["ad"].images, "ad2", s.paths.ingested, labels=s.sites["ad"].labels)
 
 
 def test_stratified_split_and_class_shards(cls_env):

@@ -55,7 +55,7 @@ Where the paper is silent (choices, all options):
 - Optimisers: Adam, lr 2e-4 (paper) for everything; beta1 0.5 for generators and discriminators (CycleGAN), 0.9 for
   the classifiers (``cls_beta1``). Schedule: constant for the first half of the run, then linear decay to 0 (the
   paper's 100 + 100 epochs, as a fraction of the run: ``lr_decay_start``; needs the run length, which the train
-  step sets; without it, constant). The offline phase of ablation c) trains F_P at a constant ``lr``.
+  step sets; without it, constant). The offline phase of ablation c) trains F_P at a constant ``cls_lr``.
 - Batch: the profile's batch size (the paper uses 1).
 """
 

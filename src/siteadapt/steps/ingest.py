@@ -107,6 +107,9 @@ def _label_index(labels: Path | None, rejected: list) -> dict[str, Path]:
         return {}
     if not labels.exists():
         raise InputError(labels, "labels folder does not exist")
+    if labels.is_file():
+        raise InputError(labels, "labels must be a folder of label maps here (a CSV of image-level labels belongs to "
+                                 "a classification task: kind: classification, classes: [...])")
     index: dict[str, Path] = {}
     for p in _walk(labels):
         if not p.name.lower().endswith(F.LABEL_SUFFIXES):

@@ -40,9 +40,10 @@ METHOD_ORDER = [
     "supervised", "stl", "noadapt", "histmatch", "dann", "adda", "adaoutput", "cyclegan", "cycada", "cyuda", "seuda",
     "sifa_prior", "sifa", "dsan", "tunanet", "tunanet_nofeat", "tunanet_norec", "tunanet_offline",
 ]
-REFERENCE_ROWS = {"supervised", "stl"}  # upper bounds: shown, never marked best
+REFERENCE_ROWS = {"supervised", "stl", "source"}  # upper bounds and the source model on its own site: never marked best
 LABELS = {
     "supervised": "Supervised (upper bound)", "stl": "STL (fine-tuned, labeled target)", "noadapt": "W/o adaptation",
+    "source": "Source model (its own site)",
     "histmatch": "HistM", "dann": "DANN (FeatDA)", "adda": "ADDA", "adaoutput": "AdaOutput", "cyclegan": "CycleGAN",
     "cycada": "CyCADA", "cyuda": "CyUDA", "seuda": "SeUDA", "sifa_prior": "Prior SIFA (AAAI)", "sifa": "SIFA (TMI)",
     "dsan": "DSAN", "tunanet": "TUNA-Net", "tunanet_nofeat": "a) w/o feature loss",
