@@ -550,6 +550,7 @@ def test_fast_header_path_agrees_with_pydicom(tmp_path, monkeypatch, request):
                      rescale=(1.0, -1024.0), seed=ts)
     write_2d(tmp_path / "cr.dcm", np.zeros((8, 6)), patient=PATIENT)
     paths = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    n_synthetic = len(paths)
     real = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
     if real.is_dir():
         paths += sorted(p for p in real.rglob("*") if p.is_file() and p.suffix != ".md")[::7]
@@ -564,16 +565,17 @@ def test_fast_header_path_agrees_with_pydicom(tmp_path, monkeypatch, request):
         return out
 
     n_fast = 0
-    for p in paths:
+    for i, p in enumerate(paths):
         fast_frames, fast_reason = mod._probe(p)
-        n_fast += mod._fast_header(p.read_bytes()[: 1 << 20]) is not None
+        n_fast += i < n_synthetic and mod._fast_header(p.read_bytes()[: 1 << 20]) is not None
         with monkeypatch.context() as mp:
             mp.setattr(mod, "_fast_header", lambda buf: None)
             slow_frames, slow_reason = mod._probe(p)
         assert fast_reason == slow_reason, p
         if fast_frames is not None:
             assert facts(fast_frames) == facts(slow_frames), p
-    assert n_fast >= 17
+    # the fast walk must really be exercised on the synthetic files (with or without ../shared beside the checkout)
+    assert n_fast >= 12, n_fast
 
 
 def test_radiographs_sharing_a_series_uid_become_one_series_each(tmp_path):

@@ -173,15 +173,19 @@ def test_histogram_matching_does_not_undo_the_shift(rendered):
     for (ci, cl, ct), (mi, ml, mt) in rendered:
         h = _hist_match(ci.ravel(), mi.ravel()).reshape(ci.shape)
         ks = {k: stats.ks_2samp(h[cl == v], mi[ml == v]).statistic for k, v in S.CARDIAC_LABELS.items()}
-        assert ks["MYO"] > 0.5, ks  # the myocardium looks different even after histogram matching
+        # the blood pools look entirely different even after histogram matching
+        assert min(ks["LAC"], ks["LVC"], ks["AA"]) > 0.9, ks
         assert np.mean(list(ks.values())) > 0.3, ks
         assert stats.ks_2samp(h[ct == S.FAT], mi[mt == S.FAT]).statistic > 0.9
         # fat/muscle contrast keeps the CT sign after matching, opposite to MR (effect sizes in units of std)
         d_mr = _cohen_d(mi[mt == S.FAT], mi[mt == S.MUSCLE])
         d_hm = _cohen_d(h[ct == S.FAT], h[ct == S.MUSCLE])
         assert d_mr > 2 and d_hm < -0.5, (d_mr, d_hm)
-        # blood is brighter than myocardium in both (as in real bSSFP and CTA): the task stays learnable
-        assert _cohen_d(mi[ml == 3], mi[ml == 1]) > 2 and _cohen_d(ci[cl == 3], ci[cl == 1]) > 2
+        # blood/myocardium contrast has opposite signs (black-blood MR, contrast CT), strong in both: each modality
+        # stays segmentable on its own, and a segmenter cannot carry over from one to the other unadapted
+        assert _cohen_d(mi[ml == 3], mi[ml == 1]) < -2 and _cohen_d(ci[cl == 3], ci[cl == 1]) > 2
+        # the MR cavities stay brighter than lung (incomplete suppression): a tissue-wise map exists between sites
+        assert _cohen_d(mi[ml == 3], mi[mt == S.LUNG]) > 1
 
 
 def test_chest_sites_differ_in_contrast_noise_and_geometry():

@@ -1,4 +1,7 @@
-"""Command line: ``siteadapt <step> ...``. Each step is a thin wrapper over a function in :mod:`siteadapt.steps`.
+"""Command line: ``siteadapt <step> ...``, one thin command per pipeline step.
+
+Each command wraps a function in :mod:`siteadapt.steps` (``train-source``, ``adapt`` and ``evaluate`` through
+:mod:`siteadapt.tracking`, which logs them to MLflow). The DVC stages in dvc.yaml (``siteadapt dvc-gen``) call them.
 
 Settings come from params.yaml (``--params``), with the profile from ``--profile`` / ``$SITEADAPT_PROFILE`` / the file.
 Errors that siteadapt raises on purpose are printed as one clear line (file and reason) with exit status 2.
@@ -8,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-from .errors import SiteadaptError
+from .errors import ConfigError, SiteadaptError
 
 log = logging.getLogger("siteadapt")
 
@@ -20,6 +24,10 @@ log = logging.getLogger("siteadapt")
 def _settings(args):
     from .config import load_settings
 
+    if os.environ.get("DVC_STAGE") and (args.profile or os.environ.get("SITEADAPT_PROFILE")):
+        # DVC tracks params.yaml's `profile`; another profile here would make its records lie
+        raise ConfigError(f"DVC stage {os.environ['DVC_STAGE']}: the profile comes from params.yaml under DVC; unset "
+                          "SITEADAPT_PROFILE / --profile and use `dvc exp run -S profile=NAME` (or edit params.yaml)")
     return load_settings(args.params, profile=args.profile)
 
 
@@ -43,13 +51,19 @@ def cmd_synth(args) -> int:
 def cmd_ingest(args) -> int:
     from .steps.ingest import ingest
 
+    from . import storage
+
     s = _settings(args)
     site = s.site(args.site)
-    source = Path(args.source) if args.source else site.images
-    labels = Path(args.labels) if args.labels else site.labels
+    source = args.source if args.source else site.images
+    labels = args.labels if args.labels else site.labels
     if args.no_labels:
         labels = None
     task = s.task_of(args.site)
+    # folders on an object store are mirrored locally first (only changed objects are fetched)
+    source = storage.materialize(source, s.paths.remote / args.site / "images")
+    if labels is not None:
+        labels = storage.materialize(labels, s.paths.remote / args.site / "labels")
     res = ingest(source, args.site, Path(args.data_root) if args.data_root else s.paths.ingested,
                  labels=labels, modality=args.modality or site.modality, pixel_spacing_mm=site.pixel_spacing_mm,
                  classes=task.classes if task.kind == "classification" else None)
@@ -62,13 +76,16 @@ def cmd_preprocess(args) -> int:
     from .steps.preprocess import preprocess
 
     s = _settings(args)
+    if args.roi_rule and s.roi_rule(args.site) != args.roi_rule:
+        raise ConfigError(f"site {args.site}: params.yaml gives crop rule {s.roi_rule(args.site)!r}, the caller expected "
+                          f"{args.roi_rule!r} (the site's role changed): dvc.yaml is stale, run `siteadapt dvc-gen`")
     res = preprocess(s, args.site)
     print(f"{args.site}: {res['summary']}")
     return 0
 
 
 def cmd_train_source(args) -> int:
-    from .steps.train import train_source
+    from .tracking import train_source
 
     path = train_source(_settings(args), args.site, seed=args.seed)
     print(f"source model -> {path}")
@@ -76,7 +93,7 @@ def cmd_train_source(args) -> int:
 
 
 def cmd_adapt(args) -> int:
-    from .steps.train import adapt
+    from .tracking import adapt
 
     path = adapt(_settings(args), args.site, args.method, source=args.source, seed=args.seed)
     print(f"{args.method} adapted to {args.site} -> {path}")
@@ -92,9 +109,9 @@ def cmd_predict(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .steps.evaluate import evaluate
+    from .tracking import evaluate
 
-    path = evaluate(_settings(args), args.site, args.method, seed=args.seed)
+    path = evaluate(_settings(args), args.site, args.method, seed=args.seed, predict=args.predict)
     print(f"metrics -> {path}")
     return 0
 
@@ -102,11 +119,98 @@ def cmd_evaluate(args) -> int:
 def cmd_report(args) -> int:
     from .steps.report import report
 
-    written = report(_settings(args))
+    s = _settings(args)
+    written = report(s)
     for task, path in written.items():
         print(f"{task}: {path}")
     if not written:
         print("no evaluated methods found")
+    if args.experiments:
+        from .steps.ablation import dvc_experiments, write_experiment_tables
+
+        for task, path in write_experiment_tables(s, dvc_experiments()).items():
+            print(f"{task} experiments: {path}")
+    return 0
+
+
+def cmd_register(args) -> int:
+    from .io.atomic import write_json
+    from .steps.register import register_model, version_gates
+    from .steps.train import run_name
+
+    s = _settings(args)
+    res = register_model(s, args.site, args.method, seed=args.seed)
+    record = {**res, "site": args.site, "method": args.method, "gates": version_gates(res["name"], res["version"])}
+    write_json(s.paths.registry / s.site(args.site).task / args.site / f"{run_name(s, args.method, args.seed)}.json",
+               record)
+    print(f"{res['name']} version {res['version']} (alias {res['alias']}), run {res['run_id']}")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from .steps.register import format_gate, promote
+
+    s = _settings(args)
+    res = promote(s, args.site, task=args.task, actor=args.actor, reason=args.reason)
+    task = args.task or s.site(args.site).task
+    for g in res["gates"]:
+        print(f"  gate {format_gate(g)}")
+    if not res["gates"]:
+        print("  (no gate applies: every gate that applies is off in registry.gates)")
+    if res["promoted"]:
+        print(f"siteadapt-{task}-{args.site} version {res['version']} is now 'champion'")
+        return 0
+    failed = [g for g in res["gates"] if not g["passed"]]
+    for g in failed:
+        v = "missing" if g["value"] is None else f"{g['value']:.4f}"
+        print(f"siteadapt promote: refused: gate {g['name']} failed with value {v} (threshold {g['threshold']})",
+              file=sys.stderr)
+    print(f"siteadapt-{task}-{args.site} version {res['version']} stays 'candidate'", file=sys.stderr)
+    return 1
+
+
+def cmd_dvc_gen(args) -> int:
+    from . import dvcgen
+
+    s = _settings(args)
+    if args.check:
+        msg = dvcgen.check(s, args.params, args.out)
+        if msg:
+            print(f"siteadapt dvc-gen: {msg}", file=sys.stderr)
+            return 1
+        print(f"{args.out} is up to date with {args.params}")
+        return 0
+    changed = dvcgen.write(s, args.params, args.out)
+    print(f"{args.out} {'written' if changed else 'unchanged'}")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    """Where the demo's results are (tables, figures, metrics, MLflow)."""
+    from .tracking import ui_command
+
+    s = _settings(args)
+    tables = sorted(s.paths.reports.glob("*/table.md"))
+    for t in tables:
+        print(f"\n--- {t} ---")
+        print(t.read_text())
+    print("== where to look ==")
+    print(f"tables:    {s.paths.reports}/<task>/table.md (.csv, .tex); ablations: {s.paths.reports}/<task>/ablation.md")
+    print(f"figures:   {s.paths.reports}/<task>/figures/ (curves, translations, overlays side by side) and "
+          f"{s.paths.reports}/<task>/overlays/")
+    print(f"metrics:   {s.paths.metrics}/<task>/<site>/<method>.json   (dvc metrics show)")
+    print(f"registry:  {s.paths.registry}/<task>/<site>/<method>.json; promote with `siteadapt promote --site SITE`")
+    print(f"MLflow:    {ui_command()}   (then http://127.0.0.1:5000)")
+    if not tables:
+        print("no tables yet: run `dvc repro` (or `make demo`)")
+    return 0
+
+
+def cmd_sync(args) -> int:
+    from .storage import sync
+
+    res = sync(args.src, args.dst)
+    print(f"{args.src} -> {args.dst}: {res}")
     return 0
 
 
@@ -158,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("preprocess", help="reorient, resample, crop, normalize, slice, split")
     sp.add_argument("--site", required=True)
+    sp.add_argument("--roi-rule", default=None, choices=["labels", "foreground"],
+                    help="the crop rule the caller expects for this site (dvc.yaml passes it); a different rule from "
+                         "params.yaml is an error (the site's source/target role changed: regenerate dvc.yaml)")
     sp.set_defaults(func=cmd_preprocess)
 
     sp = sub.add_parser("train-source", help="train the source segmenter (or classifier) on a labeled site")
@@ -184,14 +291,47 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--site", required=True)
     sp.add_argument("--method", required=True)
     sp.add_argument("--seed", type=int, default=None, help="seed tag of the run (default: params seed)")
+    sp.add_argument("--predict", action="store_true", help="write the predictions first (what the DVC stage does)")
     sp.set_defaults(func=cmd_evaluate)
 
+    sp = sub.add_parser("register", help="register an adapted model in the MLflow registry (alias 'candidate')")
+    sp.add_argument("--site", required=True, help="target site")
+    sp.add_argument("--method", required=True)
+    sp.add_argument("--seed", type=int, default=None)
+    sp.set_defaults(func=cmd_register)
+
+    sp = sub.add_parser("promote", help="move alias 'champion' to the site's candidate if the gates pass")
+    sp.add_argument("--site", required=True)
+    sp.add_argument("--task", default=None, help="task of the registered model (default: the site's task)")
+    sp.add_argument("--actor", default=None, help="who promotes (default: $SITEADAPT_ACTOR or the user name)")
+    sp.add_argument("--reason", default=None, help="why (recorded as a tag)")
+    sp.set_defaults(func=cmd_promote)
+
     sp = sub.add_parser("report", help="paper-style tables and figures from every evaluated method")
+    sp.add_argument("--experiments", action="store_true",
+                    help="also tabulate DVC experiments (`dvc exp show`) into <reports>/<task>/experiments.md")
     sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("dvc-gen", help="write dvc.yaml from params.yaml (sites x methods stages)")
+    sp.add_argument("--out", default="dvc.yaml")
+    sp.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml is not what params.yaml gives")
+    sp.set_defaults(func=cmd_dvc_gen)
+
+    sp = sub.add_parser("summary", help="print the tables and where results, figures and MLflow runs are")
+    sp.set_defaults(func=cmd_summary)
+
+    sp = sub.add_parser("sync", help="copy a folder to/from an S3-compatible store (s3://bucket/prefix)")
+    sp.add_argument("src")
+    sp.add_argument("dst")
+    sp.set_defaults(func=cmd_sync)
 
     sp = sub.add_parser("demo", help="run the main job on the embedded synthetic sites")
     sp.add_argument("--tasks", default=None, help="comma-separated tasks (default: all with sites)")
     sp.set_defaults(func=cmd_demo)
+
+    from .kfp.cli import add_commands as add_kubeflow_commands  # pipeline compile|run-local|submit, watch
+
+    add_kubeflow_commands(sub)
     return p
 
 

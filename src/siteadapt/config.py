@@ -32,12 +32,24 @@ class Paths(_Strict):
     models: Path = Path("models")
     metrics: Path = Path("metrics")
     reports: Path = Path("reports")
+    registry: Path = Path("registry")  # <registry>/<task>/<site>/<method>.json: what `siteadapt register` registered
+    remote: Path = Path("data/remote")  # local copies of site folders that live on an object store (s3://)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _local_only(cls, v):
+        if isinstance(v, str) and "://" in v:
+            raise ValueError("a local folder is needed here; object-store URIs (s3://...) are for site images/labels, "
+                             "`siteadapt sync` and the DVC remote (see README: Storage)")
+        return v
 
 
 class Profile(_Strict):
     image_size: int = Field(gt=7, description="in-plane size of training slices (pixels)")
     batch_size: int = Field(gt=0)
     iterations: int = Field(gt=0)
+    adapt_iterations: int | None = Field(None, gt=0, description="iterations of methods that learn from unlabeled "
+                                         "target images (GANs converge slower than a segmenter); None: iterations")
     width: float = Field(gt=0, le=4, description="channel-width multiplier of the networks (1.0 = papers)")
     synth_scale: float = Field(gt=0, le=2, description="matrix-size factor of the synthetic sites")
     synth_subjects: int = Field(gt=2, description="3D subjects per synthetic site")
@@ -122,14 +134,29 @@ class Task(_Strict):
         return self
 
 
+def _path_or_uri(v):
+    """Local folders become ``Path``; object-store URIs (``s3://bucket/prefix``) stay strings (``Path`` would
+    collapse the ``//``)."""
+    if isinstance(v, str) and "://" in v:
+        if not v.startswith("s3://"):
+            raise ValueError(f"unsupported URI scheme in {v!r} (local paths and s3:// are supported)")
+        return v
+    return Path(v) if isinstance(v, str) else v
+
+
 class Site(_Strict):
     task: str
-    images: Path = Field(description="folder of DICOM, NIfTI or 2D images (any nesting)")
-    labels: Path | None = Field(None, description="folder of label maps; for a classification task a CSV file "
-                                "(stem,label), or absent when the images sit in one folder per class")
+    images: Path | str = Field(description="folder of DICOM, NIfTI or 2D images (any nesting), or s3://bucket/prefix")
+    labels: Path | str | None = Field(None, description="folder of label maps (or s3:// prefix); for a classification "
+                                      "task a CSV file (stem,label), or absent when the images sit in one folder per class")
     modality: str | None = Field(None, description="CT, MR, CR, DX, ...; read from DICOM when absent")
     pixel_spacing_mm: float | None = Field(None, gt=0, description="for 2D images without spacing (PNG/JPEG)")
     synthetic: str | None = Field(None, description="'<task>/<site>' of `siteadapt synth` that produces `images`")
+
+    @field_validator("images", "labels", mode="before")
+    @classmethod
+    def _uris(cls, v):
+        return _path_or_uri(v)
 
 
 class Train(_Strict):
@@ -140,6 +167,27 @@ class Train(_Strict):
     threads: int | None = Field(None, gt=0)
 
 
+class Gates(_Strict):
+    """Promotion gates (``siteadapt promote``): the candidate becomes ``champion`` only if every gate that applies
+    passes. A gate set to null is off. Values are measured when the candidate is registered."""
+
+    min_target_dice: float | None = Field(0.5, ge=0, le=1, description="mean Dice on the site's labeled test subjects")
+    max_source_dice_drop: float | None = Field(
+        0.1, ge=-1, le=1, description="label-free: source-site Dice of the source segmenter minus the adapted model's")
+    max_empty_fraction: float | None = Field(
+        0.1, ge=0, le=1, description="label-free: share of (test subject, structure) pairs predicted empty")
+    max_fragmented_fraction: float | None = Field(
+        0.25, ge=0, le=1, description="label-free: share of predicted structures whose largest connected component "
+                                      "holds less than 90% of the structure")
+    label_free: Literal["auto", "always"] = Field(
+        "auto", description="auto: label-free gates only for a site without labeled test subjects; always: also "
+                            "for labeled sites")
+
+
+class Registry(_Strict):
+    gates: Gates = Gates()
+
+
 class Settings(_Strict):
     profile: str = "quick"
     seed: int = 0
@@ -148,6 +196,7 @@ class Settings(_Strict):
     tasks: dict[str, Task]
     sites: dict[str, Site]
     train: Train = Train()
+    registry: Registry = Registry()
     methods: dict[str, dict] = {}
     """Per-method options (``methods.<name>.<option>``), validated by each method's own ``Options``."""
 
@@ -223,6 +272,20 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (plain YAML keeps the last one silently, which once
+    dropped a whole ``methods:`` section after a merge)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_settings(data: dict, *, source: str = "params.yaml", profile: str | None = None) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
@@ -241,7 +304,7 @@ def load_settings(path: str | Path = "params.yaml", *, profile: str | None = Non
     if not path.is_file():
         raise ConfigError(f"{path}: settings file not found (run from the project folder or pass --params)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return parse_settings(data or {}, source=str(path), profile=profile)

@@ -65,6 +65,7 @@ class Method(nn.Module):
     trains_on_target_labels: ClassVar[bool] = False  # only upper-bound references (supervised, stl)
     needs_source_model: ClassVar[bool] = False  # starts from / uses the trained source segmenter
     trains: ClassVar[bool] = True  # False: nothing to optimise (e.g. noadapt, histmatch)
+    pools: ClassVar[tuple[str, ...]] = ()  # attributes holding image pools (saved with the iteration for exact resume)
 
     def __init__(self, ctx: Context, options: MethodOptions | None = None):
         super().__init__()
@@ -112,10 +113,17 @@ class Method(nn.Module):
         return {}
 
     def extra_state(self) -> dict:
-        return {}
+        """Non-parameter state for exact resume: the image pools named in ``pools`` and the iteration counter."""
+        if not self.pools:
+            return {}
+        return {n: getattr(self, n).state_dict() for n in self.pools} | {"iteration": self.iteration}
 
     def load_extra_state(self, state: dict) -> None:
-        pass
+        if not state or not self.pools:
+            return
+        for n in self.pools:
+            getattr(self, n).load_state_dict(state[n])
+        self.iteration = int(state["iteration"])
 
     # ---- services for train_step ----------------------------------------------------------------------------------
     @property

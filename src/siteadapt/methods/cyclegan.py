@@ -72,6 +72,7 @@ class CycleGANOptions(MethodOptions):
 
 class CycleGAN(Method):
     name = "cyclegan"
+    pools = ("pool_t", "pool_s")
     Options = CycleGANOptions
 
     def __init__(self, ctx: Context, options: CycleGANOptions | None = None):
@@ -121,16 +122,6 @@ class CycleGAN(Method):
         if getattr(self, "source_model", None) is not None:
             self.source_model.eval()  # frozen: its BN statistics stay those of the source
         return self
-
-    def extra_state(self) -> dict:
-        return {"pool_t": self.pool_t.state_dict(), "pool_s": self.pool_s.state_dict(), "iteration": self.iteration}
-
-    def load_extra_state(self, state: dict) -> None:
-        if not state:
-            return
-        self.pool_t.load_state_dict(state["pool_t"])
-        self.pool_s.load_state_dict(state["pool_s"])
-        self.iteration = int(state["iteration"])
 
     def _d_update(self, name: str, D, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         b = real.shape[0]

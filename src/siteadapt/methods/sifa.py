@@ -128,6 +128,7 @@ def _main(out):
 
 class SIFA(Method):
     name = "sifa"
+    pools = ("pool_t", "pool_s")
     Options = SIFAOptions
 
     def __init__(self, ctx: Context, options: SIFAOptions | None = None):
@@ -191,16 +192,6 @@ class SIFA(Method):
             net = source_model.net  # segmenter.SegmenterNet: the same E and C1 (same context)
             self.E.load_state_dict(net.encoder.state_dict())
             self.C1.load_state_dict(net.classifier.state_dict())
-
-    def extra_state(self) -> dict:
-        return {"pool_t": self.pool_t.state_dict(), "pool_s": self.pool_s.state_dict(), "iteration": self.iteration}
-
-    def load_extra_state(self, state: dict) -> None:
-        if not state:
-            return
-        self.pool_t.load_state_dict(state["pool_t"])
-        self.pool_s.load_state_dict(state["pool_s"])
-        self.iteration = int(state["iteration"])
 
     # ---- helpers --------------------------------------------------------------------------------------------------
     def _set_seg_lr(self, batch_size: int) -> None:

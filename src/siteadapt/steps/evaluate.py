@@ -11,6 +11,9 @@
 - Overlays ``<reports>/<task>/overlays/<site>/<method>/<id>.png`` for the first ``n_overlays`` subjects: image,
   reference and prediction on the slice with the largest reference area (canonical RAS orientation, along the task's
   slice axis).
+- Label-free checks (``plausibility``: empty and fragmented predicted structures, on the raw predictions of every test
+  subject, labeled or not; :mod:`siteadapt.metrics.plausibility`). A site without labels gets only these
+  (``"labeled": false``, no Dice); the report's tables skip it and the promotion gates use them.
 
 Classification tasks (TUNA-Net's protocol, :func:`evaluate_classification`): the method's scores P(positive class) of
 the site's val and test images (``siteadapt predict`` writes both) and the image-level labels of the ingest manifest.
@@ -35,6 +38,7 @@ from ..data.geometry import AXES
 from ..errors import InputError
 from ..io.atomic import atomic_path, write_json
 from ..metrics import classification_metrics, segmentation_metrics, summarize, youden_threshold
+from ..metrics.plausibility import shape_checks, summarize_plausibility
 from ..postprocess import postprocess
 
 log = logging.getLogger("siteadapt.evaluate")
@@ -50,24 +54,30 @@ def _canonical(img: nib.Nifti1Image) -> np.ndarray:
     return np.asanyarray(nib.as_closest_canonical(img).dataobj)
 
 
-def save_overlay(image: np.ndarray, ref: np.ndarray, pred: np.ndarray, axis: int, path: Path, title: str,
+def save_overlay(image: np.ndarray, ref: np.ndarray | None, pred: np.ndarray, axis: int, path: Path, title: str,
                  n_labels: int) -> None:
+    """Image | reference | prediction on the slice with the largest reference area (the largest predicted area when
+    the subject has no reference: unlabeled sites)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ref_title = "reference"
+    if ref is None:
+        ref, ref_title = np.zeros_like(pred), "reference (none)"
+    pick = ref if ref.any() else pred
     if image.ndim == 2:
         im, r, p = image, ref, pred
     else:
-        area = (np.moveaxis(ref, axis, 0) > 0).reshape(ref.shape[axis], -1).sum(1)
+        area = (np.moveaxis(pick, axis, 0) > 0).reshape(pick.shape[axis], -1).sum(1)
         k = int(np.argmax(area))
         im, r, p = (np.take(a, k, axis=axis) for a in (image, ref, pred))
     im, r, p = (np.rot90(a) for a in (im, r, p))  # RAS index order -> radiological-ish display
     lo, hi = np.percentile(im, [1, 99])
     cmap = plt.get_cmap("tab10", max(n_labels, 2))
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
-    for ax, lab, name in zip(axes, (None, r, p), ("image", "reference", "prediction")):
+    for ax, lab, name in zip(axes, (None, r, p), ("image", ref_title, "prediction")):
         ax.imshow(im, cmap="gray", vmin=lo, vmax=hi)
         if lab is not None:
             ax.imshow(np.ma.masked_equal(lab, 0), cmap=cmap, vmin=0, vmax=max(n_labels, 2) - 1, alpha=0.45,
@@ -95,18 +105,24 @@ def evaluate(settings: Settings, site: str, method: str, *, seed: int | None = N
     from .train import run_name
 
     pred_dir = s.paths.predictions / site / run_name(s, method, seed)
-    reports, used = [], []
+    reports, used, shapes, n_drawn = [], [], [], 0
+    overlay_dir = s.paths.reports / site_task(s, site) / "overlays" / site / run_name(s, method, seed)
     for r in subjects:
-        if not r.get("label"):
-            continue
         pred_path = pred_dir / f"{r['id']}.nii.gz"
         if not pred_path.is_file():
             raise InputError(pred_path, f"no prediction for subject {r['id']}: run `siteadapt predict --site {site} "
                                         f"--method {method}`")
-        ref_img = nib.load(str(s.paths.ingested / r["label"]))
         pred_img = nib.load(str(pred_path))
-        ref = np.asanyarray(ref_img.dataobj)
         pred = np.asanyarray(pred_img.dataobj)
+        shapes.append(shape_checks(pred, structures))  # label-free checks on the raw prediction
+        if not r.get("label"):
+            if n_drawn < n_overlays:
+                _overlay_unlabeled(s, task, r, pred_img, overlay_dir / f"{r['id']}.png", f"{method} on {site} "
+                                   f"({r['id']}): no reference", 1 + max(structures.values()))
+                n_drawn += 1
+            continue
+        ref_img = nib.load(str(s.paths.ingested / r["label"]))
+        ref = np.asanyarray(ref_img.dataobj)
         if pred.shape != ref.shape or np.abs(pred_img.affine - ref_img.affine).max() > 1e-3:
             raise InputError(pred_path, f"prediction grid {pred.shape} differs from the reference grid {ref.shape}")
         pp = task.postprocess
@@ -115,7 +131,7 @@ def evaluate(settings: Settings, site: str, method: str, *, seed: int | None = N
         rep = segmentation_metrics(pred, ref, structures, spacing=spacing)
         reports.append(rep)
         used.append(r["id"])
-        if len(used) <= n_overlays:
+        if n_drawn < n_overlays:
             img = nib.load(str(s.paths.ingested / r["image"]))
             if ref.ndim == 3:
                 img_c, ref_c = _canonical(img), _canonical(ref_img)
@@ -123,26 +139,35 @@ def evaluate(settings: Settings, site: str, method: str, *, seed: int | None = N
                 axis = AXES[task.preprocess.slice_axis]
             else:
                 img_c, ref_c, pred_c, axis = np.asanyarray(img.dataobj), ref, pred, 0
-            save_overlay(img_c, ref_c, pred_c, axis,
-                         s.paths.reports / site_task(s, site) / "overlays" / site / run_name(s, method, seed)
-                         / f"{r['id']}.png",
+            save_overlay(img_c, ref_c, pred_c, axis, overlay_dir / f"{r['id']}.png",
                          f"{method} on {site} ({r['id']}): Dice {rep['dice']['mean']:.3f}",
                          1 + max(structures.values()))
-    if not reports:
-        raise InputError(prep, f"site {site} has no labeled subjects in its {split} split to evaluate on")
-    summary = summarize(reports)
-    out = {
+            n_drawn += 1
+    if not shapes:
+        raise InputError(prep, f"site {site} has no subjects in its {split} split to evaluate on")
+    plausibility = {**summarize_plausibility(shapes), "per_subject": [
+        {"id": r["id"], **sh} for r, sh in zip(subjects, shapes)]}
+    head = {
         "task": site_task(s, site), "site": site, "method": method,
         "seed": s.seed if seed is None else seed, "split": split, "n_subjects": len(reports),
-        "structures": list(structures), "units": {"distances": "mm"},
+        "labeled": bool(reports), "structures": list(structures), "source_site": _source_of(s, site),
+    }
+    path = metrics_path(s, site, method, seed)
+    if not reports:  # a site without labels: only the label-free checks (the report's tables skip such files)
+        write_json(path, _nan_to_none({**head, "plausibility": plausibility}))
+        log.info("%s/%s: no labeled %s subjects; label-free checks only (empty %.2f, fragmented %s) -> %s", site,
+                 method, split, plausibility["empty_fraction"], plausibility["fragmented_fraction"], path)
+        return path
+    summary = summarize(reports)
+    out = {
+        **head, "units": {"distances": "mm"},
         "postprocess": task.postprocess.model_dump(),
-        "source_site": _source_of(s, site),
         # per metric: structure -> value (mean over subjects), and "mean" over structures
         **{m: {k: v["mean"] for k, v in per.items()} for m, per in summary["metrics"].items()},
         "summary": summary,
         "per_subject": [{"id": i, **{m: v for m, v in rep.items()}} for i, rep in zip(used, reports)],
+        "plausibility": plausibility,
     }
-    path = metrics_path(s, site, method, seed)
     write_json(path, _nan_to_none(out))
     log.info("%s/%s: mean Dice %.3f, ASSD %.2f mm over %d subjects -> %s", site, method, out["dice"]["mean"],
              out["assd"]["mean"], len(reports), path)
@@ -201,6 +226,18 @@ def evaluate_classification(settings: Settings, site: str, method: str, *, seed:
              "%s images) over %d %s images -> %s", site, method, res["auc"], res["accuracy"], res["sensitivity"],
              res["specificity"], res["f1"], res["threshold"], len(val), threshold_split, len(test), split, path)
     return path
+
+
+def _overlay_unlabeled(s: Settings, task, r: dict, pred_img, path: Path, title: str, n_labels: int) -> None:
+    img = nib.load(str(s.paths.ingested / r["image"]))
+    pred = np.asanyarray(pred_img.dataobj)
+    if pred.ndim == 3:
+        img_c = _canonical(img)
+        pred_c = _canonical(nib.Nifti1Image(pred.astype(np.uint8), pred_img.affine))
+        axis = AXES[task.preprocess.slice_axis]
+    else:
+        img_c, pred_c, axis = np.asanyarray(img.dataobj), pred, 0
+    save_overlay(img_c, None, pred_c, axis, path, title, n_labels)
 
 
 def site_task(s: Settings, site: str) -> str:

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..config import Settings
 from ..io.atomic import atomic_path, write_text
+from .ablation import write_ablation
 
 log = logging.getLogger("siteadapt.report")
 
@@ -72,7 +73,7 @@ def collect(metrics_root: Path) -> dict[str, dict[tuple[str | None, str], dict[s
         except json.JSONDecodeError:
             log.warning("%s: not valid JSON, skipped", p)
             continue
-        if "method" not in m or "site" not in m:
+        if "method" not in m or "site" not in m or m.get("labeled") is False:  # unlabeled sites: no table row
             continue
         out[m["task"]][(m.get("source_site"), m["site"])][m["method"]].append(m)
     return out
@@ -314,6 +315,24 @@ def report(settings: Settings) -> dict[str, Path]:
                 tr = settings.paths.models / task / target / m / "translations.png"
                 if tr.is_file():
                     shutil.copyfile(tr, fig_dir / f"translations_{target}_{m}.png")
+        write_ablation(settings, task, directions)
         written[task] = out / "table.md"
         log.info("%s: table -> %s", task, out / "table.md")
+    _placeholders(settings, written)
     return written
+
+
+def _placeholders(settings: Settings, written: dict) -> None:
+    """Tasks in the pipeline without any labeled result still get their files (DVC declares them as outputs)."""
+    for task, t in settings.tasks.items():
+        if task in written or not (t.directions and t.methods):
+            continue
+        if not any(site.task == task for site in settings.sites.values()):
+            continue
+        out = settings.paths.reports / task
+        write_text(out / "table.md", f"# {task}\n\nNo labeled evaluation results: the targets have no labeled test "
+                                     "subjects, or nothing was evaluated yet.\n")
+        write_text(out / "table.csv", "")
+        write_text(out / "table.tex", "")
+        write_ablation(settings, task, {})
+        (out / "figures").mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,10 @@ def build_method(settings: Settings, name: str, site: str) -> Method:
 
 def _train_config(settings: Settings, method: Method, seed: int | None = None) -> TrainConfig:
     t = settings.train
-    return TrainConfig(iterations=max(1, int(round(settings.active.iterations * method.opts.iterations_factor))),
+    base = settings.active.iterations
+    if method.needs_target_images and not method.trains_on_target_labels and settings.active.adapt_iterations:
+        base = settings.active.adapt_iterations  # adaptation methods (GANs) get the profile's adaptation schedule
+    return TrainConfig(iterations=max(1, int(round(base * method.opts.iterations_factor))),
                        batch_size=settings.active.batch_size, seed=settings.seed if seed is None else seed,
                        checkpoint_every=t.checkpoint_every, log_every=t.log_every, device=t.device, amp=t.amp,
                        threads=t.threads)

@@ -1,0 +1,383 @@
+"""What each Kubeflow component runs, as plain Python (no KFP import), so that it is testable on its own.
+
+A component body is two lines: import this module, call one function with the component's parameters and its
+artifact paths. Every function builds :class:`~siteadapt.config.Settings` for the run (:func:`settings_for`), lays
+out a *workspace* in the project's usual folder layout, and calls the same step function the CLI and DVC call.
+
+Artifacts are *partial project roots*: an artifact folder holds the subset of the project layout its step wrote, e.g.
+the source segmenter artifact is ``models/<task>/<source>/source/model.pt``, a prepared site is
+``prepared/<site>/{train,val,test}.npz, ...``. A step's workspace is its output artifact folder with every input
+artifact's *files* symlinked into the same tree (:class:`Workspace`); after the step the links are removed, so the
+output artifact holds exactly what the step wrote and inputs are never modified (a write over a linked file replaces
+the link, not the file it points at).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+
+from ..config import Paths, Settings, parse_settings
+from ..errors import ConfigError, InputError
+from . import locations
+
+log = logging.getLogger("siteadapt.kfp")
+
+SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+DEFAULT_PARAMS = "params.yaml"
+
+
+def check_site_name(name: str) -> str:
+    """Site names become folder names, registry model names and run names: lower-case letters, digits, - and _."""
+    if not SITE_NAME.match(name or ""):
+        raise ConfigError(f"site name {name!r}: use 1-63 lower-case letters, digits, '-' or '_' (starting with a "
+                          "letter or digit)")
+    return name
+
+
+def base_params(params_yaml: str = "") -> dict:
+    """The run's settings file: ``params_yaml`` when given (the pipeline parameter, reviewable in the run's page),
+    else the file named by ``$SITEADAPT_PARAMS`` (the image sets ``/opt/siteadapt/params.yaml``), else
+    ``./params.yaml``."""
+    if params_yaml and params_yaml.strip():
+        source, text = "params_yaml (pipeline parameter)", params_yaml
+    else:
+        path = Path(os.environ.get("SITEADAPT_PARAMS") or DEFAULT_PARAMS)
+        if not path.is_file():
+            raise ConfigError(f"{path}: settings file not found (set SITEADAPT_PARAMS or pass params_yaml)")
+        source, text = str(path), path.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    return data
+
+
+@dataclass(frozen=True)
+class Job:
+    """The pipeline parameters that shape the settings of one site-adaptation run.
+
+    ``site`` is the target site; ``None`` for the steps that only concern the source site (ingest, preprocess and
+    train_source of the source), so that their settings -- and therefore their Kubeflow cache keys -- do not depend
+    on the target: the source segmenter is trained once and reused by every new site."""
+
+    task: str
+    source_site: str
+    site: str | None = None
+    params_yaml: str = ""
+    profile: str = ""
+    modality: str = ""  # of the target site; "" = from params (or DICOM)
+    pixel_spacing_mm: float = 0.0  # of the target site's 2D images; 0 = from params / the files
+    methods: tuple[str, ...] = ()
+    gates: dict | None = None  # overrides of registry.gates (params) for this run: the gates step and promotion
+
+
+def settings_for(job: Job, root: Path, *, source_location: str | None = None,
+                 target_location: str | None = None) -> Settings:
+    """Settings for one run: params (profile, task settings, method options) with every output path under ``root``,
+    the task's directions replaced by the single ``source -> site`` direction, and site entries for both ends
+    (an existing ``sites.<name>`` entry in params supplies modality and pixel spacing; locations replace ``images``).
+    """
+    data = base_params(job.params_yaml)
+    if job.profile:
+        data["profile"] = job.profile
+    if job.gates:
+        registry = dict(data.get("registry") or {})
+        registry["gates"] = {**(registry.get("gates") or {}), **job.gates}
+        data["registry"] = registry
+    data["paths"] = {k: str(Path(root) / k) for k in Paths.model_fields}  # every output folder inside the workspace
+    tasks = data.get("tasks") or {}
+    if job.task not in tasks:
+        raise ConfigError(f"unknown task {job.task!r}; tasks in params: {', '.join(sorted(tasks)) or '(none)'}")
+    check_site_name(job.source_site)
+    task = dict(tasks[job.task])
+    task["directions"] = [] if job.site is None else [{"source": job.source_site, "target": job.site}]
+    if job.methods:
+        task["methods"] = list(job.methods)
+    data["tasks"] = {**tasks, job.task: task}
+    sites = dict(data.get("sites") or {})
+
+    def entry(name: str, location: str | None) -> dict:
+        e = dict(sites.get(name) or {})
+        if e and e.get("task") != job.task:
+            raise ConfigError(f"site {name!r} belongs to task {e.get('task')!r} in params, not {job.task!r}")
+        e["task"] = job.task
+        e.pop("synthetic", None)
+        if location is not None:
+            e["images"] = str(location)
+            e.pop("labels", None)
+        e.setdefault("images", f"(location of {name})")
+        return e
+
+    sites[job.source_site] = entry(job.source_site, source_location)
+    if job.site is not None:
+        check_site_name(job.site)
+        if job.site == job.source_site:
+            raise ConfigError(f"site {job.site!r} is the source site of the run; pick another name")
+        t = entry(job.site, target_location)
+        if job.modality:
+            t["modality"] = job.modality
+        if job.pixel_spacing_mm and job.pixel_spacing_mm > 0:
+            t["pixel_spacing_mm"] = float(job.pixel_spacing_mm)
+        sites[job.site] = t
+    # other tasks' directions may name sites we keep; sites of this task that the run does not use are dropped
+    data["sites"] = {n: e for n, e in sites.items()
+                     if e.get("task") != job.task or n in (job.source_site, job.site)}
+    return parse_settings(data, source="params (kubeflow run)")
+
+
+# ---- workspace ---------------------------------------------------------------------------------------------------
+class Workspace:
+    """The project layout of one step: ``root`` (the output artifact folder, or a temporary one) with the files of
+    input artifacts linked (or copied) in. Use as a context manager; on exit every link and copy made here is removed
+    (unless the step replaced it: then it is the step's output) and emptied folders are pruned."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._links: list[Path] = []
+        self._copies: dict[Path, int] = {}  # copied input file -> its inode (a replaced file is an output)
+
+    def add(self, artifact_dir: str | Path | None, *, copy: bool = False) -> None:
+        """Link (or, with ``copy``, copy: for consumers that refuse links, such as MLflow's artifact logging) every
+        file of an input artifact into the workspace."""
+        if artifact_dir is None:
+            return
+        src_root = Path(artifact_dir)
+        if not src_root.is_dir():
+            raise InputError(src_root, "input artifact is not a folder")
+        for dirpath, _dirnames, filenames in os.walk(src_root):
+            rel = Path(dirpath).relative_to(src_root)
+            (self.root / rel).mkdir(parents=True, exist_ok=True)
+            for fn in filenames:
+                dst = self.root / rel / fn
+                if dst.is_symlink() or dst in self._copies:
+                    dst.unlink()  # two inputs with the same file: the later one wins (they are copies of one step)
+                    self._copies.pop(dst, None)
+                elif dst.exists():
+                    raise InputError(dst, "an input artifact would overwrite an output of this step")
+                if copy:
+                    shutil.copy2(Path(dirpath) / fn, dst)
+                    self._copies[dst] = dst.stat().st_ino
+                else:
+                    dst.symlink_to((Path(dirpath) / fn).resolve())
+                    self._links.append(dst)
+
+    def close(self) -> None:
+        for link in self._links:
+            if link.is_symlink():  # else the step replaced it with an output of its own
+                link.unlink()
+        for path, ino in self._copies.items():
+            if path.is_file() and path.stat().st_ino == ino:  # an input copy the step did not replace
+                path.unlink()
+        self._links.clear()
+        self._copies.clear()
+        for dirpath, _dirnames, _files in sorted(os.walk(self.root), key=lambda w: -len(Path(w[0]).parts)):
+            p = Path(dirpath)
+            if p != self.root and not any(p.iterdir()):
+                p.rmdir()
+
+    def __enter__(self) -> "Workspace":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _drop_checkpoints(root: Path) -> None:
+    """Training checkpoints (optimizer state for resuming) are not part of a model artifact."""
+    for p in Path(root).rglob("checkpoint.pt"):
+        p.unlink()
+
+
+# ---- steps -------------------------------------------------------------------------------------------------------
+def run_fingerprint(location: str) -> str:
+    fp = locations.fingerprint(location)
+    log.info("%s: fingerprint %s", location, fp[:16])
+    return fp
+
+
+def _one_site(job: Job) -> str:
+    """The site a single-site step (ingest, preprocess) works on: the target when the job names one, else the
+    source."""
+    return job.site or job.source_site
+
+
+def run_ingest(job: Job, location: str, out_dir: str | Path) -> dict:
+    """Ingest the site at ``location`` (``images/`` and optional ``labels/``) into ``out_dir/ingested/<site>``."""
+    from ..steps.ingest import ingest
+
+    site = _one_site(job)
+    out_dir = Path(out_dir)
+    s = settings_for(job, out_dir, source_location=None if job.site else location,
+                     target_location=location if job.site else None)
+    cfg = s.site(site)
+    with tempfile.TemporaryDirectory(prefix="siteadapt-fetch-") as tmp:
+        local = locations.fetch(location, Path(tmp) / "site")
+        images = local / "images"
+        if not images.is_dir():
+            raise InputError(None, f"{location}: no images/ folder in the site location")
+        labels = local / "labels"
+        res = ingest(images, site, s.paths.ingested, labels=labels if labels.is_dir() else None,
+                     modality=cfg.modality, pixel_spacing_mm=cfg.pixel_spacing_mm)
+    summary = {"site": site, "items": len(res.items), "labeled": sum(1 for it in res.items if it.get("label")),
+               "rejected": len(res.rejected)}
+    log.info("ingest %s: %s", site, summary)
+    return summary
+
+
+def run_preprocess(job: Job, ingested_dir: str | Path, out_dir: str | Path) -> dict:
+    from ..steps.preprocess import preprocess
+
+    site = _one_site(job)
+    with Workspace(out_dir) as ws:
+        ws.add(ingested_dir)
+        res = preprocess(settings_for(job, ws.root), site)
+    return {"site": site, "counts": res["counts"]}
+
+
+def run_train_source(job: Job, prepared_source: str | Path, out_dir: str | Path) -> dict:
+    from ..tracking import train_source  # the tracked step (MLflow run), as the CLI and DVC run it
+
+    out_dir = Path(out_dir)
+    with Workspace(out_dir) as ws:
+        ws.add(prepared_source)
+        path = train_source(settings_for(replace(job, site=None), ws.root), job.source_site)
+        rel = path.relative_to(ws.root)
+    _drop_checkpoints(out_dir)
+    return {"model": str(rel)}
+
+
+def run_adapt(job: Job, method: str, prepared_source: str | Path, prepared_target: str | Path,
+              source_model: str | Path, out_dir: str | Path) -> dict:
+    from ..tracking import adapt
+
+    out_dir = Path(out_dir)
+    with Workspace(out_dir) as ws:
+        for a in (prepared_source, prepared_target, source_model):
+            ws.add(a)
+        path = adapt(settings_for(job, ws.root), job.site, method, source=job.source_site)
+        rel = path.relative_to(ws.root)
+    _drop_checkpoints(out_dir)
+    return {"method": method, "model": str(rel)}
+
+
+def run_evaluate(job: Job, method: str, ingested_target: str | Path, prepared_target: str | Path,
+                 source_model: str | Path, model: str | Path, out_dir: str | Path) -> dict:
+    """Predict the target's test subjects and evaluate them (the tracked step: metrics into the model's MLflow run):
+    Dice etc. against labels when the site has labeled test subjects, the label-free checks always
+    (``metrics/<task>/<site>/<method>.json``). Returns the summary the registration step ranks methods by."""
+    from ..steps.evaluate import metrics_path
+    from ..tracking import evaluate
+
+    out_dir = Path(out_dir)
+    with Workspace(out_dir) as ws:
+        for a in (ingested_target, prepared_target, source_model, model):
+            ws.add(a)
+        s = settings_for(job, ws.root)
+        m = json.loads(evaluate(s, job.site, method, predict=True).read_text())
+        rel = metrics_path(s, job.site, method).relative_to(ws.root)
+    labeled = bool(m.get("labeled", True) and m.get("dice"))
+    pl = m.get("plausibility") or {}
+    summary = {"method": method, "site": job.site, "task": job.task, "labeled": labeled, "metrics_file": str(rel),
+               "dice_mean": m["dice"]["mean"] if labeled else None,
+               "assd_mean": (m.get("assd") or {}).get("mean") if labeled else None,
+               "empty_fraction": pl.get("empty_fraction"), "fragmented_fraction": pl.get("fragmented_fraction")}
+    summary["score"] = score(summary)
+    write_json_file(out_dir / "summary" / f"{method}.json", summary)
+    return summary
+
+
+def score(summary: dict) -> float | None:
+    """How methods are ranked for registration: mean Dice on labeled test subjects when the site has them; otherwise
+    the label-free plausibility, 1 - (empty + fragmented fractions) / 2 (a weak ranking: no labels, no truth)."""
+    if summary.get("dice_mean") is not None:
+        return float(summary["dice_mean"])
+    e, f = summary.get("empty_fraction"), summary.get("fragmented_fraction")
+    if e is None:
+        return None
+    return 1.0 - (float(e) + float(f if f is not None else 1.0)) / 2.0
+
+
+def write_json_file(path: Path, obj) -> None:
+    from ..io.atomic import write_json
+
+    write_json(path, obj)
+
+
+def select_candidate(summaries: list[dict], methods: list[str] | tuple[str, ...] = ()) -> dict:
+    """The method to register: the highest score (ties: earlier in ``methods``); methods that train on the target's
+    labels (the ``supervised`` upper bound) are references, never candidates."""
+    from ..methods import get_method
+
+    order = {m: i for i, m in enumerate(methods)}
+
+    def eligible(s: dict) -> bool:
+        try:
+            return not get_method(s["method"]).trains_on_target_labels
+        except ConfigError:  # a named variant: params decide its method; assume adaptation
+            return True
+
+    pool = [s for s in summaries if eligible(s) and s.get("score") is not None]
+    if not pool:
+        raise InputError(None, "no adapted method to register (every method was a label-trained reference or "
+                               "failed to produce a score)")
+    return max(pool, key=lambda s: (s["score"], -order.get(s["method"], len(order))))
+
+
+def check_gates(job: Job, candidate: dict) -> dict:
+    """The promotion gates, as the registry checks them: ``registry.gates`` of the run's settings (params, with the
+    run's overrides) applied to the measurements recorded on the candidate version at registration. Returns
+    ``{"passed": bool, "gates": [{name, value, threshold, passed}]}``."""
+    from ..steps.register import check_gates as registry_gates, version_gates
+
+    reg = candidate["registered"]
+    with tempfile.TemporaryDirectory(prefix="siteadapt-gates-") as tmp:
+        s = settings_for(job, Path(tmp))
+    gates = registry_gates(s.registry.gates, version_gates(reg["name"], reg["version"]))
+    return {"passed": all(g["passed"] for g in gates), "gates": gates}  # no gate configured: passes, as promote
+
+
+def run_register(job: Job, summaries: list[str | dict], inputs: list[str | Path]) -> dict:
+    """Pick the best method of the run and register it (registry alias ``candidate``) via the registry step.
+
+    ``inputs`` are the artifacts the registry step may read (both sites' ingested and prepared data, the source
+    segmenter, every method's model and evaluation): registration measures the model on them and records their
+    hashes."""
+    from ..steps.register import register_model
+
+    parsed = [json.loads(s) if isinstance(s, str) else s for s in summaries]
+    best = select_candidate(parsed, job.methods)
+    with tempfile.TemporaryDirectory(prefix="siteadapt-register-") as tmp, Workspace(tmp) as ws:
+        for a in inputs:  # models are copied: MLflow logs them as the registered model's files
+            ws.add(a, copy=(Path(a) / "models").is_dir())
+        s = settings_for(job, ws.root)
+        reg = register_model(s, job.site, best["method"])
+    out = {**best, "registered": {k: reg.get(k) for k in ("name", "version", "alias", "run_id")},
+           "compared": [{"method": p["method"], "score": p["score"]} for p in parsed]}
+    log.info("registered %s for %s: %s", best["method"], job.site, out["registered"])
+    return out
+
+
+def run_promote(job: Job, candidate: dict, actor: str, reason: str) -> dict:
+    from ..steps.register import promote
+
+    with tempfile.TemporaryDirectory(prefix="siteadapt-promote-") as tmp:
+        s = settings_for(job, Path(tmp))
+        res = promote(s, job.site, task=job.task, actor=actor, reason=reason)
+    if res.get("promoted"):
+        log.info("promoted %s version %s to champion", job.site, res.get("version"))
+    else:
+        failed = [g for g in res.get("gates", []) if not g.get("passed")]
+        log.warning("registry refused promotion of %s version %s: %s", job.site, res.get("version"), failed)
+    return res

@@ -1,0 +1,349 @@
+"""Register step and promotion: each site's adapted models in the MLflow model registry, and the gate that decides
+which version serves the site.
+
+- :func:`register_model` logs an adapted model as an MLflow ``pyfunc`` model (a thin wrapper around the method's
+  ``predict_subject``, with an input example and signature) into the model's training run, registers it as a new
+  version of ``siteadapt-<task>-<site>``, tags it (method, variant, source and target site, sha256 of the sites' data,
+  the method options, git commit, the gate measurements) and moves the alias ``candidate`` to it. Registering the
+  same weights again re-uses their version (only the alias moves).
+- :func:`promote` moves the alias ``champion`` to the ``candidate`` version if every configured gate passes
+  (``registry.gates`` in params.yaml) and records who, when and why as tags; a failed gate refuses the promotion
+  (recorded as well) and is reported in the returned ``gates`` list, it never raises.
+
+Gates (measured at registration, thresholds read at promotion, so changing a threshold needs no re-registration):
+
+- a site with labeled test subjects: ``min_target_dice`` (mean Dice over structures and test subjects, from
+  ``siteadapt evaluate``);
+- a site without them (and every site with ``label_free: always``): ``max_source_dice_drop`` (the adapted model must
+  not forget the source site: Dice of the source segmenter on the source site's test subjects minus the adapted
+  model's), ``max_empty_fraction`` and ``max_fragmented_fraction`` (plausibility of the predicted shapes on the
+  site's test subjects, :mod:`siteadapt.metrics.plausibility`).
+
+A gate whose threshold is null is off; a gate whose measurement is missing fails (value ``None``).
+
+The pyfunc model's input is a subject's preprocessed slices (``siteadapt preprocess`` output), float32
+``(N, 1, H, W)`` in [-1, 1] (the signature enforces it); its output the label map ``(N, H, W)`` (uint8, the task's
+label ids). It is stored as code (``siteadapt/pyfunc_model.py``), not as a pickle.
+Loading it needs the ``siteadapt`` package in the environment (it is listed in the model's requirements).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+
+from .. import __version__
+from ..config import Gates, Settings
+from ..errors import InputError, SiteadaptError
+from .evaluate import metrics_path
+
+log = logging.getLogger("siteadapt.register")
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+
+
+class RegistryError(SiteadaptError):
+    """Nothing to promote (no candidate), or the registry refused an operation."""
+
+
+def model_name(task: str, site: str) -> str:
+    return f"siteadapt-{task}-{site}"
+
+
+class SiteadaptSegmenter(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: preprocessed slices of one subject -> label map (see the module docstring)."""
+
+    _skip_type_hint_validation = True  # no type-hint validation: the input is a float32 tensor that the signature checks
+
+    def load_context(self, context):
+        from siteadapt.steps.train import load_model
+
+        self.method, _ = load_model(Path(context.artifacts["model"]))
+        if self.method.needs_source_model:
+            src, _ = load_model(Path(context.artifacts["source_model"]))
+            self.method.source_model = src
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        x = np.asarray(model_input, dtype=np.float32)
+        if x.ndim == 3:
+            x = x[:, None]
+        with torch.no_grad():
+            logits = self.method.predict_subject(torch.from_numpy(np.ascontiguousarray(x)))
+        return logits.argmax(1).numpy().astype(np.uint8)
+
+
+# ---- measurements ---------------------------------------------------------------------------------------------------
+def _weights_sha256(path: Path, h=None):
+    import torch
+
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    h = h or hashlib.sha256()
+    h.update(json.dumps({"method": payload["method"], "options": payload["options"]}, sort_keys=True,
+                        default=str).encode())
+    for k in sorted(payload["state_dict"]):
+        h.update(k.encode())
+        h.update(payload["state_dict"][k].numpy().tobytes())
+    return h
+
+
+def _dice(pred: np.ndarray, ref: np.ndarray, ids: list[int]) -> float | None:
+    vals = []
+    for i in ids:
+        a, b = pred == i, ref == i
+        s = int(a.sum() + b.sum())
+        if s:
+            vals.append(2.0 * int((a & b).sum()) / s)
+    return float(np.mean(vals)) if vals else None
+
+
+def source_regression(settings: Settings, site: str, method: str, seed: int | None = None) -> dict:
+    """Dice on the source site's labeled test slices (per subject, mean over structures, then over subjects) of the
+    source segmenter and of the adapted model; ``source_dice_drop`` = source segmenter - adapted."""
+    import torch
+
+    from ..data.shards import load_slices
+    from .train import load_for_prediction, load_model, model_dir
+
+    adapted = load_for_prediction(settings, site, method, seed)
+    payload = torch.load(model_dir(settings, site, method, seed) / "model.pt", map_location="cpu", weights_only=False)
+    source = payload.get("source_site")
+    if not source:
+        return {}
+    try:
+        data = load_slices(settings.paths.prepared, source, "test", labels=True)
+    except InputError as e:
+        log.warning("source regression not measured: %s", e)
+        return {}
+    src_model, _ = load_model(model_dir(settings, source, "source") / "model.pt")
+    ids = sorted(settings.task_of(site).structures.values())
+    d_src, d_ad = [], []
+    with torch.no_grad():
+        for subj in np.unique(data.subject):
+            rows = data.subject == subj
+            x = torch.from_numpy(np.ascontiguousarray(data.images[rows])).unsqueeze(1)
+            ref = data.labels[rows]
+            a = _dice(src_model.predict_subject(x).argmax(1).numpy(), ref, ids)
+            b = _dice(adapted.predict_subject(x).argmax(1).numpy(), ref, ids)
+            if a is not None and b is not None:
+                d_src.append(a)
+                d_ad.append(b)
+    if not d_src:
+        return {}
+    return {"source_dice_source_model": float(np.mean(d_src)), "source_dice_adapted": float(np.mean(d_ad)),
+            "source_dice_drop": float(np.mean(d_src) - np.mean(d_ad))}
+
+
+def gate_values(settings: Settings, site: str, method: str, seed: int | None = None) -> dict[str, float | None]:
+    """What the gates threshold, measured now: target Dice (labeled sites), plausibility, source regression."""
+    mp = metrics_path(settings, site, method, seed)
+    if not mp.is_file():
+        raise InputError(mp, f"no evaluation of {method} on {site}: run `siteadapt evaluate --site {site} --method "
+                             f"{method} --predict` first")
+    m = json.loads(mp.read_text())
+    vals: dict[str, float | None] = {"target_dice": None}
+    if m.get("labeled", True) and m.get("dice"):
+        vals["target_dice"] = m["dice"].get("mean")
+        vals["target_assd"] = (m.get("assd") or {}).get("mean")
+        vals["target_n_subjects"] = m.get("n_subjects")
+    pl = m.get("plausibility") or {}
+    vals["empty_fraction"] = pl.get("empty_fraction")
+    vals["fragmented_fraction"] = pl.get("fragmented_fraction")
+    vals.update(source_regression(settings, site, method, seed))
+    return vals
+
+
+GATES = [  # (gate = params key, measurement, comparison, label-free)
+    ("min_target_dice", "target_dice", ">=", False),
+    ("max_source_dice_drop", "source_dice_drop", "<=", True),
+    ("max_empty_fraction", "empty_fraction", "<=", True),
+    ("max_fragmented_fraction", "fragmented_fraction", "<=", True),
+]
+
+
+def check_gates(cfg: Gates, values: dict[str, float | None]) -> list[dict]:
+    labeled = values.get("target_dice") is not None
+    out = []
+    for name, key, op, label_free in GATES:
+        threshold = getattr(cfg, name)
+        if threshold is None:
+            continue
+        if label_free and labeled and cfg.label_free == "auto":
+            continue
+        if not label_free and not labeled:
+            continue
+        v = values.get(key)
+        passed = v is not None and (v >= threshold if op == ">=" else v <= threshold)
+        out.append({"name": name, "value": v, "threshold": threshold, "passed": bool(passed)})
+    return out
+
+
+def format_gate(g: dict) -> str:
+    op = ">=" if g["name"].startswith("min_") else "<="
+    v = "missing" if g["value"] is None else f"{g['value']:.4f}"
+    return f"{g['name']}: {v} (needs {op} {g['threshold']}) {'passed' if g['passed'] else 'FAILED'}"
+
+
+# ---- registry -------------------------------------------------------------------------------------------------------
+def _tag_value(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def _float_tag(v: str | None) -> float | None:
+    if v is None or v in ("none", "nan", ""):
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def register_model(settings: Settings, site: str, method: str, seed: int | None = None) -> dict:
+    """Register the model of ``method`` adapted to ``site`` as a new version of ``siteadapt-<task>-<site>`` with alias
+    ``candidate``. Returns ``{"name", "version", "alias": "candidate", "run_id"}``."""
+    import torch
+
+    from .. import tracking
+    from .train import model_dir
+
+    task = settings.site(site).task
+    mdir = model_dir(settings, site, method, seed)
+    mpath = mdir / "model.pt"
+    if not mpath.is_file():
+        raise InputError(mpath, f"no model: run `siteadapt adapt --site {site} --method {method}` first")
+    client = tracking.connect()  # fail fast (naming the URI) before measuring anything
+    payload = torch.load(mpath, map_location="cpu", weights_only=False)
+    source = payload.get("source_site")
+    artifacts = {"model": str(mpath)}
+    h = _weights_sha256(mpath)
+    from ..methods import get_method
+
+    cls = get_method(payload["method"])
+    if cls.needs_source_model or payload["options"].get("init_from_source"):
+        src = model_dir(settings, source, "source") / "model.pt"
+        artifacts["source_model"] = str(src)
+        h = _weights_sha256(src, h)
+    sha = h.hexdigest()
+    values = gate_values(settings, site, method, seed)
+
+    name = model_name(task, site)
+    for mv in client.search_model_versions(f"name='{name}'"):
+        if mv.tags.get("model_sha256") == sha:
+            for k, v in values.items():  # the evaluation may have changed (e.g. post-processing): fresh measurements
+                client.set_model_version_tag(name, mv.version, f"gate.{k}", _tag_value(v))
+            client.set_registered_model_alias(name, CANDIDATE, mv.version)
+            log.info("%s: same weights as version %s; alias %s moved to it", name, mv.version, CANDIDATE)
+            return {"name": name, "version": str(mv.version), "alias": CANDIDATE, "run_id": mv.run_id}
+
+    exp = tracking.experiment_id(client, task)
+    rid = tracking.existing_run_id(client, mdir)
+    if rid is None:
+        rid = client.create_run(exp, run_name=f"register/{site}/{method}",
+                                tags={"siteadapt.stage": "register", "task": task, "site": site,
+                                      "method": method}).info.run_id
+    git = tracking.git_info()
+    hashes = tracking.data_hashes(settings, {"source": source, "target": site})
+    size = int(payload["context"]["image_size"])
+    example = np.random.default_rng(0).uniform(-1, 1, (2, 1, size, size)).astype(np.float32)
+    wrapper = SiteadaptSegmenter()
+    from mlflow.models import infer_signature
+
+    class _Ctx:
+        pass
+
+    ctx = _Ctx()
+    ctx.artifacts = artifacts
+    wrapper.load_context(ctx)
+    signature = infer_signature(example, wrapper.predict(ctx, example))
+    with mlflow.start_run(run_id=rid):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(Path(__file__).resolve().parents[1] / "pyfunc_model.py"),
+            artifacts=artifacts, input_example=example, signature=signature, registered_model_name=name,
+            pip_requirements=[f"siteadapt=={__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                              f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"])
+        mlflow.log_metrics({f"gate/{k}": float(v) for k, v in values.items() if v is not None})
+    version = str(info.registered_model_version)
+    tags = {
+        "method": payload["method"], "variant": payload.get("variant", method), "task": task,
+        "source_site": source, "target_site": site, "seed": payload.get("seed", settings.seed),
+        "profile": settings.profile, "params": json.dumps(payload["options"], sort_keys=True, default=str),
+        "model_sha256": sha, "uses_target_labels": str(cls.trains_on_target_labels).lower(), **git, **hashes,
+        **{f"gate.{k}": v for k, v in values.items()},
+    }
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, _tag_value(v))
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=f"siteadapt models of task {task} for site {site} "
+                                                         f"(alias {CHAMPION}: serving, {CANDIDATE}: newest)")
+    log.info("%s: registered %s as version %s (alias %s), run %s", name, method, version, CANDIDATE, rid)
+    return {"name": name, "version": version, "alias": CANDIDATE, "run_id": rid}
+
+
+def version_gates(name: str, version: str) -> dict[str, float | None]:
+    """The gate measurements recorded on a registered version (its ``gate.*`` tags)."""
+    from .. import tracking
+
+    mv = tracking.connect().get_model_version(name, version)
+    return {k.removeprefix("gate."): _float_tag(v) for k, v in mv.tags.items() if k.startswith("gate.")}
+
+
+def promote(settings: Settings, site: str, task: str | None = None, actor: str | None = None,
+            reason: str | None = None) -> dict:
+    """Move alias ``champion`` to the ``candidate`` version of ``siteadapt-<task>-<site>`` if every gate passes.
+    Returns ``{"promoted": bool, "version": str, "gates": [{"name", "value", "threshold", "passed"}, ...]}``."""
+    from .. import tracking
+
+    task = task or settings.site(site).task
+    name = model_name(task, site)
+    client = tracking.connect()
+    try:
+        mv = client.get_model_version_by_alias(name, CANDIDATE)
+    except Exception:  # noqa: BLE001 - MlflowException: no such model or alias
+        raise RegistryError(f"{name}: no version has alias '{CANDIDATE}' in {tracking.redact(tracking.tracking_uri())} "
+                            f"(run `siteadapt register --site {site} --method METHOD` first)") from None
+    values = {k.removeprefix("gate."): _float_tag(v) for k, v in mv.tags.items() if k.startswith("gate.")}
+    gates = check_gates(settings.registry.gates, values)
+    ok = all(g["passed"] for g in gates)
+    actor = actor or os.environ.get("SITEADAPT_ACTOR") or _user()
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    reason = reason or ("gates passed" if ok else "refused by gates")
+    record = {"version": str(mv.version), "actor": actor, "at": now, "reason": reason, "promoted": ok,
+              "gates": gates}
+    if ok:
+        client.set_registered_model_alias(name, CHAMPION, mv.version)
+        for k, v in {"promoted_by": actor, "promoted_at": now, "promotion_reason": reason}.items():
+            client.set_model_version_tag(name, mv.version, k, v)
+        for k, v in {"champion.version": mv.version, "champion.promoted_by": actor, "champion.promoted_at": now,
+                     "champion.reason": reason}.items():
+            client.set_registered_model_tag(name, k, str(v))
+    else:
+        failed = [g for g in gates if not g["passed"]]
+        for k, v in {"promotion_refused_by": actor, "promotion_refused_at": now,
+                     "promotion_refused_gates": json.dumps(failed)}.items():
+            client.set_model_version_tag(name, mv.version, k, v)
+    client.set_registered_model_tag(name, f"promotion.{int(_dt.datetime.now().timestamp() * 1000)}",
+                                    json.dumps(record, default=str)[:5000])
+    log.info("%s: version %s %s", name, mv.version, "promoted to champion" if ok else "NOT promoted")
+    return {"promoted": ok, "version": str(mv.version), "gates": gates}
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user database entry (containers)
+        return "unknown"

@@ -1,0 +1,415 @@
+"""MLflow tracking of the pipeline steps: one run per trained model, with its evaluation logged into the same run.
+
+Where runs go
+-------------
+``$MLFLOW_TRACKING_URI`` when set (a tracking server such as ``http://mlflow:5000``, or any URI MLflow accepts);
+otherwise the embedded store ``sqlite:///<project>/mlflow.db`` with artifacts under ``<project>/mlruns/`` (project =
+``$DVC_ROOT`` inside a DVC stage, else the current folder; experiments queued with ``dvc exp run --queue/--temp`` run
+in a temporary copy, so point ``MLFLOW_TRACKING_URI`` at a fixed store for them). ``SITEADAPT_TRACKING=off`` turns tracking off (the steps run
+as before, nothing is logged). Look at the runs with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+
+What a run holds (experiment ``siteadapt-<task>``)
+--------------------------------------------------
+- ``train-source`` and ``adapt``: params (method options, the profile's sizes, seed, training settings, sites), tags
+  (stage, task, site, method, source/target site, git commit and whether the checkout was dirty, sha256 of each
+  site's ingest manifest and of its prepared shards), the loss curves every ``train.log_every`` iterations (through
+  the engine's ``tracker`` hook; ``train/<loss>``, ``train/it_per_s``), the curve CSV and the translated-image grid.
+- ``evaluate`` re-opens the run of the model it evaluates (its id is in ``<model dir>/mlflow_run.json``) and adds
+  ``eval/*`` metrics (Dice, ASSD, HD95 per structure and mean; label-free ``eval/empty_fraction`` and
+  ``eval/fragmented_fraction``), the metrics JSON and the overlay images. When that run is not in the current store
+  (e.g. the model came from a DVC remote), evaluation gets a run of its own.
+- ``register`` (:mod:`siteadapt.steps.register`) logs the model itself into the same run.
+
+Failing clearly
+---------------
+Before a step computes anything, the tracking store is checked: a server that does not answer within a few seconds
+stops the step with :class:`TrackingError` naming the URI, and no output of the step is written. MLflow's own HTTP
+retries are capped (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 2, backoff factor 1, timeout 30 s unless set in the
+environment), so a server that dies during a run fails the step within about a minute instead of retrying for many
+minutes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+from .config import Settings
+from .errors import SiteadaptError
+from .io.atomic import sha256_file, write_json
+
+log = logging.getLogger("siteadapt.tracking")
+
+ENV_URI = "MLFLOW_TRACKING_URI"
+ENV_SWITCH = "SITEADAPT_TRACKING"
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlruns"
+RUN_FILE = "mlflow_run.json"
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+PREFLIGHT_TIMEOUT_S = 5.0
+
+
+class TrackingError(SiteadaptError):
+    """The tracking store cannot be used (server down, wrong URI); the message names the URI."""
+
+
+# ---- where ------------------------------------------------------------------------------------------------------------
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "on").strip().lower() not in ("off", "0", "false", "no")
+
+
+def tracking_uri(root: str | Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI``, else the sqlite store ``<root>/mlflow.db`` (root: the DVC project a stage runs in,
+    ``$DVC_ROOT``, else the current folder)."""
+    env = os.environ.get(ENV_URI, "").strip()
+    if env:
+        return env
+    root = Path(root or os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    return f"sqlite:///{root / DEFAULT_DB}"
+
+
+def redact(uri: str) -> str:
+    """The URI without user:password (for messages, tags and files)."""
+    p = urllib.parse.urlsplit(uri)
+    if p.password or p.username:
+        host = p.hostname or ""
+        if p.port:
+            host += f":{p.port}"
+        return urllib.parse.urlunsplit((p.scheme, host, p.path, p.query, p.fragment))
+    return uri
+
+
+def ui_command(uri: str | None = None) -> str:
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri}"
+    return f"open {redact(uri)} in a browser (tracking server)"
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, naming the URI, when a tracking server does not answer (no retries, a few seconds at most)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=PREFLIGHT_TIMEOUT_S) as resp:
+            if resp.status >= 500:
+                raise TrackingError(f"MLflow tracking server {redact(uri)} answered {resp.status} on /health")
+    except urllib.error.HTTPError as e:  # a reachable server (or proxy) that has no /health: let MLflow judge
+        if e.code >= 500:
+            raise TrackingError(f"MLflow tracking server {redact(uri)} answered {e.code} on /health") from None
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(
+            f"MLflow tracking server {redact(uri)} is not reachable ({reason}); start it, or point "
+            f"{ENV_URI} at a running server, or unset {ENV_URI} to use the local store sqlite:///{DEFAULT_DB}"
+        ) from None
+
+
+def connect(uri: str | None = None):
+    """An ``MlflowClient`` for the tracking store, after checking that it answers. Sets the global URI too (so that
+    ``mlflow.pyfunc.log_model`` and the registry use the same store)."""
+    for k, v in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    uri = uri or tracking_uri()
+    check_reachable(uri)
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any failure here means the store is not usable
+        raise TrackingError(f"MLflow tracking store {redact(uri)} is not usable: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return client
+
+
+def experiment_id(client, task: str, uri: str | None = None) -> str:
+    name = f"siteadapt-{task}"
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    uri = uri or tracking_uri()
+    location = None
+    if uri.startswith("sqlite:"):  # embedded store: artifacts beside the database, not in the current folder
+        db = Path(uri.removeprefix("sqlite:///"))
+        location = (db.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created by a concurrent process in between
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# ---- what -------------------------------------------------------------------------------------------------------------
+def git_info(root: str | Path | None = None) -> dict[str, str]:
+    root = str(root or Path.cwd())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return {"git_commit": "unknown"}
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=30)
+        return {"git_commit": commit.stdout.strip(), "git_dirty": str(bool(dirty.stdout.strip())).lower()}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown"}
+
+
+def dir_sha256(folder: str | Path) -> str | None:
+    """sha256 over the relative names and sha256 of every file below ``folder`` (None when absent)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for p in sorted(q for q in folder.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        h.update(p.relative_to(folder).as_posix().encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def data_hashes(settings: Settings, sites: dict[str, str]) -> dict[str, str]:
+    """``{"data.<role>.manifest_sha256": ..., "data.<role>.prepared_sha256": ...}`` for ``{role: site}``."""
+    out = {}
+    for role, site in sites.items():
+        if site is None:
+            continue
+        out[f"data.{role}.site"] = site
+        man = settings.paths.ingested / site / "manifest.json"
+        if man.is_file():
+            out[f"data.{role}.manifest_sha256"] = sha256_file(man)
+        prep = dir_sha256(settings.paths.prepared / site)
+        if prep:
+            out[f"data.{role}.prepared_sha256"] = prep
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+def method_options(settings: Settings, name: str) -> tuple[str, dict]:
+    """(base method, validated options) of a method or named variant, without building its networks."""
+    from .methods import get_method
+
+    raw = dict(settings.methods.get(name) or {})
+    cls = get_method(raw.pop("method", name))
+    return cls.name, cls.parse_options(raw, f"methods.{name}").model_dump()
+
+
+# ---- logging ------------------------------------------------------------------------------------------------------
+class MlflowTracker:
+    """The engine's ``tracker``: buffers metric points and sends them in batches (at most every ``flush_s``
+    seconds, and at the end), so that a remote server costs one request per few seconds, not one per log line."""
+
+    def __init__(self, client, run_id: str, flush_s: float = 10.0):
+        self.client, self.run_id, self.flush_s = client, run_id, flush_s
+        self._buf: list = []
+        self._last = time.monotonic()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._buf.extend(Metric(k, float(v), ts, int(step)) for k, v in metrics.items())
+        if time.monotonic() - self._last >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._buf:
+            chunk, self._buf = self._buf[:1000], self._buf[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+        self._last = time.monotonic()
+
+
+class StageRun:
+    """One MLflow run, used by a step (params, tags, metrics, artifacts)."""
+
+    def __init__(self, client, run_id: str, experiment_id: str, uri: str):
+        self.client, self.run_id, self.experiment_id, self.uri = client, run_id, experiment_id, uri
+        self.tracker = MlflowTracker(client, run_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        have = self.client.get_run(self.run_id).data.params
+        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]  # params are write-once
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float | None], step: int = 0) -> None:
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if v is not None}, step)
+        self.tracker.flush()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if Path(path).is_file():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        if Path(folder).is_dir() and any(Path(folder).iterdir()):
+            self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def save_pointer(self, model_dir: Path) -> None:
+        write_json(Path(model_dir) / RUN_FILE, {"run_id": self.run_id, "experiment_id": self.experiment_id,
+                                                "tracking_uri": redact(self.uri)})
+
+
+class _NoRun:
+    """Tracking switched off: every call does nothing."""
+
+    run_id = None
+    tracker = None
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+def existing_run_id(client, model_dir: Path) -> str | None:
+    """The run id in ``<model_dir>/mlflow_run.json`` if that run exists in the current store."""
+    f = Path(model_dir) / RUN_FILE
+    if not f.is_file():
+        return None
+    try:
+        rid = json.loads(f.read_text())["run_id"]
+        client.get_run(rid)
+        return rid
+    except Exception:  # noqa: BLE001 - another store, deleted run, unreadable file: start a new run
+        return None
+
+
+@contextlib.contextmanager
+def stage_run(settings: Settings, *, stage: str, task: str, site: str, method: str | None = None,
+              resume: Path | None = None, tags: dict | None = None) -> Iterator[StageRun | _NoRun]:
+    """A run for one step. ``resume``: a model folder whose run (``mlflow_run.json``) is re-opened when it exists in
+    the current store. The run ends FINISHED, or FAILED when the step raises."""
+    if not enabled():
+        yield _NoRun()
+        return
+    uri = tracking_uri()
+    client = connect(uri)
+    exp = experiment_id(client, task, uri)
+    rid = existing_run_id(client, resume) if resume is not None else None
+    if rid is not None:
+        client.update_run(rid, status="RUNNING")
+    else:
+        name = "/".join(x for x in (stage, site, method) if x)
+        rid = client.create_run(exp, run_name=name, tags={"siteadapt.stage": stage}).info.run_id
+    run = StageRun(client, rid, exp, uri)
+    base = {"task": task, "site": site, "method": method, "profile": settings.profile, "seed": settings.seed,
+            **git_info()}
+    base["mlflow.source.git.commit"] = base.get("git_commit")
+    run.set_tags({**base, **(tags or {})})
+    t0 = time.perf_counter()
+    try:
+        yield run
+        run.tracker.flush()
+        run.log_metrics({f"{stage}/wall_s": time.perf_counter() - t0})
+        client.set_terminated(rid, status="FINISHED")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            run.tracker.flush()
+            client.set_terminated(rid, status="FAILED")
+        raise
+
+
+# ---- the tracked steps (what the CLI and DVC stages run) --------------------------------------------------------
+def _train_params(settings: Settings, method: str) -> dict[str, str]:
+    base, opts = method_options(settings, method)
+    return {"method": base, "variant": method, "seed": settings.seed, "profile": settings.profile,
+            **flatten(settings.active.model_dump(), "profile."), **flatten(settings.train.model_dump(), "train."),
+            **flatten(opts, "option.")}
+
+
+def _log_training(run, model_dir: Path) -> None:
+    import torch
+
+    mp = model_dir / "model.pt"
+    if mp.is_file():
+        summary = torch.load(mp, map_location="cpu", weights_only=False).get("summary") or {}
+        run.log_metrics({"train/seconds": summary.get("seconds"), "train/iterations": summary.get("iterations"),
+                         "train/mean_it_per_s": summary.get("it_per_s")}, step=int(summary.get("iterations") or 0))
+    run.log_artifact(model_dir / "losses.csv", "curves")
+    run.log_artifact(model_dir / "translations.png", "images")
+    run.save_pointer(model_dir)
+
+
+def train_source(settings: Settings, site: str, seed: int | None = None) -> Path:
+    from .steps.train import model_dir, train_source as _train
+
+    task = settings.site(site).task
+    with stage_run(settings, stage="train_source", task=task, site=site, method="source",
+                   tags={"source_site": site, **data_hashes(settings, {"source": site})}) as run:
+        run.log_params({**_train_params(settings, "source"), "source_site": site})
+        path = _train(settings, site, tracker=run.tracker, seed=seed)
+        _log_training(run, model_dir(settings, site, "source", seed))
+    return path
+
+
+def adapt(settings: Settings, target: str, method: str, source: str | None = None, seed: int | None = None) -> Path:
+    from .steps.train import adapt as _adapt, model_dir
+
+    d = settings.direction_to(target, source)
+    task = settings.site(target).task
+    with stage_run(settings, stage="adapt", task=task, site=target, method=method,
+                   tags={"source_site": d.source, "target_site": target,
+                         **data_hashes(settings, {"source": d.source, "target": target})}) as run:
+        run.log_params({**_train_params(settings, method), "source_site": d.source, "target_site": target})
+        path = _adapt(settings, target, method, source=d.source, tracker=run.tracker, seed=seed)
+        _log_training(run, model_dir(settings, target, method, seed))
+    return path
+
+
+def evaluate(settings: Settings, site: str, method: str, seed: int | None = None, predict: bool = False) -> Path:
+    from .steps.evaluate import evaluate as _evaluate
+    from .steps.train import model_dir, predict as _predict, run_name
+
+    task = settings.site(site).task
+    with stage_run(settings, stage="evaluate", task=task, site=site, method=method,
+                   resume=model_dir(settings, site, method, seed)) as run:
+        if predict:
+            _predict(settings, site, method, seed=seed)
+        path = _evaluate(settings, site, method, seed=seed)
+        m = json.loads(Path(path).read_text())
+        vals: dict[str, float | None] = {}
+        if m.get("labeled", True):
+            for metric in ("dice", "assd", "hd95", "recall", "precision"):
+                for k, v in (m.get(metric) or {}).items():
+                    vals[f"eval/{metric}_{k}"] = v
+        pl = m.get("plausibility") or {}
+        vals["eval/empty_fraction"] = pl.get("empty_fraction")
+        vals["eval/fragmented_fraction"] = pl.get("fragmented_fraction")
+        vals["eval/n_subjects"] = m.get("n_subjects")
+        run.log_metrics(vals)
+        run.set_tags({"eval.labeled": str(m.get("labeled", True)).lower(), "eval.split": m.get("split")})
+        run.log_artifact(path, "evaluation")
+        run.log_artifacts(settings.paths.reports / task / "overlays" / site / run_name(settings, method, seed),
+                          "images/overlays")
+    return path

@@ -1,0 +1,159 @@
+"""Tracking failure modes, dvc.yaml generation, promotion gates and the label-free checks (no server, no DVC run)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import dvc_project as dp
+from siteadapt import dvcgen
+from siteadapt.cli import main
+from siteadapt.config import Gates, load_settings, parse_settings
+from siteadapt.errors import ConfigError
+from siteadapt.metrics.plausibility import shape_checks, summarize_plausibility
+
+REPO = dp.REPO
+
+
+def test_checked_in_dvc_yaml_is_what_params_give():
+    s = load_settings(REPO / "params.yaml")
+    assert dvcgen.check(s, REPO / "params.yaml", REPO / "dvc.yaml") is None, \
+        "dvc.yaml is stale: run `siteadapt dvc-gen` and commit it"
+
+
+def test_stage_params_are_narrow_and_topology_is_resolved():
+    s = load_settings(REPO / "params.yaml")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    st = dvcgen.build(s, raw, REPO)["stages"]
+    flat = json.dumps(st)
+    assert "directions" not in flat and "tasks.cardiac.methods" not in flat  # topology is baked in, not a param
+    assert "methods.${item.method}" in st["adapt"]["do"]["params"]
+    assert "profiles.${profile}.iterations" in st["adapt"]["do"]["params"]
+    assert st["ingest"]["do"]["params"] == ["sites.${key}"]
+    assert st["preprocess"]["foreach"]["cxr_a"]["roi_rule"] == "labels"  # a pure source site crops on its labels
+    assert st["preprocess"]["foreach"]["cxr_b"]["roi_rule"] == "foreground"  # a target never does
+    assert st["adapt"]["foreach"]["cxr_b-histmatch"]["source_model"] == "models/chestxray/cxr_a/source"
+    assert st["adapt"]["foreach"]["cxr_b-supervised"]["source_model"] == "data/prepared/cxr_b"  # not needed
+    assert "cxr_b-supervised" not in st["register"]["foreach"]  # upper bounds are never registered
+    assert set(st["adapt"]["foreach"]) == {f"{t}-{m}" for t in ("cardiac_ct", "cardiac_mr", "cxr_b")
+                                           for m in ("supervised", "noadapt", "histmatch")}
+    # every listed key must exist in params.yaml (DVC refuses missing ones): the generator names what is missing
+    del raw["methods"]["histmatch"]
+    with pytest.raises(ConfigError, match="methods.histmatch"):
+        dvcgen.build(s, raw, REPO)
+
+
+def test_preprocess_refuses_a_stale_role(tmp_path, capsys):
+    p = dp.tiny_params()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    rc = main(["--params", str(tmp_path / "params.yaml"), "preprocess", "--site", "cxr_b", "--roi-rule", "labels"])
+    assert rc == 2 and "dvc-gen" in capsys.readouterr().err
+
+
+def test_stopped_tracking_server_fails_fast_naming_the_uri(tmp_path, monkeypatch, capsys):
+    with socket.socket() as sock:  # a port where nothing listens (= a stopped server)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(dp.tiny_params()))
+    t0 = time.perf_counter()
+    rc = main(["train-source", "--site", "cxr_a"])
+    assert rc == 2 and time.perf_counter() - t0 < 30
+    err = capsys.readouterr().err
+    assert uri in err and "not reachable" in err
+    assert not (tmp_path / "models").exists()  # nothing half-written
+
+
+def test_tracking_can_be_switched_off(monkeypatch):
+    from siteadapt import tracking
+
+    monkeypatch.setenv("SITEADAPT_TRACKING", "off")
+    s = load_settings(REPO / "params.yaml")
+    with tracking.stage_run(s, stage="adapt", task="cardiac", site="cardiac_ct") as run:
+        run.log_metrics({"a": 1.0})
+        assert run.tracker is None
+
+
+def test_default_store_is_sqlite_in_the_project_and_env_overrides(monkeypatch, tmp_path):
+    from siteadapt import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:secret@mlflow:5000")
+    assert tracking.tracking_uri(tmp_path) == "http://user:secret@mlflow:5000"
+    assert tracking.redact(tracking.tracking_uri()) == "http://mlflow:5000"
+
+
+def test_gates_labeled_and_label_free():
+    from siteadapt.steps.register import check_gates
+
+    g = Gates()
+    labeled = {"target_dice": 0.42, "source_dice_drop": 0.5, "empty_fraction": 0.0, "fragmented_fraction": 0.0}
+    res = check_gates(g, labeled)
+    assert res == [{"name": "min_target_dice", "value": 0.42, "threshold": 0.5, "passed": False}]
+    unlabeled = {"target_dice": None, "source_dice_drop": 0.02, "empty_fraction": 0.3, "fragmented_fraction": None}
+    res = {r["name"]: r for r in check_gates(g, unlabeled)}
+    assert set(res) == {"max_source_dice_drop", "max_empty_fraction", "max_fragmented_fraction"}
+    assert res["max_source_dice_drop"]["passed"] and not res["max_empty_fraction"]["passed"]
+    assert not res["max_fragmented_fraction"]["passed"] and res["max_fragmented_fraction"]["value"] is None
+    both = check_gates(g.model_copy(update={"label_free": "always", "max_fragmented_fraction": None}), labeled)
+    assert [r["name"] for r in both] == ["min_target_dice", "max_source_dice_drop", "max_empty_fraction"]
+
+
+def test_shape_checks():
+    pred = np.zeros((20, 20), np.uint8)
+    pred[2:8, 2:8] = 1
+    pred[12:14, 12:14] = 1  # a second piece: 4 of 40 pixels
+    pred[2:6, 12:18] = 2
+    c = shape_checks(pred, {"a": 1, "b": 2, "c": 3})
+    assert c["a"]["components"] == 2 and c["a"]["largest_share"] == pytest.approx(0.9) and not c["a"]["fragmented"]
+    assert c["b"]["largest_share"] == 1.0 and c["c"]["empty"]
+    pred[14:18, 12:16] = 1
+    assert shape_checks(pred, {"a": 1})["a"]["fragmented"]
+    summ = summarize_plausibility([c])
+    assert summ["empty_fraction"] == pytest.approx(1 / 3) and summ["fragmented_fraction"] == 0.0
+
+
+def test_site_images_may_be_s3_but_output_paths_are_local():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["sites"]["cardiac_ct"]["images"] = "s3://hospital/ct/images"
+    assert parse_settings(raw).sites["cardiac_ct"].images == "s3://hospital/ct/images"
+    raw["paths"]["models"] = "s3://bucket/models"
+    with pytest.raises(ConfigError, match="paths.models"):
+        parse_settings(raw)
+
+
+def test_evaluate_an_unlabeled_site_gives_label_free_checks_only(prepared_env):  # noqa: F811
+    from siteadapt.steps.evaluate import evaluate
+    from siteadapt.steps.preprocess import preprocess
+    from siteadapt.steps.report import collect
+
+    from test_evaluate_report import _fake_predictions
+
+    s = prepared_env
+    s = s.model_copy(update={"paths": s.paths.model_copy(update={
+        "predictions": s.paths.prepared.parent / "pred", "metrics": s.paths.prepared.parent / "metrics",
+        "reports": s.paths.prepared.parent / "reports"})})
+    preprocess(s, "tgt")
+    subj_file = s.paths.prepared / "tgt" / "subjects.json"
+    meta = json.loads(subj_file.read_text())
+    _fake_predictions(s, "tgt", "noadapt", shift=2)
+    for r in meta["subjects"]:
+        r["label"] = None  # as a site without labels
+    subj_file.write_text(json.dumps(meta))
+    m = json.loads(Path(evaluate(s, "tgt", "noadapt")).read_text())
+    assert m["labeled"] is False and "dice" not in m and m["n_subjects"] == 0
+    assert m["plausibility"]["n_subjects"] == 1 and m["plausibility"]["empty_fraction"] == 0.0
+    assert list((s.paths.reports / "heart" / "overlays" / "tgt" / "noadapt").glob("*.png"))
+    assert "heart" not in collect(s.paths.metrics)  # no table row for an unlabeled site
+
+
+from test_preprocess import prepared_env  # noqa: E402,F401  (fixture)
