@@ -215,7 +215,8 @@ def cmd_sync(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on the embedded synthetic sites: every stage, every task, then the tables."""
+    """The main job on the embedded synthetic sites: every stage of the tasks of ``pipeline.tasks`` (or
+    ``--tasks``), then the tables."""
     from .steps.pipeline import run_all
 
     s = _settings(args)
@@ -326,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_sync)
 
     sp = sub.add_parser("demo", help="run the main job on the embedded synthetic sites")
-    sp.add_argument("--tasks", default=None, help="comma-separated tasks (default: all with sites)")
+    sp.add_argument("--tasks", "--task", default=None, help="comma-separated tasks, e.g. `--task pneumonia` "
+                                                              "(default: params.yaml's pipeline.tasks)")
     sp.set_defaults(func=cmd_demo)
 
     from .kfp.cli import add_commands as add_kubeflow_commands  # pipeline compile|run-local|submit, watch

@@ -169,7 +169,8 @@ class Train(_Strict):
 
 class Gates(_Strict):
     """Promotion gates (``siteadapt promote``): the candidate becomes ``champion`` only if every gate that applies
-    passes. A gate set to null is off. Values are measured when the candidate is registered."""
+    passes. A gate set to null is off. Values are measured when the candidate is registered. The Dice, empty and
+    fragmented gates apply to segmentation tasks, the AUC gates to classification tasks."""
 
     min_target_dice: float | None = Field(0.5, ge=0, le=1, description="mean Dice on the site's labeled test subjects")
     max_source_dice_drop: float | None = Field(
@@ -179,6 +180,11 @@ class Gates(_Strict):
     max_fragmented_fraction: float | None = Field(
         0.25, ge=0, le=1, description="label-free: share of predicted structures whose largest connected component "
                                       "holds less than 90% of the structure")
+    min_target_auc: float | None = Field(
+        0.7, ge=0, le=1, description="classification: AUC on the site's labeled test images")
+    max_source_auc_drop: float | None = Field(
+        0.1, ge=-1, le=1, description="classification, label-free: AUC of the source classifier on the source site's "
+                                      "test images minus the adapted model's")
     label_free: Literal["auto", "always"] = Field(
         "auto", description="auto: label-free gates only for a site without labeled test subjects; always: also "
                             "for labeled sites")
@@ -186,6 +192,14 @@ class Gates(_Strict):
 
 class Registry(_Strict):
     gates: Gates = Gates()
+
+
+class Pipeline(_Strict):
+    """What the main job runs: ``dvc.yaml`` (``siteadapt dvc-gen``) and ``siteadapt demo`` contain the stages of
+    these tasks only (default: every task that has sites). A task left out keeps its settings and sites; adding it
+    back and regenerating dvc.yaml runs only its stages (and the report)."""
+
+    tasks: list[str] | None = None
 
 
 class Settings(_Strict):
@@ -197,6 +211,7 @@ class Settings(_Strict):
     sites: dict[str, Site]
     train: Train = Train()
     registry: Registry = Registry()
+    pipeline: Pipeline = Pipeline()
     methods: dict[str, dict] = {}
     """Per-method options (``methods.<name>.<option>``), validated by each method's own ``Options``."""
 
@@ -216,6 +231,12 @@ class Settings(_Strict):
                     if self.sites[s].task != tname:
                         raise ValueError(f"tasks.{tname}.directions.{i}.{end}: site {s!r} belongs to task "
                                          f"{self.sites[s].task!r}")
+        listed = self.pipeline.tasks or []
+        for i, t in enumerate(listed):
+            if t not in self.tasks:
+                raise ValueError(f"pipeline.tasks.{i}: unknown task {t!r} (tasks: {sorted(self.tasks)})")
+            if t in listed[:i]:
+                raise ValueError(f"pipeline.tasks.{i}: task {t!r} is listed twice")
         return self
 
     # ---- derived views -------------------------------------------------------------------------------------
@@ -243,6 +264,13 @@ class Settings(_Strict):
         if len(ds) > 1:
             raise ConfigError(f"several directions end at {target!r}: pass --source ({', '.join(d.source for d in ds)})")
         return ds[0]
+
+    def pipeline_tasks(self) -> list[str]:
+        """The tasks of the main job (``pipeline.tasks``, default all), in the order of ``tasks:``, that have
+        sites."""
+        chosen = self.pipeline.tasks
+        return [t for t in self.tasks if (chosen is None or t in chosen)
+                and any(site.task == t for site in self.sites.values())]
 
     def synth_images(self, task: str) -> int:
         """Images per synthetic 2D site of ``task`` (classification tasks get more: AUC needs more test images)."""

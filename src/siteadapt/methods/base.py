@@ -77,15 +77,18 @@ class Method(nn.Module):
 
     # ---- construction helpers -------------------------------------------------------------------------------------
     @classmethod
-    def parse_options(cls, raw: dict | None, where: str) -> MethodOptions:
+    def parse_options(cls, raw: dict | None, where: str, origins: dict[str, str] | None = None) -> MethodOptions:
+        """Validate options; errors name ``<where>.<option>``, or ``<origins[option]>.<option>`` for an option that
+        came from another params key (a task's ``method_options``)."""
         try:
             return cls.Options.model_validate(raw or {})
         except ValidationError as e:
             msgs = []
             for err in e.errors():
                 loc = ".".join(str(p) for p in err["loc"])
-                msgs.append(f"{where}.{loc}: unknown key" if err["type"] == "extra_forbidden"
-                            else f"{where}.{loc}: {err['msg']}")
+                at = (origins or {}).get(str(err["loc"][0]), where) if err["loc"] else where
+                msgs.append(f"{at}.{loc}: unknown key" if err["type"] == "extra_forbidden"
+                            else f"{at}.{loc}: {err['msg']}")
             raise ConfigError("\n".join(msgs)) from None
 
     # ---- what a method implements ---------------------------------------------------------------------------------

@@ -323,11 +323,11 @@ def report(settings: Settings) -> dict[str, Path]:
 
 
 def _placeholders(settings: Settings, written: dict) -> None:
-    """Tasks in the pipeline without any labeled result still get their files (DVC declares them as outputs)."""
-    for task, t in settings.tasks.items():
+    """Tasks in the pipeline (``pipeline.tasks``) without any labeled result still get their files (DVC declares
+    them as outputs)."""
+    for task in settings.pipeline_tasks():
+        t = settings.tasks[task]
         if task in written or not (t.directions and t.methods):
-            continue
-        if not any(site.task == task for site in settings.sites.values()):
             continue
         out = settings.paths.reports / task
         write_text(out / "table.md", f"# {task}\n\nNo labeled evaluation results: the targets have no labeled test "

@@ -51,19 +51,32 @@ def model_dir(settings: Settings, site: str, method: str, seed: int | None = Non
     return settings.paths.models / settings.site(site).task / site / run_name(settings, method, seed)
 
 
+def method_options(settings: Settings, name: str, site: str) -> tuple[type[Method], dict, list[str], dict[str, str]]:
+    """(method class, raw options, the params keys they come from, option -> the key that set it) of method or
+    named variant ``name`` for ``site``: ``methods.<name>`` (a named variant's ``method:`` picks the class), then the
+    site's task's overrides ``tasks.<task>.method_options.<base method>``, then ``.<name>``. The keys are what a DVC
+    stage of this method lists as its params."""
+    raw = dict(settings.methods.get(name) or {})
+    base = raw.pop("method", name)
+    origins = {k: f"methods.{name}" for k in raw}
+    task = settings.site(site).task
+    per_task = settings.tasks[task].method_options
+    keys = [f"methods.{name}"]
+    for k in dict.fromkeys([base, name]):
+        if k in per_task:
+            key = f"tasks.{task}.method_options.{k}"
+            raw |= per_task[k] or {}
+            origins |= {opt: key for opt in per_task[k] or {}}
+            keys.append(key)
+    return get_method(base), raw, keys, origins
+
+
 def build_method(settings: Settings, name: str, site: str) -> Method:
     """``name`` is a method, or a named variant in params: ``methods: {sifa_prior: {method: sifa,
     deep_supervision: false}}`` (an ablation row = a flag on the method, never a copy of it). The site's task may
     override options: ``tasks.<task>.method_options.<base method>``, then ``.<name>``."""
-    raw = dict(settings.methods.get(name) or {})
-    base = raw.pop("method", name)
-    per_task = settings.task_of(site).method_options
-    if base != name:
-        raw |= per_task.get(base) or {}
-    raw |= per_task.get(name) or {}
-    cls = get_method(base)
-    opts = cls.parse_options(raw, f"methods.{name}" if not per_task else
-                             f"methods.{name} (+ tasks.{settings.site(site).task}.method_options)")
+    cls, raw, keys, origins = method_options(settings, name, site)
+    opts = cls.parse_options(raw, keys[0], origins)
     m = cls(context_for(settings, site), opts)
     m.variant = name
     return m
