@@ -225,6 +225,25 @@ def test_threshold_comes_from_validation_never_from_test(cls_env):
     assert m3["threshold"] != pytest.approx(m["threshold"])
 
 
+def test_unlabeled_classification_site_gets_the_score_distribution_only(cls_env):
+    """Without labels there is no threshold and no AUC: the metrics file says ``labeled: false`` (no table row), with
+    the scores' distribution, and the examples figure (the DVC out beside the metrics) still shows the images."""
+    from siteadapt.steps.report import collect
+
+    s, *_ = cls_env
+    preprocess(s, "ped")
+    subj = json.loads((s.paths.prepared / "ped" / "subjects.json").read_text())["subjects"]
+    scores = {r["id"]: 0.1 + 0.8 * i / len(subj) for i, r in enumerate(subj)}
+    _write_scores(s, "ped", "m", scores)
+    _set_classes(s, "ped", {r["id"]: None for r in subj})
+    m = json.loads(evaluate(s, "ped", "m").read_text())
+    test = [scores[r["id"]] for r in subj if r["split"] == "test"]
+    assert m["labeled"] is False and m["kind"] == "classification" and "auc" not in m
+    assert m["n_test"] == len(test) and m["score_mean"] == pytest.approx(np.mean(test))
+    assert (s.paths.reports / "pn" / "overlays" / "ped" / "m" / "examples.png").is_file()
+    assert "pn" not in collect(s.paths.metrics)
+
+
 def test_protocol_function_and_missing_scores(cls_env):
     res = threshold_then_metrics([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4], [0, 1, 0, 1], [0.15, 0.35, 0.5, 0.6])
     assert res["threshold"] == pytest.approx(0.25) and res["youden_on_val"]["j"] == pytest.approx(1.0)
