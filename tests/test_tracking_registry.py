@@ -228,6 +228,15 @@ def test_register_and_promote_a_classifier(cls_env, tmp_path, monkeypatch):  # n
     res = promote(with_gates(min_target_auc=0.0, max_source_auc_drop=-0.5, label_free="always"), "ped")
     assert not res["promoted"] and [g["name"] for g in res["gates"] if not g["passed"]] == ["max_source_auc_drop"]
 
+    # a method that applies the source classifier only for classification tasks (CycleGAN) ships it as an artifact
+    adapt(s, "ped", "cyclegan")
+    predict(s, "ped", "cyclegan")
+    evaluate(s, "ped", "cyclegan")
+    reg2 = register_model(s, "ped", "cyclegan")
+    assert reg2["version"] != reg["version"]
+    p2 = mlflow.pyfunc.load_model(f"models:/{reg['name']}/{reg2['version']}").predict(x)
+    assert p2.shape == (len(x),) and ((0 <= p2) & (p2 <= 1)).all()
+
 
 def test_shape_checks():
     pred = np.zeros((20, 20), np.uint8)

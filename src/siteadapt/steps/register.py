@@ -302,10 +302,11 @@ def register_model(settings: Settings, site: str, method: str, seed: int | None 
     source = payload.get("source_site")
     artifacts = {"model": str(mpath)}
     h = _weights_sha256(mpath)
-    from ..methods import get_method
+    from .train import load_model
 
-    cls = get_method(payload["method"])
-    if cls.needs_source_model or payload["options"].get("init_from_source"):
+    built, _ = load_model(mpath)  # whether it applies the source model can depend on its options and the task's
+    cls = type(built)             # kind (e.g. CycleGAN classifies with the source classifier), not only its class
+    if built.needs_source_model or payload["options"].get("init_from_source"):
         src = model_dir(settings, source, "source") / "model.pt"
         artifacts["source_model"] = str(src)
         h = _weights_sha256(src, h)
