@@ -295,7 +295,8 @@ def save_examples(s: Settings, site: str, rows: list[dict], threshold: float | N
         ax.axis("off")
     for ax, r in zip(axes.ravel(), shown):
         if r["id"] in index:
-            ax.imshow(np.rot90(data.images[index[r["id"]]]), cmap="gray", vmin=-1, vmax=1)
+            # a prepared 2D image is indexed (column, row) of the picture as exported: transposed, it shows upright
+            ax.imshow(data.images[index[r["id"]]].T, cmap="gray", vmin=-1, vmax=1)
         txt = f"P({classes[1]}) {r['score']:.2f}"
         color = "black"
         if threshold is not None:
