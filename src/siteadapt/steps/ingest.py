@@ -240,6 +240,16 @@ def _load(c: _Candidate, modality: str | None, pixel_spacing: float | None) -> V
     return F.read_image2d(c.files[0], spacing=pixel_spacing, modality=modality or "OT")
 
 
+def content_sha256(data: np.ndarray) -> str:
+    """sha256 of an image's voxel values (dtype, shape and bytes in C order): the same for the same pixels whatever
+    the de-identification key, file format or time of ingest, so the subject split does not depend on the keyed ids
+    (a fresh checkout has a fresh key) and identical images land in the same split."""
+    a = np.ascontiguousarray(data)
+    h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _item_record(c: _Candidate, vol: Volume, out_dir: Path, label: np.ndarray | None) -> dict:
     img_rel = f"images/{c.id}.nii.gz"
     rec = {
@@ -252,6 +262,7 @@ def _item_record(c: _Candidate, vol: Volume, out_dir: Path, label: np.ndarray | 
         "orientation": vol.orientation,
         "image": img_rel,
         "image_sha256": sha256_file(out_dir / img_rel),
+        "content_sha256": content_sha256(vol.data),
         "label": None,
         "label_sha256": None,
         "label_values": None,

@@ -61,6 +61,18 @@ log = logging.getLogger("siteadapt.preprocess")
 SPLITS = ("train", "val", "test")
 
 
+def split_by_content(items: list[dict], seed: int, site: str, val: float, test: float,
+                     strata: dict[str, object] | None = None) -> dict[str, str]:
+    """The site's split, keyed by item id, drawn on the items' content hashes (``content_sha256`` of the ingest
+    manifest) rather than on their ids: ids are keyed pseudonyms, and a checkout with another de-identification key
+    must get the same split (the same table) from the same data. Items with identical pixels share a key and so a
+    split. Manifests written before content hashes existed fall back to the ids."""
+    key = {it["id"]: it.get("content_sha256") or f"id:{it['id']}" for it in items}
+    by_key_strata = None if strata is None else {key[i]: c for i, c in strata.items()}
+    by_key = split_subjects(sorted(set(key.values())), seed, site, val, test, strata=by_key_strata)
+    return {i: by_key[k] for i, k in key.items()}
+
+
 def split_subjects(ids: list[str], seed: int, site: str, val: float, test: float,
                    strata: dict[str, object] | None = None) -> dict[str, str]:
     """Seeded subject-level split; stable for a seed whatever the order of ``ids``. With ``strata`` (id -> class),
@@ -177,7 +189,7 @@ def preprocess(settings: Settings, site: str) -> dict:
     rule = s.roi_rule(site)
     classify = task.kind == "classification"
     classes = {it["id"]: it.get("class_label") for it in items} if classify else None
-    split = split_subjects([it["id"] for it in items], s.seed, site, pp.split.val, pp.split.test, strata=classes)
+    split = split_by_content(items, s.seed, site, pp.split.val, pp.split.test, strata=classes)
 
     # ---- 1. choose each subject's crop grid and resample ------------------------------------------------------
     records, crops, crop_labels, ct_fg, vol_stats = [], {}, {}, {}, {}
