@@ -142,3 +142,40 @@ def test_component_steps_in_process_on_an_unlabeled_s3_site(tmp_path, monkeypatc
     assert not list((art / "src_model").rglob("checkpoint.pt"))
     assert {"predictions", "summary"} <= set(files(art / "eval")) and not any(
         p.is_symlink() for p in (art / "eval").rglob("*"))
+
+
+def test_component_steps_in_process_on_a_classification_site(tmp_path, monkeypatch):
+    """The component functions on a classification task (pneumonia): labels from labels.csv beside images/ (source)
+    and from class folders (target), AUC as the ranking score, a classifier registered and gated by the AUC gates."""
+    from siteadapt.kfp import runtime as R
+    from siteadapt.kfp.local import demo_sites, tiny_params
+
+    monkeypatch.setenv("SITEADAPT_DEID_KEY", "test-key-not-secret")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    sites = demo_sites("pneumonia", tmp_path / "raw", n=40)
+    assert (Path(sites["source_uri"]) / "labels.csv").is_file()
+    params = tiny_params(REPO / "params.yaml")
+    src = R.Job(task="pneumonia", source_site="adult", params_yaml=params, profile="tiny")
+    tgt = R.Job(task="pneumonia", source_site="adult", site="children", params_yaml=params, profile="tiny",
+                modality="DX", pixel_spacing_mm=sites["target_pixel_spacing_mm"], methods=("noadapt",))
+    art = tmp_path / "artifacts"
+    assert R.run_ingest(src, sites["source_uri"], art / "ing_src")["labeled"] == 40
+    assert R.run_ingest(tgt, sites["target_uri"], art / "ing_tgt")["labeled"] == 40  # one folder per class
+    R.run_preprocess(src, art / "ing_src", art / "prep_src")
+    R.run_preprocess(tgt, art / "ing_tgt", art / "prep_tgt")
+    R.run_train_source(src, art / "prep_src", art / "src_model")
+    R.run_adapt(tgt, "noadapt", art / "prep_src", art / "prep_tgt", art / "src_model", art / "model")
+    summary = R.run_evaluate(tgt, "noadapt", art / "ing_tgt", art / "prep_tgt", art / "src_model", art / "model",
+                             art / "eval")
+    assert summary["labeled"] and summary["kind"] == "classification" and summary["score"] == summary["auc"]
+    assert "dice_mean" not in summary
+    cand = R.run_register(tgt, [json.dumps(summary)], [art / d for d in ("ing_src", "ing_tgt", "prep_src",
+                                                                         "prep_tgt", "src_model", "model", "eval")])
+    assert cand["registered"]["name"] == "siteadapt-pneumonia-children"
+    res = R.check_gates(replace(tgt, gates={"min_target_auc": 0.0}), cand)
+    assert res["passed"] and [g["name"] for g in res["gates"]] == ["min_target_auc"]  # no segmentation gate
+    strict = R.check_gates(replace(tgt, gates={"min_target_auc": 0.0, "max_source_auc_drop": -0.5,
+                                               "label_free": "always"}), cand)  # noadapt's drop is 0 > -0.5
+    assert [(g["name"], g["passed"]) for g in strict["gates"]] == [("min_target_auc", True),
+                                                                   ("max_source_auc_drop", False)]

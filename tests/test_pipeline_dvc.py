@@ -219,6 +219,26 @@ def test_adding_a_site_runs_only_its_stages(pipeline, tmp_path):
         | {"report"}
 
 
+def test_adding_the_classification_task_changes_only_its_stages(pipeline, tmp_path):
+    """pipeline.tasks opts a task in: with pneumonia (classification) added, DVC sees its stages and the report as
+    new or changed, and every chest X-ray stage as unchanged although the stage templates gained per-item keys."""
+    repo = clone(pipeline.root, tmp_path / "clone")
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    full = yaml.safe_load((dp.REPO / "params.yaml").read_text())
+    p["sites"] |= {k: v for k, v in full["sites"].items() if v["task"] == "pneumonia"}
+    p["tasks"]["pneumonia"] = full["tasks"]["pneumonia"]
+    p["pipeline"] = {"tasks": ["chestxray", "pneumonia"]}
+    p["profiles"]["test"] |= {"adapt_iterations": 4, "synth_images_classification": 20}
+    dp.write_params(repo, p)
+    dp.siteadapt("dvc-gen", cwd=repo)
+    status = dp.dvc("status", cwd=repo).stdout
+    methods = full["tasks"]["pneumonia"]["methods"]
+    new = {"synth@pneumonia", "ingest@adult", "ingest@pediatric", "preprocess@adult", "preprocess@pediatric",
+           "train_source@adult"} | {f"{st}@pediatric-{m}" for st in ("adapt", "evaluate") for m in methods} \
+        | {f"register@pediatric-{m}" for m in methods if m != "supervised"}
+    assert set(dp.status_stages(status)) == new | {"report"}, status
+
+
 def test_exp_run_reruns_only_the_changed_method_and_reports_the_ablation(pipeline, tmp_path):
     repo = clone(pipeline.root, tmp_path / "clone")
     r = dp.dvc("exp", "run", "-n", "hm-q16", "-S", "methods.histmatch.n_quantiles=16", cwd=repo,

@@ -173,3 +173,24 @@ def test_2d_task(prepared_env):
     orig = np.asanyarray(nib.load(s.paths.ingested / r["label"]).dataobj)
     assert back.shape == orig.shape
     assert (back == orig).mean() > 0.9
+
+
+def test_split_does_not_depend_on_the_deid_key(tmp_path, monkeypatch):
+    """Two checkouts have two de-identification keys (other pseudonymous ids): the same data must get the same
+    subject split, so a table is reproducible from a fresh clone."""
+    _make_site(tmp_path / "raw/src", 10, "MR", 0)
+    splits = []
+    for n, key in enumerate(("a" * 64, "b" * 64)):
+        monkeypatch.setenv("SITEADAPT_DEID_KEY", key)
+        s = _settings(tmp_path / f"co{n}")
+        s = s.model_copy(update={"sites": {**s.sites, "src": s.sites["src"].model_copy(
+            update={"images": tmp_path / "raw/src/images", "labels": tmp_path / "raw/src/labels"})}})
+        res = ingest(tmp_path / "raw/src/images", "src", s.paths.ingested, labels=tmp_path / "raw/src/labels",
+                     modality="MR")
+        items = json.loads((res.out_dir / "manifest.json").read_text())["items"]
+        content = {it["id"]: it["content_sha256"] for it in items}
+        subj = json.loads((preprocess(s, "src")["out_dir"] / "subjects.json").read_text())["subjects"]
+        splits.append(({content[r["id"]]: r["split"] for r in subj}, set(content)))
+    (a, ids_a), (b, ids_b) = splits
+    assert not ids_a & ids_b  # other keys, other ids
+    assert a == b and sorted(a.values()).count("test") == 2

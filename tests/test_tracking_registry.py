@@ -49,6 +49,56 @@ def test_stage_params_are_narrow_and_topology_is_resolved():
         dvcgen.build(s, raw, REPO)
 
 
+def _rendered(group: dict) -> dict[str, set[str]]:
+    """What DVC records per item of a generated ``foreach`` stage: its params keys after interpolation (a repeated
+    key counts once)."""
+    out = {}
+    for key, item in group["foreach"].items():
+        keys = set()
+        for p in group["do"]["params"]:
+            v = p.replace("${key}", key)
+            for field, val in item.items():
+                v = v.replace(f"${{item.{field}}}", str(val))
+            keys.add(v)
+        out[key] = keys
+    return out
+
+
+def test_classification_task_is_opt_in_and_leaves_the_other_stages_alone():
+    """pipeline.tasks picks the tasks of dvc.yaml; adding the classification task adds its stages with the keys
+    they read (classes, the task's method_options, the adaptation schedule) and renders every other stage as before."""
+    s = load_settings(REPO / "params.yaml")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert raw["pipeline"]["tasks"] == ["cardiac", "chestxray"] and s.pipeline_tasks() == ["cardiac", "chestxray"]
+    default = dvcgen.build(s, raw, REPO)["stages"]
+    assert "pneumonia" not in json.dumps(default)
+
+    raw_all = {**raw, "pipeline": {"tasks": ["cardiac", "chestxray", "pneumonia"]}}
+    st = dvcgen.build(parse_settings(raw_all), raw_all, REPO)["stages"]
+    for group in ("ingest", "preprocess", "train_source", "adapt", "evaluate", "register"):
+        old, new = _rendered(default[group]), _rendered(st[group])
+        assert {k: new[k] for k in old} == old, group  # the segmentation stages are what they were
+    r = _rendered(st["adapt"])
+    assert {"tasks.pneumonia.classes", "tasks.pneumonia.method_options.tunanet", "methods.tunanet",
+            "profiles.${profile}.adapt_iterations"} <= r["pediatric-tunanet"]
+    assert not any("structures" in k or "postprocess" in k for k in r["pediatric-tunanet"])
+    assert "tasks.pneumonia.method_options.cyclegan" not in r["pediatric-tunanet"]  # only its own options
+    assert "profiles.${profile}.adapt_iterations" not in r["pediatric-supervised"]
+    assert "tasks.pneumonia.method_options.source" in _rendered(st["train_source"])["adult"]
+    assert "tasks.pneumonia.classes" in _rendered(st["ingest"])["pediatric"]
+    assert _rendered(st["evaluate"])["pediatric-noadapt"] == {"seed", "tasks.pneumonia.classes", "tasks.pneumonia.kind"}
+    assert "pediatric-supervised" not in st["register"]["foreach"]
+    assert st["synth"]["foreach"]["pneumonia"]["count"] == "synth_images_classification"
+    assert "reports/pneumonia/table.md" in st["report"]["outs"]
+
+    # every listed key must exist in params.yaml: a profile without the adaptation schedule is named
+    del raw_all["profiles"]["paper"]["adapt_iterations"]
+    with pytest.raises(ConfigError, match="profiles.paper.adapt_iterations"):
+        dvcgen.build(parse_settings(raw_all), raw_all, REPO)
+    with pytest.raises(ConfigError, match="pipeline.tasks.0: unknown task 'pneumonai'"):
+        parse_settings({**raw, "pipeline": {"tasks": ["pneumonai"]}})
+
+
 def test_preprocess_refuses_a_stale_role(tmp_path, capsys):
     p = dp.tiny_params()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
@@ -108,6 +158,86 @@ def test_gates_labeled_and_label_free():
     assert [r["name"] for r in both] == ["min_target_dice", "max_source_dice_drop", "max_empty_fraction"]
 
 
+def test_gates_classification():
+    from siteadapt.steps.register import check_gates
+
+    g = Gates()
+    labeled = {"target_auc": 0.65, "source_auc_drop": 0.3}
+    assert check_gates(g, labeled) == [{"name": "min_target_auc", "value": 0.65, "threshold": 0.7, "passed": False}]
+    unlabeled = {"target_auc": None, "source_auc_drop": 0.05}
+    assert check_gates(g, unlabeled) == [{"name": "max_source_auc_drop", "value": 0.05, "threshold": 0.1,
+                                          "passed": True}]
+    always = check_gates(g.model_copy(update={"label_free": "always"}), labeled, "classification")
+    assert [(r["name"], r["passed"]) for r in always] == [("min_target_auc", False), ("max_source_auc_drop", False)]
+    # the segmentation gates never apply to a classifier, nor the AUC gates to a segmenter
+    assert [r["name"] for r in check_gates(g, {"target_dice": 0.9})] == ["min_target_dice"]
+
+
+def test_register_and_promote_a_classifier(cls_env, tmp_path, monkeypatch):  # noqa: F811
+    """A classifier registers as a pyfunc model that maps preprocessed images to P(positive class), with the
+    classification gates measured (target AUC, source AUC drop) and applied at promotion."""
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+
+    from siteadapt.steps.evaluate import evaluate
+    from siteadapt.steps.preprocess import preprocess
+    from siteadapt.steps.register import promote, register_model
+    from siteadapt.steps.train import adapt, load_model, predict, train_source
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    s, *_ = cls_env
+    for site in ("ad", "ped"):
+        preprocess(s, site)
+    train_source(s, "ad")
+    adapt(s, "ped", "noadapt")
+    predict(s, "ped", "noadapt")
+    m = json.loads(evaluate(s, "ped", "noadapt").read_text())
+    examples = s.paths.reports / "pn" / "overlays" / "ped" / "noadapt" / "examples.png"
+    assert m["labeled"] and examples.is_file()  # the classification counterpart of the overlays (a DVC out)
+
+    reg = register_model(s, "ped", "noadapt")
+    c = MlflowClient(uri, registry_uri=uri)
+    v = c.get_model_version(reg["name"], reg["version"])
+    assert reg["name"] == "siteadapt-pn-ped" and v.tags["kind"] == "classification"
+    assert float(v.tags["gate.target_auc"]) == pytest.approx(m["auc"])
+    assert float(v.tags["gate.source_auc_drop"]) == 0.0  # noadapt is the source classifier itself
+    assert "gate.target_dice" not in v.tags
+
+    from mlflow.tracking._model_registry import utils as registry_utils
+
+    monkeypatch.setattr(registry_utils, "_registry_uri", uri)  # undone after the test (no global left behind)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    model = mlflow.pyfunc.load_model(f"models:/{reg['name']}/{reg['version']}")
+    x = np.load(s.paths.prepared / "ped" / "test.npz")["images"][:, None].astype(np.float32)
+    p = model.predict(x)
+    src, _ = load_model(s.paths.models / "pn" / "ad" / "source" / "model.pt")
+    with torch.no_grad():
+        want = torch.softmax(src.predict_subject(torch.from_numpy(x)).float(), 1)[:, 1].numpy()
+    assert p.shape == (len(x),) and p.dtype == np.float32 and np.allclose(p, want, atol=1e-5)
+
+    def with_gates(**kw):
+        return s.model_copy(update={"registry": s.registry.model_copy(update={
+            "gates": s.registry.gates.model_copy(update=kw)})})
+
+    res = promote(with_gates(min_target_auc=0.0), "ped")
+    assert res["promoted"] and [g["name"] for g in res["gates"]] == ["min_target_auc"]
+    res = promote(with_gates(min_target_auc=0.0, max_source_auc_drop=-0.5, label_free="always"), "ped")
+    assert not res["promoted"] and [g["name"] for g in res["gates"] if not g["passed"]] == ["max_source_auc_drop"]
+
+    # a method that applies the source classifier only for classification tasks (CycleGAN) ships it as an artifact
+    adapt(s, "ped", "cyclegan")
+    predict(s, "ped", "cyclegan")
+    evaluate(s, "ped", "cyclegan")
+    reg2 = register_model(s, "ped", "cyclegan")
+    assert reg2["version"] != reg["version"]
+    p2 = mlflow.pyfunc.load_model(f"models:/{reg['name']}/{reg2['version']}").predict(x)
+    assert p2.shape == (len(x),) and ((0 <= p2) & (p2 <= 1)).all()
+
+
 def test_shape_checks():
     pred = np.zeros((20, 20), np.uint8)
     pred[2:8, 2:8] = 1
@@ -156,4 +286,5 @@ def test_evaluate_an_unlabeled_site_gives_label_free_checks_only(prepared_env): 
     assert "heart" not in collect(s.paths.metrics)  # no table row for an unlabeled site
 
 
+from test_classification import cls_env  # noqa: E402,F401  (fixture)
 from test_preprocess import prepared_env  # noqa: E402,F401  (fixture)

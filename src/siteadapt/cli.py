@@ -41,7 +41,7 @@ def cmd_synth(args) -> int:
         t0 = time.perf_counter()
         summary = synthesize(task, out, seed=s.seed if args.seed is None else args.seed,
                              n_subjects=args.subjects or s.active.synth_subjects,
-                             n_images=args.images or s.active.synth_images,
+                             n_images=args.images or s.synth_images(task),
                              scale=args.scale or s.active.synth_scale)
         parts = ", ".join(f"{k}: {v.get('n')} {v.get('format')}" for k, v in summary.items())
         log.info("synth %s -> %s/%s (%s) in %.1f s", task, out, task, parts, time.perf_counter() - t0)
@@ -59,12 +59,14 @@ def cmd_ingest(args) -> int:
     labels = args.labels if args.labels else site.labels
     if args.no_labels:
         labels = None
+    task = s.task_of(args.site)
     # folders on an object store are mirrored locally first (only changed objects are fetched)
     source = storage.materialize(source, s.paths.remote / args.site / "images")
     if labels is not None:
         labels = storage.materialize(labels, s.paths.remote / args.site / "labels")
     res = ingest(source, args.site, Path(args.data_root) if args.data_root else s.paths.ingested,
-                 labels=labels, modality=args.modality or site.modality, pixel_spacing_mm=site.pixel_spacing_mm)
+                 labels=labels, modality=args.modality or site.modality, pixel_spacing_mm=site.pixel_spacing_mm,
+                 classes=task.classes if task.kind == "classification" else None)
     print(f"{args.site}: {len(res.items)} items ({len(res.written)} written, {len(res.skipped)} unchanged), "
           f"{len(res.rejected)} inputs not used -> {res.out_dir / 'manifest.json'}")
     return 0
@@ -86,7 +88,7 @@ def cmd_train_source(args) -> int:
     from .tracking import train_source
 
     path = train_source(_settings(args), args.site, seed=args.seed)
-    print(f"source segmenter -> {path}")
+    print(f"source model -> {path}")
     return 0
 
 
@@ -254,7 +256,8 @@ def cmd_sync(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on the embedded synthetic sites: every stage, every task, then the tables."""
+    """The main job on the embedded synthetic sites: every stage of the tasks of ``pipeline.tasks`` (or
+    ``--tasks``), then the tables."""
     from .steps.pipeline import run_all
 
     s = _settings(args)
@@ -281,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     sp = sub.add_parser("synth", help="write the embedded synthetic hospital sites of a task")
-    sp.add_argument("--task", required=True, choices=["cardiac", "chestxray", "all"])
+    sp.add_argument("--task", required=True, choices=["cardiac", "chestxray", "pneumonia", "all"])
     sp.add_argument("--out", default=None, help="output folder (default: paths.raw)")
     sp.add_argument("--seed", type=int, default=None)
     sp.add_argument("--subjects", type=int, default=None, help="3D subjects per site (default: profile)")
@@ -292,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("ingest", help="DICOM/NIfTI/2D images -> de-identified NIfTI + manifest")
     sp.add_argument("source", nargs="?", default=None, help="input folder (default: the site's `images` in params)")
     sp.add_argument("--site", required=True)
-    sp.add_argument("--labels", default=None, help="label folder (default: the site's `labels` in params)")
+    sp.add_argument("--labels", default=None, help="label folder, or labels CSV (stem,label) of a classification "
+                                                   "site (default: the site's `labels` in params)")
     sp.add_argument("--no-labels", action="store_true", help="ingest images only")
     sp.add_argument("--data-root", default=None, help="output root (default: paths.ingested)")
     sp.add_argument("--modality", default=None, help="modality for NIfTI/2D inputs (CT, MR, CR, DX, ...)")
@@ -305,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "params.yaml is an error (the site's source/target role changed: regenerate dvc.yaml)")
     sp.set_defaults(func=cmd_preprocess)
 
-    sp = sub.add_parser("train-source", help="train the source segmenter on a labeled site")
+    sp = sub.add_parser("train-source", help="train the source segmenter (or classifier) on a labeled site")
     sp.add_argument("--site", required=True)
     sp.add_argument("--seed", type=int, default=None)
     sp.set_defaults(func=cmd_train_source)
@@ -317,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None)
     sp.set_defaults(func=cmd_adapt)
 
-    sp = sub.add_parser("predict", help="write label maps on each target subject's original grid")
+    sp = sub.add_parser("predict", help="write label maps on each target subject's original grid (classification: "
+                                        "class scores of the val and test images)")
     sp.add_argument("--site", required=True)
     sp.add_argument("--method", required=True)
     sp.add_argument("--splits", default="test", help="comma-separated splits to predict (default: test)")
@@ -371,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_sync)
 
     sp = sub.add_parser("demo", help="run the main job on the embedded synthetic sites")
-    sp.add_argument("--tasks", default=None, help="comma-separated tasks (default: all with sites)")
+    sp.add_argument("--tasks", "--task", default=None, help="comma-separated tasks, e.g. `--task pneumonia` "
+                                                              "(default: params.yaml's pipeline.tasks)")
     sp.set_defaults(func=cmd_demo)
 
     from .kfp.cli import add_commands as add_kubeflow_commands  # pipeline compile|run-local|submit, watch

@@ -54,6 +54,8 @@ class Profile(_Strict):
     synth_scale: float = Field(gt=0, le=2, description="matrix-size factor of the synthetic sites")
     synth_subjects: int = Field(gt=2, description="3D subjects per synthetic site")
     synth_images: int = Field(gt=4, description="2D images per synthetic site")
+    synth_images_classification: int = Field(400, gt=4, description="2D images per synthetic site of a "
+                                              "classification task (AUC needs more test images than Dice)")
     slice_spacing_mm: float = Field(gt=0, description="spacing along the slicing axis of 3D tasks")
 
 
@@ -96,23 +98,40 @@ class Postprocess(_Strict):
 class Task(_Strict):
     kind: Literal["segmentation", "classification"] = "segmentation"
     dims: Literal[2, 3] = 3
-    structures: dict[str, int]
+    structures: dict[str, int] = {}
+    """Segmentation: label ids of the structures (0 is background)."""
+    classes: list[str] = []
+    """Classification: image-level class names, index = class id; ``[negative, positive]`` (e.g. ``[normal,
+    pneumonia]``): the metrics score the second class. Labels come from a CSV (``stem,label``) or class folders."""
     directions: list[Direction] = []
     methods: list[str] = []
     """Methods (or named variants from ``methods:``) run for every direction by the demo / DVC pipeline, in table
     order. ``supervised`` is the upper bound (it reads the target's labels; evaluation-only reference)."""
     preprocess: Preprocess = Preprocess()
     postprocess: Postprocess = Postprocess()
+    method_options: dict[str, dict] = {}
+    """Per-task overrides of ``methods.<name>`` options (e.g. a classifier's learning rate), applied on top of them
+    for this task's sites only; for a named variant, the base method's entry applies first, then the variant's."""
 
     @field_validator("structures")
     @classmethod
     def _ids(cls, v):
-        if not v:
-            raise ValueError("at least one structure is needed")
         ids = list(v.values())
         if any(i <= 0 or i > 255 for i in ids) or len(set(ids)) != len(ids):
             raise ValueError("structure ids must be distinct integers in 1..255 (0 is background)")
         return v
+
+    @model_validator(mode="after")
+    def _kind(self):
+        if self.kind == "segmentation" and not self.structures:
+            raise ValueError("a segmentation task needs at least one structure (structures: {name: id})")
+        if self.kind == "classification":
+            if len(self.classes) != 2 or len({c.lower() for c in self.classes}) != 2:
+                raise ValueError("a classification task needs exactly two distinct classes [negative, positive] "
+                                 "(multi-class metrics are not implemented)")
+            if self.dims != 2:
+                raise ValueError("classification tasks are 2D (dims: 2)")
+        return self
 
 
 def _path_or_uri(v):
@@ -128,7 +147,8 @@ def _path_or_uri(v):
 class Site(_Strict):
     task: str
     images: Path | str = Field(description="folder of DICOM, NIfTI or 2D images (any nesting), or s3://bucket/prefix")
-    labels: Path | str | None = None
+    labels: Path | str | None = Field(None, description="folder of label maps (or s3:// prefix); for a classification "
+                                      "task a CSV file (stem,label), or absent when the images sit in one folder per class")
     modality: str | None = Field(None, description="CT, MR, CR, DX, ...; read from DICOM when absent")
     pixel_spacing_mm: float | None = Field(None, gt=0, description="for 2D images without spacing (PNG/JPEG)")
     synthetic: str | None = Field(None, description="'<task>/<site>' of `siteadapt synth` that produces `images`")
@@ -149,7 +169,8 @@ class Train(_Strict):
 
 class Gates(_Strict):
     """Promotion gates (``siteadapt promote``): the candidate becomes ``champion`` only if every gate that applies
-    passes. A gate set to null is off. Values are measured when the candidate is registered."""
+    passes. A gate set to null is off. Values are measured when the candidate is registered. The Dice, empty and
+    fragmented gates apply to segmentation tasks, the AUC gates to classification tasks."""
 
     min_target_dice: float | None = Field(0.5, ge=0, le=1, description="mean Dice on the site's labeled test subjects")
     max_source_dice_drop: float | None = Field(
@@ -159,6 +180,11 @@ class Gates(_Strict):
     max_fragmented_fraction: float | None = Field(
         0.25, ge=0, le=1, description="label-free: share of predicted structures whose largest connected component "
                                       "holds less than 90% of the structure")
+    min_target_auc: float | None = Field(
+        0.7, ge=0, le=1, description="classification: AUC on the site's labeled test images")
+    max_source_auc_drop: float | None = Field(
+        0.1, ge=-1, le=1, description="classification, label-free: AUC of the source classifier on the source site's "
+                                      "test images minus the adapted model's")
     label_free: Literal["auto", "always"] = Field(
         "auto", description="auto: label-free gates only for a site without labeled test subjects; always: also "
                             "for labeled sites")
@@ -166,6 +192,14 @@ class Gates(_Strict):
 
 class Registry(_Strict):
     gates: Gates = Gates()
+
+
+class Pipeline(_Strict):
+    """What the main job runs: ``dvc.yaml`` (``siteadapt dvc-gen``) and ``siteadapt demo`` contain the stages of
+    these tasks only (default: every task that has sites). A task left out keeps its settings and sites; adding it
+    back and regenerating dvc.yaml runs only its stages (and the report)."""
+
+    tasks: list[str] | None = None
 
 
 class Settings(_Strict):
@@ -177,6 +211,7 @@ class Settings(_Strict):
     sites: dict[str, Site]
     train: Train = Train()
     registry: Registry = Registry()
+    pipeline: Pipeline = Pipeline()
     methods: dict[str, dict] = {}
     """Per-method options (``methods.<name>.<option>``), validated by each method's own ``Options``."""
 
@@ -196,6 +231,12 @@ class Settings(_Strict):
                     if self.sites[s].task != tname:
                         raise ValueError(f"tasks.{tname}.directions.{i}.{end}: site {s!r} belongs to task "
                                          f"{self.sites[s].task!r}")
+        listed = self.pipeline.tasks or []
+        for i, t in enumerate(listed):
+            if t not in self.tasks:
+                raise ValueError(f"pipeline.tasks.{i}: unknown task {t!r} (tasks: {sorted(self.tasks)})")
+            if t in listed[:i]:
+                raise ValueError(f"pipeline.tasks.{i}: task {t!r} is listed twice")
         return self
 
     # ---- derived views -------------------------------------------------------------------------------------
@@ -223,6 +264,19 @@ class Settings(_Strict):
         if len(ds) > 1:
             raise ConfigError(f"several directions end at {target!r}: pass --source ({', '.join(d.source for d in ds)})")
         return ds[0]
+
+    def pipeline_tasks(self) -> list[str]:
+        """The tasks of the main job (``pipeline.tasks``, default all), in the order of ``tasks:``, that have
+        sites."""
+        chosen = self.pipeline.tasks
+        return [t for t in self.tasks if (chosen is None or t in chosen)
+                and any(site.task == t for site in self.sites.values())]
+
+    def synth_images(self, task: str) -> int:
+        """Images per synthetic 2D site of ``task`` (classification tasks get more: AUC needs more test images)."""
+        t = self.tasks.get(task)
+        return self.active.synth_images_classification if t is not None and t.kind == "classification" \
+            else self.active.synth_images
 
     def roi_rule(self, site: str) -> str:
         rule = self.task_of(site).preprocess.roi_rule

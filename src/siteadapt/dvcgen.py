@@ -16,6 +16,19 @@ baked in, and ``siteadapt dvc-gen --check`` (run by ``make demo`` and by the tes
 Every key a stage lists must exist in params.yaml (DVC refuses missing parameters), so methods the pipeline runs need
 an entry under ``methods:`` (``noadapt: {}`` for the defaults) and tasks spell out ``kind``, ``dims``,
 ``preprocess`` and ``postprocess``; the generator names any that is missing.
+
+Which tasks: ``pipeline.tasks`` (default: every task with sites). A task left out has no stage in dvc.yaml; adding it
+and regenerating adds only its stages (and changes the report stage), the other tasks' stages stay as they were.
+
+Classification tasks (``kind: classification``) go through the same stage groups: their stages list ``classes``
+where segmentation stages list ``structures`` (evaluation: ``kind`` instead of ``postprocess``), ingest lists the
+classes (they map the labels CSV or class folders to ids), and train_source/adapt list the task's
+``tasks.<task>.method_options.<method>`` entries that the method reads (see :func:`siteadapt.steps.train.
+method_options`), so changing one of them re-runs only that method's stages. DVC renders one template per group, so
+a params entry that differs between items is an item field (``${item.label_key}``, ``${item.p0}``, ...); an entry
+all items share is written literally, which keeps dvc.yaml unchanged for pipelines without classification tasks.
+Methods that learn from unlabeled target images (the GANs) also list ``profiles.${profile}.adapt_iterations``, their
+schedule, so every profile needs that key once such a method is in the pipeline.
 """
 
 from __future__ import annotations
@@ -76,10 +89,37 @@ def _has_key(raw: dict, dotted: str) -> bool:
     return True
 
 
+def _choice(group: dict[str, dict], field: str, values: dict[str, str], omit: str | None = None) -> str | None:
+    """One params entry of a ``foreach`` template whose value depends on the item. DVC renders the same template for
+    every item, so a value that every item shares is written literally (``None`` when it is ``omit``: nothing to
+    list), and otherwise each item carries it as ``field`` and the template says ``${item.<field>}``."""
+    distinct = set(values.values())
+    if len(distinct) <= 1:
+        v = next(iter(distinct), omit)
+        return None if v == omit else v
+    for key, v in values.items():
+        group[key][field] = v
+    return f"${{item.{field}}}"
+
+
+def _extras(group: dict[str, dict], field: str, extras: dict[str, list[str]], filler: dict[str, str]) -> list[str]:
+    """Params keys that only some items of a ``foreach`` group read (e.g. a classification task's per-task method
+    options): ``${item.<field>0}``, ``${item.<field>1}``, ... in the template; an item with fewer keys repeats
+    ``filler[item]``, a key its stage lists anyway (DVC records a repeated key once). Nothing when no item has any."""
+    n = max((len(v) for v in extras.values()), default=0)
+    out = []
+    for i in range(n):
+        for key in group:
+            ks = extras.get(key, [])
+            group[key][f"{field}{i}"] = ks[i] if i < len(ks) else filler[key]
+        out.append(f"${{item.{field}{i}}}")
+    return out
+
+
 def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
-    """The dvc.yaml content as a dict (``stages`` and ``plots``)."""
+    """The dvc.yaml content as a dict (``stages`` and ``plots``), for the tasks of ``pipeline.tasks``."""
     from .methods import get_method
-    from .steps.train import build_method
+    from .steps.train import build_method, method_options
 
     s, root = settings, Path(root)
     P = s.paths
@@ -90,30 +130,48 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
             if not _has_key(raw, k) and k not in missing:
                 missing.append(k)
 
+    def need_profiles(key: str) -> None:  # a profile key listed as profiles.${profile}.<key>: every profile needs it
+        for name in (raw.get("profiles") or {}):
+            need(f"profiles.{name}.{key}")
+
     need("seed", "profile", "train", "methods")
     prof = ["profile"] + [f"profiles.${{profile}}.{k}" for k in PROFILE_TRAIN]
-    tasks = [t for t in s.tasks if any(site.task == t for site in s.sites.values())]
+    tasks = s.pipeline_tasks()
+    kind = {t: s.tasks[t].kind for t in tasks}
+    # what a task's stages read about its labels: segmentation structures (and post-processing), or classes
+    labels_key = {t: "classes" if kind[t] == "classification" else "structures" for t in tasks}
+    evaluation_key = {t: "kind" if kind[t] == "classification" else "postprocess" for t in tasks}
 
     # ---- synth: one stage per task that has synthetic sites ------------------------------------------------------
     synth = {}
     for name, site in s.sites.items():
-        if site.synthetic:
+        if site.synthetic and site.task in tasks:
             t = site.synthetic.split("/")[0]
-            synth[t] = _Flow(count="synth_subjects" if t == "cardiac" else "synth_images")
+            count = "synth_subjects" if t == "cardiac" else (
+                "synth_images_classification" if t in s.tasks and s.tasks[t].kind == "classification"
+                else "synth_images")
+            synth[t] = _Flow(count=count)
+            need_profiles(count)
     # ---- ingest / preprocess: one stage per site ---------------------------------------------------------------------
     ingest, prep = {}, {}
+    ingest_extra: dict[str, list[str]] = {}
     for name, site in s.sites.items():
         if site.task not in tasks:
             continue
         images = _rel(site.images)
         ingest[name] = _Flow(images=images, labels=_rel(site.labels) if site.labels else images)
+        if kind[site.task] == "classification":  # class names map the labels CSV / class folders to ids
+            ingest_extra[name] = [f"tasks.{site.task}.classes"]
         prep[name] = _Flow(task=site.task, roi_rule=s.roi_rule(name))
         need(f"sites.{name}")
     for t in tasks:
-        need(f"tasks.{t}.kind", f"tasks.{t}.dims", f"tasks.{t}.structures", f"tasks.{t}.preprocess",
-             f"tasks.{t}.postprocess")
+        need(f"tasks.{t}.kind", f"tasks.{t}.dims", f"tasks.{t}.{labels_key[t]}", f"tasks.{t}.preprocess",
+             f"tasks.{t}.{evaluation_key[t]}")
     # ---- train_source: one per source site; adapt / evaluate / register: one per (target, method) -----------------
     train_src, adapt, evaluate, register = {}, {}, {}, {}
+    src_extra: dict[str, list[str]] = {}
+    adapt_extra: dict[str, list[str]] = {}
+    schedule: dict[str, str] = {}
     seen_targets: dict[str, str] = {}
     plots: list = []
     src_code = _code_file(get_method("source"), root)
@@ -128,7 +186,8 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
             src_model = _rel(P.models / t / d.source / "source")
             if d.source not in train_src:
                 train_src[d.source] = _Flow(task=t, code=src_code or _rel(P.prepared / d.source))
-                need("methods.source")
+                src_extra[d.source] = method_options(s, "source", d.source)[2][1:]  # the task's method_options
+                need("methods.source", *src_extra[d.source])
                 plots.append({f"{src_model}/losses.csv": {"x": "iteration"}})
             for m in task.methods:
                 method = build_method(s, m, d.target)  # validates the options; tells what the method needs
@@ -139,16 +198,26 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
                 adapt[key] = _Flow(task=t, target=d.target, source=d.source, method=m,
                                    source_model=src_model if uses_source else prepared_t,
                                    code=code or prepared_t)
+                adapt_extra[key] = method_options(s, m, d.target)[2][1:]
+                # methods that learn from unlabeled target images train on the profile's adaptation schedule
+                schedule[key] = ("adapt_iterations" if method.trains and method.needs_target_images
+                                 and not method.trains_on_target_labels else "iterations")
+                if schedule[key] == "adapt_iterations":
+                    need_profiles("adapt_iterations")
                 evaluate[key] = _Flow(task=t, target=d.target, method=m,
                                       source_model=src_model if uses_source else prepared_t)
                 if not method.trains_on_target_labels:  # upper-bound references are never registered
                     register[key] = _Flow(task=t, target=d.target, source=d.source, method=m)
-                need(f"methods.{m}")
+                need(f"methods.{m}", *adapt_extra[key])
                 if method.trains:
                     plots.append({_rel(P.models / t / d.target / m / "losses.csv"): {"x": "iteration"}})
     if missing:
         raise ConfigError("params.yaml: dvc.yaml needs these keys to exist (DVC refuses missing parameters): "
                           + ", ".join(missing) + ". Add them (e.g. `methods: {noadapt: {}}` for a method's defaults).")
+
+    def labels(group: dict) -> str:
+        return "tasks.${item.task}." + _choice(group, "label_key",
+                                               {k: labels_key[it["task"]] for k, it in group.items()})
 
     stages: dict = {}
     if synth:
@@ -160,35 +229,43 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
     stages["ingest"] = {"foreach": ingest, "do": {
         "cmd": "siteadapt ingest --site ${key}",
         "deps": ["${item.images}", "${item.labels}"],
-        "params": _FlowList(["sites.${key}"]),
+        "params": _FlowList(["sites.${key}", *_extras(ingest, "p", ingest_extra,
+                                                      {n: f"sites.{n}" for n in ingest})]),
         "outs": [_rel(P.ingested) + "/${key}"]}}
     stages["preprocess"] = {"foreach": prep, "do": {
         "cmd": "siteadapt preprocess --site ${key} --roi-rule ${item.roi_rule}",
         "deps": [_rel(P.ingested) + "/${key}"],
-        "params": _FlowList(["seed", "sites.${key}", "tasks.${item.task}.dims", "tasks.${item.task}.structures",
+        "params": _FlowList(["seed", "sites.${key}", "tasks.${item.task}.dims", labels(prep),
                              "tasks.${item.task}.preprocess", "profile", "profiles.${profile}.image_size",
                              "profiles.${profile}.slice_spacing_mm"]),
         "outs": [_rel(P.prepared) + "/${key}"]}}
-    train_params = ["seed", "train", "tasks.${item.task}.kind", "tasks.${item.task}.structures", *prof]
     if train_src:
+        extra = _extras(train_src, "p", src_extra, {n: "methods.source" for n in train_src})
         stages["train_source"] = {"foreach": train_src, "do": {
             "cmd": "siteadapt train-source --site ${key}",
             "deps": [_rel(P.prepared) + "/${key}", "${item.code}"],
-            "params": _FlowList(train_params[:2] + ["methods.source"] + train_params[2:]),
+            "params": _FlowList(["seed", "train", "methods.source", *extra, "tasks.${item.task}.kind",
+                                 labels(train_src), *prof]),
             "outs": [_rel(P.models) + "/${item.task}/${key}/source"]}}
     if adapt:
+        extra = _extras(adapt, "p", adapt_extra, {k: f"methods.{it['method']}" for k, it in adapt.items()})
+        sched = _choice(adapt, "schedule", schedule, omit="iterations")
         stages["adapt"] = {"foreach": adapt, "do": {
             "cmd": "siteadapt adapt --site ${item.target} --method ${item.method} --source ${item.source}",
             "deps": [_rel(P.prepared) + "/${item.source}", _rel(P.prepared) + "/${item.target}",
                      "${item.source_model}", "${item.code}"],
-            "params": _FlowList(train_params[:2] + ["methods.${item.method}"] + train_params[2:]),
+            "params": _FlowList(["seed", "train", "methods.${item.method}", *extra, "tasks.${item.task}.kind",
+                                 labels(adapt), *prof] + ([f"profiles.${{profile}}.{sched}"] if sched else [])),
             "outs": [_rel(P.models) + "/${item.task}/${item.target}/${item.method}"]}}
+        # evaluate writes predictions (label maps, or class scores), overlays (segmentation: image | reference |
+        # prediction per subject; classification: examples.png, test images with their scores) and the metrics file
+        ev_key = _choice(evaluate, "evaluation", {k: evaluation_key[it["task"]] for k, it in evaluate.items()})
         stages["evaluate"] = {"foreach": evaluate, "do": {
             "cmd": "siteadapt evaluate --site ${item.target} --method ${item.method} --predict",
             "deps": [_rel(P.models) + "/${item.task}/${item.target}/${item.method}",
                      _rel(P.prepared) + "/${item.target}", _rel(P.ingested) + "/${item.target}",
                      "${item.source_model}"],
-            "params": _FlowList(["seed", "tasks.${item.task}.structures", "tasks.${item.task}.postprocess"]),
+            "params": _FlowList(["seed", labels(evaluate), "tasks.${item.task}." + ev_key]),
             "outs": [_rel(P.predictions) + "/${item.target}/${item.method}",
                      _rel(P.reports) + "/${item.task}/overlays/${item.target}/${item.method}"],
             "metrics": [{_rel(P.metrics) + "/${item.task}/${item.target}/${item.method}.json": {"cache": False}}]}}
@@ -214,7 +291,9 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
             base = _rel(P.reports / t)
             outs += [f"{base}/table.md", f"{base}/table.csv", f"{base}/table.tex", f"{base}/ablation.md",
                      f"{base}/figures"]
-        need_keys = [f"tasks.{t}.dims" for t in report_tasks] + ["methods"]
+        # the ablation table lists each variant's options as they ran (with the task's method_options)
+        need_keys = [f"tasks.{t}.dims" for t in report_tasks] + ["methods"] + [
+            f"tasks.{t}.method_options" for t in report_tasks if _has_key(raw, f"tasks.{t}.method_options")]
         stages["report"] = {"cmd": "siteadapt report", "deps": deps, "params": _FlowList(need_keys), "outs": outs}
         plots += [_rel(P.reports / t / "figures") for t in report_tasks]
     return {"stages": stages, "plots": plots}

@@ -16,7 +16,8 @@ What a run holds (experiment ``siteadapt-<task>``)
   the engine's ``tracker`` hook; ``train/<loss>``, ``train/it_per_s``), the curve CSV and the translated-image grid.
 - ``evaluate`` re-opens the run of the model it evaluates (its id is in ``<model dir>/mlflow_run.json``) and adds
   ``eval/*`` metrics (Dice, ASSD, HD95 per structure and mean; label-free ``eval/empty_fraction`` and
-  ``eval/fragmented_fraction``), the metrics JSON and the overlay images. When that run is not in the current store
+  ``eval/fragmented_fraction``; classification: ``eval/auc``, accuracy, sensitivity, specificity, F1 and the
+  threshold), the metrics JSON and the overlay images (classification: ``examples.png``). When that run is not in the current store
   (e.g. the model came from a DVC remote), evaluation gets a run of its own.
 - ``register`` (:mod:`siteadapt.steps.register`) logs the model itself into the same run.
 
@@ -209,13 +210,13 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def method_options(settings: Settings, name: str) -> tuple[str, dict]:
-    """(base method, validated options) of a method or named variant, without building its networks."""
-    from .methods import get_method
+def method_options(settings: Settings, name: str, site: str) -> tuple[str, dict]:
+    """(base method, validated options) of a method or named variant as it runs on ``site`` (with its task's
+    ``method_options``), without building its networks."""
+    from .steps.train import method_options as _raw_options
 
-    raw = dict(settings.methods.get(name) or {})
-    cls = get_method(raw.pop("method", name))
-    return cls.name, cls.parse_options(raw, f"methods.{name}").model_dump()
+    cls, raw, keys, origins = _raw_options(settings, name, site)
+    return cls.name, cls.parse_options(raw, keys[0], origins).model_dump()
 
 
 # ---- logging ------------------------------------------------------------------------------------------------------
@@ -341,8 +342,8 @@ def stage_run(settings: Settings, *, stage: str, task: str, site: str, method: s
 
 
 # ---- the tracked steps (what the CLI and DVC stages run) --------------------------------------------------------
-def _train_params(settings: Settings, method: str) -> dict[str, str]:
-    base, opts = method_options(settings, method)
+def _train_params(settings: Settings, method: str, site: str) -> dict[str, str]:
+    base, opts = method_options(settings, method, site)
     return {"method": base, "variant": method, "seed": settings.seed, "profile": settings.profile,
             **flatten(settings.active.model_dump(), "profile."), **flatten(settings.train.model_dump(), "train."),
             **flatten(opts, "option.")}
@@ -367,7 +368,7 @@ def train_source(settings: Settings, site: str, seed: int | None = None) -> Path
     task = settings.site(site).task
     with stage_run(settings, stage="train_source", task=task, site=site, method="source",
                    tags={"source_site": site, **data_hashes(settings, {"source": site})}) as run:
-        run.log_params({**_train_params(settings, "source"), "source_site": site})
+        run.log_params({**_train_params(settings, "source", site), "source_site": site})
         path = _train(settings, site, tracker=run.tracker, seed=seed)
         _log_training(run, model_dir(settings, site, "source", seed))
     return path
@@ -381,7 +382,7 @@ def adapt(settings: Settings, target: str, method: str, source: str | None = Non
     with stage_run(settings, stage="adapt", task=task, site=target, method=method,
                    tags={"source_site": d.source, "target_site": target,
                          **data_hashes(settings, {"source": d.source, "target": target})}) as run:
-        run.log_params({**_train_params(settings, method), "source_site": d.source, "target_site": target})
+        run.log_params({**_train_params(settings, method, target), "source_site": d.source, "target_site": target})
         path = _adapt(settings, target, method, source=d.source, tracker=run.tracker, seed=seed)
         _log_training(run, model_dir(settings, target, method, seed))
     return path
@@ -399,14 +400,19 @@ def evaluate(settings: Settings, site: str, method: str, seed: int | None = None
         path = _evaluate(settings, site, method, seed=seed)
         m = json.loads(Path(path).read_text())
         vals: dict[str, float | None] = {}
-        if m.get("labeled", True):
-            for metric in ("dice", "assd", "hd95", "recall", "precision"):
-                for k, v in (m.get(metric) or {}).items():
-                    vals[f"eval/{metric}_{k}"] = v
-        pl = m.get("plausibility") or {}
-        vals["eval/empty_fraction"] = pl.get("empty_fraction")
-        vals["eval/fragmented_fraction"] = pl.get("fragmented_fraction")
-        vals["eval/n_subjects"] = m.get("n_subjects")
+        if m.get("kind") == "classification":
+            keys = ("auc", "accuracy", "sensitivity", "specificity", "f1", "threshold", "n_test") \
+                if m.get("labeled", True) else ("score_mean", "positive_fraction_at_0.5", "n_test")
+            vals.update({f"eval/{k}": m.get(k) for k in keys})
+        else:
+            if m.get("labeled", True):
+                for metric in ("dice", "assd", "hd95", "recall", "precision"):
+                    for k, v in (m.get(metric) or {}).items():
+                        vals[f"eval/{metric}_{k}"] = v
+            pl = m.get("plausibility") or {}
+            vals["eval/empty_fraction"] = pl.get("empty_fraction")
+            vals["eval/fragmented_fraction"] = pl.get("fragmented_fraction")
+            vals["eval/n_subjects"] = m.get("n_subjects")
         run.log_metrics(vals)
         run.set_tags({"eval.labeled": str(m.get("labeled", True)).lower(), "eval.split": m.get("split")})
         run.log_artifact(path, "evaluation")

@@ -20,7 +20,7 @@ class SliceSet:
     site: str
     split: str
     images: np.ndarray  # (N, H, W) float32 in [-1, 1]
-    labels: np.ndarray | None  # (N, H, W) uint8, or None
+    labels: np.ndarray | None  # (N, H, W) uint8 label maps, (N,) class ids (classification), or None
     subject: np.ndarray  # (N,) index into subjects
     slice: np.ndarray  # (N,)
     subjects: list[dict]
@@ -50,7 +50,7 @@ def load_slices(prepared: Path, site: str, split: str | tuple[str, ...] = "train
     images = np.concatenate(imgs)
     lab = np.concatenate(labs) if labels else None
     if lab is not None:
-        keep = ~(lab == 255).all(axis=(1, 2))  # slices of unlabeled subjects
+        keep = ~(lab.reshape(len(lab), -1) == 255).all(axis=1)  # slices (images) of unlabeled subjects
         images, lab = images[keep], lab[keep]
         subj = [np.concatenate(subj)[keep]]
         sl = [np.concatenate(sl)[keep]]

@@ -55,8 +55,8 @@ import numpy as np
 from scipy import ndimage
 
 GENERATOR_VERSION = "1.1.0"
-TASKS = ("cardiac", "chestxray")
-SITES = {"cardiac": ("mr", "ct"), "chestxray": ("cxr_a", "cxr_b")}
+TASKS = ("cardiac", "chestxray", "pneumonia")  # pneumonia: image-level labels, see synth_pneumonia.py
+SITES = {"cardiac": ("mr", "ct"), "chestxray": ("cxr_a", "cxr_b"), "pneumonia": ("adult", "pediatric")}
 CARDIAC_LABELS = {"MYO": 1, "LAC": 2, "LVC": 3, "AA": 4}
 CXR_LABELS = {"right_lung": 1, "left_lung": 2}
 DEFAULT_SUBJECTS = 20
@@ -1283,6 +1283,10 @@ def synthesize(task: str, out_dir: Path, *, seed: int = 0, n_subjects: int | Non
     if n < 1:
         raise ValueError("need at least one subject/image per site")
     workers = _default_workers() if workers is None else max(1, int(workers))
+    if task == "pneumonia":  # classification sites (adult DICOM + labels.csv, pediatric PNG folder per class)
+        from .synth_pneumonia import synthesize_pneumonia
+
+        return synthesize_pneumonia(out_dir, seed=int(seed), n_images=int(n), scale=float(scale), workers=workers)
     base = Path(out_dir) / task
     return {site: _write_site(task, site, base / site, int(seed), int(n), float(scale), workers)
             for site in SITES[task]}

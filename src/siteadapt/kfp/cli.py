@@ -81,7 +81,8 @@ def cmd_run_local(args) -> int:
         print(f"synthetic sites ({sites['task']}) -> {root / 'raw'}")
     site = check_site_name(args.site or Path(sites["target_uri"]).name.replace("cardiac_", "") + "_local")
     arguments = {**sites, "site": site, "profile": args.profile or "tiny",
-                 "methods": _methods(args.methods) or ["noadapt", "histmatch"],
+                 "methods": _methods(args.methods) or (["noadapt", "tunanet"] if sites["task"] == "pneumonia"
+                                                       else ["noadapt", "histmatch"]),
                  "params_yaml": Path(args.params_file).read_text() if args.params_file
                  else tiny_params(args.params)}
     if args.gate:

@@ -63,8 +63,8 @@ def preprocess(params_yaml: str, profile: str, task: str, source_site: str, site
 
 def train_source(params_yaml: str, profile: str, task: str, source_site: str, prepared_source: Input[Dataset],
                  source_model: Output[Model]):
-    """Train the source segmenter on the labeled source site. Its inputs do not name the target, so Kubeflow's
-    cache serves it to every later site of the same source, data and settings."""
+    """Train the source segmenter (classifier) on the labeled source site. Its inputs do not name the target, so
+    Kubeflow's cache serves it to every later site of the same source, data and settings."""
     import logging
 
     from siteadapt.kfp import runtime
@@ -91,8 +91,9 @@ def adapt(params_yaml: str, profile: str, task: str, source_site: str, site: str
 def evaluate(params_yaml: str, profile: str, task: str, source_site: str, site: str, method: str,
              ingested_target: Input[Dataset], prepared_target: Input[Dataset], source_model: Input[Model],
              model: Input[Model], evaluation: Output[Dataset], metrics: Output[Metrics]) -> str:
-    """Predict the target's test subjects; metrics against labels when the site has them, the label-free checks
-    always. Returns the summary (JSON) that registration ranks methods by."""
+    """Predict the target's test subjects (classification: class scores of its images); metrics against labels when
+    the site has them, the label-free checks always. Returns the summary (JSON) that registration ranks methods
+    by."""
     import json
     import logging
 
@@ -102,8 +103,8 @@ def evaluate(params_yaml: str, profile: str, task: str, source_site: str, site: 
     job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile)
     summary = runtime.run_evaluate(job, method, ingested_target.path, prepared_target.path, source_model.path,
                                    model.path, evaluation.path)
-    values = {k: summary[k] for k in ("dice_mean", "assd_mean", "empty_fraction", "fragmented_fraction", "score")
-              if summary.get(k) is not None}
+    values = {k: summary[k] for k in ("dice_mean", "assd_mean", "empty_fraction", "fragmented_fraction", "auc",
+                                      "score") if summary.get(k) is not None}
     for key, value in values.items():
         metrics.log_metric(key, value)
     with open(metrics.path, "w") as fh:  # also as a file: the artifact then exists in the store (and caches locally)

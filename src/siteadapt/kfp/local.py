@@ -15,6 +15,8 @@ import yaml
 TINY_PROFILE = {"image_size": 32, "batch_size": 2, "iterations": 20, "width": 0.25, "synth_scale": 0.25,
                 "synth_subjects": 6, "synth_images": 12, "slice_spacing_mm": 6.0}
 CXR_B_SPACING_AT_SCALE_1 = 1.4  # mm per pixel of the synthetic PNG site at synth scale 1 (see params.yaml)
+PEDIATRIC_SPACING_AT_SCALE_1 = 0.9  # the synthetic pediatric PNG site (pneumonia), likewise
+PNEUMONIA_IMAGES = 60  # per site: the classification metrics need both classes in small val/test splits
 
 
 def tiny_params(params_path: str | Path = "params.yaml", profile: str = "tiny") -> str:
@@ -41,4 +43,9 @@ def demo_sites(task: str, root: str | Path, *, scale: float = TINY_PROFILE["synt
         synthesize(task, root, seed=seed, n_subjects=n or TINY_PROFILE["synth_subjects"], scale=scale, workers=1)
         return {"task": task, "source_site": "cardiac_mr", "source_uri": str(root / "cardiac" / "mr"),
                 "target_uri": str(root / "cardiac" / "ct"), "target_modality": "", "target_pixel_spacing_mm": 0.0}
-    raise ValueError(f"no synthetic sites for task {task!r} (cardiac, chestxray)")
+    if task == "pneumonia":  # classification: adult DICOM + labels.csv, pediatric PNG in one folder per class
+        synthesize(task, root, seed=seed, n_images=n or PNEUMONIA_IMAGES, scale=scale, workers=1)
+        return {"task": task, "source_site": "adult", "source_uri": str(root / "pneumonia" / "adult"),
+                "target_uri": str(root / "pneumonia" / "pediatric"), "target_modality": "DX",
+                "target_pixel_spacing_mm": PEDIATRIC_SPACING_AT_SCALE_1 / scale}
+    raise ValueError(f"no synthetic sites for task {task!r} (cardiac, chestxray, pneumonia)")

@@ -1,4 +1,5 @@
-"""The site-adaptation pipeline: one Kubeflow run adapts the segmenter to one (new) hospital site.
+"""The site-adaptation pipeline: one Kubeflow run adapts the segmenter (or, for a classification task such as
+``pneumonia``, the classifier) to one (new) hospital site.
 
 ::
 
@@ -96,8 +97,9 @@ def build_pipeline(cpu_image: str | None = None, gpu_image: str | None = None):
                 gpu_image or os.environ.get("SITEADAPT_GPU_IMAGE") or DEFAULT_GPU_IMAGE)
 
     @dsl.pipeline(name=PIPELINE_NAME,
-                  description="Adapt a source-trained segmenter to a new hospital site without its labels, evaluate "
-                              "every method, register the best as candidate, promote it when it passes the gates.")
+                  description="Adapt a source-trained segmenter (or classifier) to a new hospital site without its "
+                              "labels, evaluate every method, register the best as candidate, promote it when it "
+                              "passes the gates.")
     def site_adaptation(
         site: str,
         target_uri: str,
@@ -125,7 +127,7 @@ def build_pipeline(cpu_image: str | None = None, gpu_image: str | None = None):
         prep_tgt = _configure(c.preprocess(**common, site=site, ingested=ing_tgt.outputs["ingested"]),
                               "preprocess", "preprocess target")
         src_model = _configure(c.train_source(**common, prepared_source=prep_src.outputs["prepared"]),
-                               "train_source", "train source segmenter")
+                               "train_source", "train source model")
 
         with dsl.ParallelFor(methods, parallelism=MAX_PARALLEL_METHODS, name="methods") as method:
             adapted = _configure(c.adapt(**common, site=site, method=method,

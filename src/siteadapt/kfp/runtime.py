@@ -214,7 +214,9 @@ def _one_site(job: Job) -> str:
 
 
 def run_ingest(job: Job, location: str, out_dir: str | Path) -> dict:
-    """Ingest the site at ``location`` (``images/`` and optional ``labels/``) into ``out_dir/ingested/<site>``."""
+    """Ingest the site at ``location`` into ``out_dir/ingested/<site>``. Segmentation: ``images/`` and optional
+    ``labels/`` (label maps). Classification: ``images/`` (one folder per class, or any layout) and optional
+    ``labels.csv`` (``stem,label``) beside it, as ``siteadapt synth --task pneumonia`` writes them."""
     from ..steps.ingest import ingest
 
     site = _one_site(job)
@@ -222,16 +224,23 @@ def run_ingest(job: Job, location: str, out_dir: str | Path) -> dict:
     s = settings_for(job, out_dir, source_location=None if job.site else location,
                      target_location=location if job.site else None)
     cfg = s.site(site)
+    task = s.tasks[job.task]
+    classification = task.kind == "classification"
     with tempfile.TemporaryDirectory(prefix="siteadapt-fetch-") as tmp:
         local = locations.fetch(location, Path(tmp) / "site")
         images = local / "images"
         if not images.is_dir():
             raise InputError(None, f"{location}: no images/ folder in the site location")
-        labels = local / "labels"
-        res = ingest(images, site, s.paths.ingested, labels=labels if labels.is_dir() else None,
-                     modality=cfg.modality, pixel_spacing_mm=cfg.pixel_spacing_mm)
-    summary = {"site": site, "items": len(res.items), "labeled": sum(1 for it in res.items if it.get("label")),
-               "rejected": len(res.rejected)}
+        labels = local / ("labels.csv" if classification else "labels")
+        if classification and (local / "labels").is_dir():
+            raise InputError(None, f"{location}: task {job.task} is a classification task; its labels are a "
+                                   "labels.csv (stem,label) beside images/, or one images/ folder per class, not a "
+                                   "labels/ folder")
+        res = ingest(images, site, s.paths.ingested, labels=labels if labels.exists() else None,
+                     modality=cfg.modality, pixel_spacing_mm=cfg.pixel_spacing_mm,
+                     classes=task.classes if classification else None)
+    labeled = sum(1 for it in res.items if (it.get("class_label") is not None if classification else it.get("label")))
+    summary = {"site": site, "items": len(res.items), "labeled": labeled, "rejected": len(res.rejected)}
     log.info("ingest %s: %s", site, summary)
     return summary
 
@@ -275,8 +284,9 @@ def run_adapt(job: Job, method: str, prepared_source: str | Path, prepared_targe
 def run_evaluate(job: Job, method: str, ingested_target: str | Path, prepared_target: str | Path,
                  source_model: str | Path, model: str | Path, out_dir: str | Path) -> dict:
     """Predict the target's test subjects and evaluate them (the tracked step: metrics into the model's MLflow run):
-    Dice etc. against labels when the site has labeled test subjects, the label-free checks always
-    (``metrics/<task>/<site>/<method>.json``). Returns the summary the registration step ranks methods by."""
+    Dice etc. against labels when the site has labeled test subjects, the label-free checks always; classification:
+    AUC etc. on labeled test images (``metrics/<task>/<site>/<method>.json``). Returns the summary the registration
+    step ranks methods by."""
     from ..steps.evaluate import metrics_path
     from ..tracking import evaluate
 
@@ -287,12 +297,16 @@ def run_evaluate(job: Job, method: str, ingested_target: str | Path, prepared_ta
         s = settings_for(job, ws.root)
         m = json.loads(evaluate(s, job.site, method, predict=True).read_text())
         rel = metrics_path(s, job.site, method).relative_to(ws.root)
-    labeled = bool(m.get("labeled", True) and m.get("dice"))
-    pl = m.get("plausibility") or {}
-    summary = {"method": method, "site": job.site, "task": job.task, "labeled": labeled, "metrics_file": str(rel),
-               "dice_mean": m["dice"]["mean"] if labeled else None,
-               "assd_mean": (m.get("assd") or {}).get("mean") if labeled else None,
-               "empty_fraction": pl.get("empty_fraction"), "fragmented_fraction": pl.get("fragmented_fraction")}
+    summary = {"method": method, "site": job.site, "task": job.task, "metrics_file": str(rel)}
+    if m.get("kind") == "classification":
+        labeled = bool(m.get("labeled", True) and m.get("auc") is not None)
+        summary.update(kind="classification", labeled=labeled, auc=m.get("auc") if labeled else None)
+    else:
+        labeled = bool(m.get("labeled", True) and m.get("dice"))
+        pl = m.get("plausibility") or {}
+        summary.update(labeled=labeled, dice_mean=m["dice"]["mean"] if labeled else None,
+                       assd_mean=(m.get("assd") or {}).get("mean") if labeled else None,
+                       empty_fraction=pl.get("empty_fraction"), fragmented_fraction=pl.get("fragmented_fraction"))
     summary["score"] = score(summary)
     write_json_file(out_dir / "summary" / f"{method}.json", summary)
     return summary
@@ -300,7 +314,11 @@ def run_evaluate(job: Job, method: str, ingested_target: str | Path, prepared_ta
 
 def score(summary: dict) -> float | None:
     """How methods are ranked for registration: mean Dice on labeled test subjects when the site has them; otherwise
-    the label-free plausibility, 1 - (empty + fragmented fractions) / 2 (a weak ranking: no labels, no truth)."""
+    the label-free plausibility, 1 - (empty + fragmented fractions) / 2 (a weak ranking: no labels, no truth).
+    Classification: AUC on labeled test images; without labels there is no label-free ranking of classifiers, so
+    every method scores 0 and the order of ``methods`` decides (the registry's source-AUC gate still applies)."""
+    if summary.get("kind") == "classification":
+        return float(summary["auc"]) if summary.get("auc") is not None else 0.0
     if summary.get("dice_mean") is not None:
         return float(summary["dice_mean"])
     e, f = summary.get("empty_fraction"), summary.get("fragmented_fraction")
@@ -344,7 +362,7 @@ def check_gates(job: Job, candidate: dict) -> dict:
     reg = candidate["registered"]
     with tempfile.TemporaryDirectory(prefix="siteadapt-gates-") as tmp:
         s = settings_for(job, Path(tmp))
-    gates = registry_gates(s.registry.gates, version_gates(reg["name"], reg["version"]))
+    gates = registry_gates(s.registry.gates, version_gates(reg["name"], reg["version"]), s.tasks[job.task].kind)
     return {"passed": all(g["passed"] for g in gates), "gates": gates}  # no gate configured: passes, as promote
 
 

@@ -6,9 +6,12 @@ A method is an ``nn.Module`` holding its networks. It declares
 - ``build_optimizers()``: named optimizers over its modules,
 - ``train_step(batch)``: one iteration (forward passes, losses, and the updates in the paper's order through
   ``self.update(loss, *optimizer_names)``), returning named loss values,
-- ``predict(images)``: segmentation logits (or class logits) for target images,
+- ``predict(images)``: segmentation logits (N, K, H, W), or class logits (N, K) when ``ctx.kind`` is
+  ``classification``, for target images,
 and may override ``prepare(source, target)`` (one-off set-up before the loop, e.g. loading the source segmenter) and
 ``extra_state`` / ``load_extra_state`` (non-parameter state such as image pools, for exact resume).
+``total_iterations`` is set by the train step before ``prepare`` (None in unit tests) for methods whose schedule
+depends on the length of the run (learning-rate decay to 0, training phases).
 
 It never owns the loop, the device, mixed precision, checkpoints or logging: :mod:`siteadapt.train.engine` does.
 """
@@ -70,18 +73,22 @@ class Method(nn.Module):
         self.opts = options if options is not None else self.Options()
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
         self.amp_dtype: torch.dtype | None = None  # set by the engine (bf16 on CUDA when AMP is on)
+        self.total_iterations: int | None = None  # set by the train step (the run's iteration count)
 
     # ---- construction helpers -------------------------------------------------------------------------------------
     @classmethod
-    def parse_options(cls, raw: dict | None, where: str) -> MethodOptions:
+    def parse_options(cls, raw: dict | None, where: str, origins: dict[str, str] | None = None) -> MethodOptions:
+        """Validate options; errors name ``<where>.<option>``, or ``<origins[option]>.<option>`` for an option that
+        came from another params key (a task's ``method_options``)."""
         try:
             return cls.Options.model_validate(raw or {})
         except ValidationError as e:
             msgs = []
             for err in e.errors():
                 loc = ".".join(str(p) for p in err["loc"])
-                msgs.append(f"{where}.{loc}: unknown key" if err["type"] == "extra_forbidden"
-                            else f"{where}.{loc}: {err['msg']}")
+                at = (origins or {}).get(str(err["loc"][0]), where) if err["loc"] else where
+                msgs.append(f"{at}.{loc}: unknown key" if err["type"] == "extra_forbidden"
+                            else f"{at}.{loc}: {err['msg']}")
             raise ConfigError("\n".join(msgs)) from None
 
     # ---- what a method implements ---------------------------------------------------------------------------------

@@ -20,7 +20,14 @@ Choices (the papers name the baseline, not its training):
 - The segmenter starts from scratch (the papers' CycleGAN row trains a segmenter on translated images).
 - Generators: CycleGAN's ResNet generator with reflection padding and no skip, but SIFA's G_t width (32 base channels
   rather than CycleGAN's 64, so a table compares methods, not generator sizes) and CycleGAN's block rule: 9 residual
-  blocks for images of 256 px and more, 6 below (``generator_blocks``).
+  blocks for images of 256 px and more, 6 below (``generator_blocks``). ``generator_skip: true`` returns
+  ``tanh(G(x) + x)`` (generators start near the identity; for same-modality sites such as two X-ray sites).
+
+Classification tasks (``ctx.kind == "classification"``, TUNA-Net's "Cycle-GAN" row): "a model trained on labeled real
+adult X-rays is applied to synthetic adult X-rays generated from pediatric X-rays", i.e. ``predict`` = F_A(G_ts(x_t))
+with F_A the trained source classifier (``siteadapt train-source``, frozen, loaded as for ``noadapt``). Only the
+CycleGAN (G_st, G_ts, D_t, D_s) trains; there is no task network and no task loss (``lambda_seg`` and the segmenter
+options are unused), so the translation knows nothing of the labels (the paper's point about this row).
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ class CycleGANOptions(MethodOptions):
     generator_channels: int = Field(32, ge=1)
     generator_blocks: int | None = Field(None, ge=1, description="None: 9 at >= 256 px, else 6 (CycleGAN)")
     disc_layers: int | None = Field(None, ge=1, description="PatchGAN stride-2 layers; None: 3 (70x70 patches)")
+    generator_skip: bool = Field(False, description="tanh(G(x) + x): generators start near the identity (a fit "
+                                 "for same-modality sites; wrong for MR <-> CT)")
 
 
 class CycleGAN(Method):
@@ -71,14 +80,19 @@ class CycleGAN(Method):
         o = self.opts
         w, ch = ctx.width, ctx.in_channels
         nb = generator_blocks(ctx.image_size, o.generator_blocks)
-        self.G_st = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb)
-        self.G_ts = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb)
+        self.G_st = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb,
+                                    skip=o.generator_skip)
+        self.G_ts = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb,
+                                    skip=o.generator_skip)
         nl = o.disc_layers or 3
         self.D_t = PatchDiscriminator(ch, width=w, n_layers=nl)
         self.D_s = PatchDiscriminator(ch, width=w, n_layers=nl)
-        self.seg = SegmenterNet(ctx)
-        self.seg_loss = WeightedCrossEntropyDiceLoss(ctx.n_classes, class_weights=o.class_weights,
-                                                     dice_weight=o.dice_weight)
+        self.classify = ctx.kind == "classification"
+        # classification: no task network here; predict = source classifier on G_ts(x_t) (module docstring)
+        self.seg = None if self.classify else SegmenterNet(ctx)
+        self.seg_loss = None if self.classify else WeightedCrossEntropyDiceLoss(
+            ctx.n_classes, class_weights=o.class_weights, dice_weight=o.dice_weight)
+        self.needs_source_model = self.classify
         self.cyc_loss = CycleConsistencyLoss()
         self.gen_loss = LSGANGeneratorLoss()
         self.disc_loss = LSGANDiscriminatorLoss()
@@ -88,12 +102,26 @@ class CycleGAN(Method):
 
     def build_optimizers(self):
         o = self.opts
-        return {
-            "G": adam([*self.G_st.parameters(), *self.G_ts.parameters()], o.lr, o.beta1),
-            "seg": adam(self.seg.parameters(), o.seg_lr, o.seg_beta1, weight_decay=o.weight_decay),
-            "D_t": adam(self.D_t.parameters(), o.lr, o.beta1),
-            "D_s": adam(self.D_s.parameters(), o.lr, o.beta1),
-        }
+        opt = {"G": adam([*self.G_st.parameters(), *self.G_ts.parameters()], o.lr, o.beta1)}
+        if self.seg is not None:
+            opt["seg"] = adam(self.seg.parameters(), o.seg_lr, o.seg_beta1, weight_decay=o.weight_decay)
+        opt["D_t"] = adam(self.D_t.parameters(), o.lr, o.beta1)
+        opt["D_s"] = adam(self.D_s.parameters(), o.lr, o.beta1)
+        return opt
+
+    def prepare(self, source, target, source_model=None) -> None:
+        if self.classify:
+            if source_model is None:
+                raise ValueError("cyclegan on a classification task needs the trained source classifier")
+            self.source_model = source_model.eval()
+            for p in self.source_model.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "source_model", None) is not None:
+            self.source_model.eval()  # frozen: its BN statistics stay those of the source
+        return self
 
     def _d_update(self, name: str, D, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         b = real.shape[0]
@@ -125,17 +153,19 @@ class CycleGAN(Method):
                 terms["idt"] = self.cyc_loss(self.G_st(xt), xt) + self.cyc_loss(self.G_ts(xs), xs)
                 loss = loss + o.lambda_identity * o.lambda_cyc * terms["idt"]
             seg_in = fake_t if o.seg_through_generator else fake_t.detach()
-            if o.lambda_seg > 0:
+            if o.lambda_seg > 0 and self.seg is not None:
                 terms["seg"] = self.seg_loss(self.seg(seg_in), ys)
                 loss = loss + o.lambda_seg * terms["seg"]
         # one backward: the segmenter sees a detached G_st(x_s) (unless seg_through_generator), D's are frozen
-        self.update(loss, "G", "seg")
+        self.update(loss, *(n for n in ("G", "seg") if n in self.optimizers))
         terms["D_t"] = self._d_update("D_t", self.D_t, xt, self.pool_t.query(fake_t.detach()))
         terms["D_s"] = self._d_update("D_s", self.D_s, xs, self.pool_s.query(fake_s.detach()))
         self.iteration += 1
         return scalars(terms)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
+        if self.classify:
+            return self.source_model.predict(self.G_ts(images))
         return self.seg(images)
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""No adaptation: the source segmenter applied to target images as they are. The lower bound of every table."""
+"""No adaptation: the source segmenter (classifier, for classification tasks: TUNA-Net's "NoAdapt" row) applied to
+target images as they are. The lower bound of every table."""
 
 from __future__ import annotations
 

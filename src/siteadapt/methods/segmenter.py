@@ -9,6 +9,12 @@ Two uses, one class:
 Optimiser: Adam, lr 2e-4, betas (0.9, 0.999) (SIFA TMI trains every module with lr 2e-4; beta1 0.5 is for GAN parts).
 Augmentation: none by default (the papers do not describe any for these slices); ``augment: true`` adds random
 intensity scale/shift (+-10%), small translations (+-4 px) — no flips, which would swap left and right structures.
+
+Classification tasks (``ctx.kind == "classification"``): the same two classes with another network and loss — a
+ResNet-18-like classifier trained from scratch (:class:`~siteadapt.nn.networks.ResNetClassifier`; TUNA-Net's F_A
+starts from ImageNet weights, which siteadapt cannot download) and cross-entropy, eq. (3) of TUNA-Net (plain: the paper
+weights no class; ``class_weights`` as a list of floats weights them, ``"batch"`` and Dice apply to segmentation only).
+The same optimiser; augmentation moves the image only.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from ..nn.losses import WeightedCrossEntropyDiceLoss
-from ..nn.networks import DilatedResidualEncoder, PixelClassifier
+from ..nn.networks import DilatedResidualEncoder, PixelClassifier, ResNetClassifier
 from .base import Context, Method, MethodOptions, adam, scalars
 
 
@@ -43,6 +49,42 @@ class SegmenterNet(nn.Module):
         return self.classifier(self.encoder(x).high, size=x.shape[-2:])
 
 
+def classifier_net(ctx: Context) -> ResNetClassifier:
+    """The image classifier of classification tasks (source model, supervised, F_A / F_P of TUNA-Net)."""
+    return ResNetClassifier(ctx.in_channels, ctx.n_classes, width=ctx.width)
+
+
+def task_net(ctx: Context) -> nn.Module:
+    return classifier_net(ctx) if ctx.kind == "classification" else SegmenterNet(ctx)
+
+
+class ClassificationLoss(nn.Module):
+    """Cross-entropy on image logits (N, K) and class ids (N,), eq. (3) of TUNA-Net; optional fixed class weights
+    (normalised by the number of images, as :class:`~siteadapt.nn.losses.WeightedCrossEntropyLoss`)."""
+
+    def __init__(self, num_classes: int, class_weights: list[float] | str | None = None):
+        super().__init__()
+        w = torch.ones(num_classes)
+        if isinstance(class_weights, (list, tuple)):
+            if len(class_weights) != num_classes or min(class_weights) < 0:
+                raise ValueError(f"class_weights needs {num_classes} non-negative values, got {class_weights}")
+            w = torch.as_tensor([float(v) for v in class_weights])
+        self.register_buffer("weight", w, persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.dim() != 2 or target.dim() != 1 or logits.shape[0] != target.shape[0]:
+            raise ValueError(f"classification loss needs logits (N, K) and labels (N,), got {tuple(logits.shape)} "
+                             f"and {tuple(target.shape)}")
+        target = target.long()
+        return (self.weight.to(logits.device)[target] * F.cross_entropy(logits.float(), target, reduction="none")).mean()
+
+
+def task_loss(ctx: Context, class_weights, dice_weight: float) -> nn.Module:
+    if ctx.kind == "classification":
+        return ClassificationLoss(ctx.n_classes, class_weights)
+    return WeightedCrossEntropyDiceLoss(ctx.n_classes, class_weights=class_weights, dice_weight=dice_weight)
+
+
 def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None = None):
     b = x.shape[0]
     scale = 1 + (torch.rand(b, 1, 1, 1, generator=gen) - 0.5) * 0.2
@@ -50,7 +92,8 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None 
     x = (x * scale.to(x) + shift.to(x)).clamp(-1, 1)
     dx, dy = (torch.randint(-4, 5, (2,), generator=gen)).tolist()
     x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-    y = torch.roll(y, shifts=(dy, dx), dims=(-2, -1))
+    if y.dim() >= 2:  # label maps move with the image; image-level labels do not
+        y = torch.roll(y, shifts=(dy, dx), dims=(-2, -1))
     return x, y
 
 
@@ -62,9 +105,8 @@ class Supervised(Method):
 
     def __init__(self, ctx: Context, options: SegmenterOptions | None = None):
         super().__init__(ctx, options)
-        self.net = SegmenterNet(ctx)
-        self.seg_loss = WeightedCrossEntropyDiceLoss(ctx.n_classes, class_weights=self.opts.class_weights,
-                                                     dice_weight=self.opts.dice_weight)
+        self.net = task_net(ctx)
+        self.seg_loss = task_loss(ctx, self.opts.class_weights, self.opts.dice_weight)
 
     def build_optimizers(self):
         return {"seg": adam(self.net.parameters(), self.opts.lr, beta1=0.9, weight_decay=self.opts.weight_decay)}
@@ -77,14 +119,14 @@ class Supervised(Method):
             logits = self.net(x)
         loss = self.seg_loss(logits, y)
         self.update(loss, "seg")
-        return scalars({"seg": loss})
+        return scalars({"cls" if self.ctx.kind == "classification" else "seg": loss})
 
     def predict(self, images):
         return self.net(images)
 
 
 class SourceSegmenter(Supervised):
-    """The source segmenter: the same network and loss, trained on the labeled source site."""
+    """The source segmenter (classifier): the same network and loss, trained on the labeled source site."""
 
     name = "source"
     trains_on_target_labels = False

@@ -5,12 +5,13 @@ Two sources of rows, kept apart from the paper tables of :mod:`siteadapt.steps.r
 1. **Named variants** in params.yaml, e.g. ``methods: {sifa_prior: {method: sifa, deep_supervision: false}}`` with
    ``sifa_prior`` in a task's ``methods`` list: the report stage writes ``<reports>/<task>/ablation.md`` with one
    table per direction, rows = the base method and each variant, the options where a row differs from the method's
-   defaults, and mean Dice / ASSD.
+   defaults (with the task's ``method_options``), and mean Dice / ASSD (classification tasks: AUC).
 2. **DVC experiments**: ``dvc exp run -S 'methods.sifa.deep_supervision=false'`` re-runs only that method's stages;
    afterwards ``siteadapt report --experiments`` reads ``dvc exp show --json`` and writes
    ``<reports>/<task>/experiments.md``: rows = the baseline commit, the workspace and every experiment, columns =
    the parameters that differ from the baseline, then mean Dice of every (target, method) whose Dice differs
-   between rows. (It is not a DVC stage output: experiments are made after the pipeline ran.)
+   between rows (classification tasks: AUC). (It is not a DVC stage output: experiments are made after the pipeline
+   ran.)
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from ..io.atomic import write_text
 log = logging.getLogger("siteadapt.ablation")
 
 
-def _base_and_diff(settings: Settings, name: str) -> tuple[str, dict]:
-    """(base method, options that differ from the base method's defaults) of a method or named variant."""
+def _base_and_diff(settings: Settings, name: str, task: str | None = None) -> tuple[str, dict]:
+    """(base method, options that differ from the base method's defaults) of a method or named variant, as it runs
+    for ``task`` (with the task's ``method_options``)."""
     from ..methods import get_method
 
     raw = dict(settings.methods.get(name) or {})
@@ -39,6 +41,9 @@ def _base_and_diff(settings: Settings, name: str) -> tuple[str, dict]:
         cls = get_method(raw.pop("method", name))
     except Exception:  # noqa: BLE001 - a metrics file of a method that no longer exists
         return name, {}
+    per_task = settings.tasks[task].method_options if task in settings.tasks else {}
+    for k in dict.fromkeys([cls.name, name]):
+        raw |= per_task.get(k) or {}
     opts = cls.parse_options(raw, f"methods.{name}").model_dump()
     defaults = cls.Options().model_dump()
     return cls.name, {k: v for k, v in opts.items() if defaults.get(k) != v}
@@ -51,25 +56,35 @@ def _fmt(v, scale=1.0) -> str:
 def variant_table(settings: Settings, task: str, directions: dict) -> str:
     """Markdown: per direction, each base method that has variants, with its variants (empty when none)."""
     parts = []
+    classification = task in settings.tasks and settings.tasks[task].kind == "classification"
     for (source, target), methods in sorted(directions.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
         groups: dict[str, list[tuple[str, dict]]] = {}
         for name in methods:
-            base, diff = _base_and_diff(settings, name)
+            base, diff = _base_and_diff(settings, name, task)
             groups.setdefault(base, []).append((name, diff))
         for base, rows in sorted(groups.items()):
             if len(rows) < 2 and rows[0][0] == base:
                 continue  # a method without variants is no ablation
             rows.sort(key=lambda r: (r[0] != base, r[0]))
             parts.append(f"\n## {base}: {source} → {target}\n")
-            parts.append("| Row | Options differing from the defaults | Dice (%) Avg | ASD (mm) Avg | n seeds |")
-            parts.append("|---|---|---|---|---|")
+            if classification:
+                parts.append("| Row | Options differing from the defaults | AUC (%) | n seeds |")
+                parts.append("|---|---|---|---|")
+            else:
+                parts.append("| Row | Options differing from the defaults | Dice (%) Avg | ASD (mm) Avg | n seeds |")
+                parts.append("|---|---|---|---|---|")
             for name, diff in rows:
                 runs = methods[name]
+                opts = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(diff.items())) or "(defaults)"
+                if classification:  # mean over seeds
+                    aucs = [r["auc"] for r in runs if r.get("auc") is not None]
+                    parts.append(f"| {name} | {opts} | {_fmt(sum(aucs) / len(aucs) if aucs else None, 100)} | "
+                                 f"{len(runs)} |")
+                    continue
                 dice = [r.get("dice", {}).get("mean") for r in runs]
                 assd = [r.get("assd", {}).get("mean") for r in runs]
                 dice = [d for d in dice if d is not None]
                 assd = [a for a in assd if a is not None]
-                opts = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(diff.items())) or "(defaults)"
                 parts.append(f"| {name} | {opts} | {_fmt(sum(dice) / len(dice) if dice else None, 100)} | "
                              f"{_fmt(sum(assd) / len(assd) if assd else None)} | {len(runs)} |")
     return "\n".join(parts)
@@ -147,16 +162,20 @@ def write_experiment_tables(settings: Settings, rows: list[dict]) -> dict[str, P
                 continue
             task = m.get("task") or rel[len(metrics_root):].split("/")[0]
             col = f"{m.get('site', '?')}/{m.get('method', Path(rel).stem)}"
-            dice = (m.get("dice") or {}).get("mean") if isinstance(m.get("dice"), dict) else None
-            by_task.setdefault(task, {}).setdefault(col, {})[r["name"]] = dice
+            if m.get("kind") == "classification":  # the classification tasks' main number: AUC
+                value = m.get("auc") if isinstance(m.get("auc"), (int, float)) else None
+            else:
+                value = (m.get("dice") or {}).get("mean") if isinstance(m.get("dice"), dict) else None
+            by_task.setdefault(task, {}).setdefault(col, {})[r["name"]] = value
     for task, cols in by_task.items():
         varying = [c for c, vals in sorted(cols.items()) if len({None if v is None else round(v, 6)
                                                                   for v in vals.values()}) > 1]
         shown = varying or sorted(cols)
-        head = ["Experiment", "Changed parameters"] + [f"Dice (%) {c}" for c in shown]
+        measure = "AUC" if task in settings.tasks and settings.tasks[task].kind == "classification" else "Dice"
+        head = ["Experiment", "Changed parameters"] + [f"{measure} (%) {c}" for c in shown]
         lines = [f"# {task}: DVC experiments (`dvc exp show`)\n",
                  "Rows: the baseline commit, the workspace and each experiment; parameters as they differ from the "
-                 "baseline; Dice columns: (target site/method) whose mean Dice differs between rows"
+                 f"baseline; {measure} columns: (target site/method) whose mean {measure} differs between rows"
                  + (" (none differ: all shown)" if not varying else "") + ".\n",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:

@@ -14,6 +14,19 @@
 - Label-free checks (``plausibility``: empty and fragmented predicted structures, on the raw predictions of every test
   subject, labeled or not; :mod:`siteadapt.metrics.plausibility`). A site without labels gets only these
   (``"labeled": false``, no Dice); the report's tables skip it and the promotion gates use them.
+
+Classification tasks (TUNA-Net's protocol, :func:`evaluate_classification`): the method's scores P(positive class) of
+the site's val and test images (``siteadapt predict`` writes both) and the image-level labels of the ingest manifest.
+"The validation set is only used to optimize the threshold using Youden's index": the operating threshold is chosen
+on the labeled **validation** split (:func:`~siteadapt.metrics.classification.youden_threshold`) and applied unchanged
+to the **test** split, whose labels are used for the metrics (AUC, accuracy, sensitivity, specificity, F1) and for
+nothing else. For a target site this is the one place where target validation labels are read: no adaptation method
+trains or picks a checkpoint on them (the engine keeps the final iteration), they only set the operating point.
+A classification site without labeled test images gets a label-free file (``"labeled": false``: the scores'
+distribution only; no table row; the registry gates it on the source AUC drop). The classification counterpart of the
+overlays is ``<reports>/<task>/overlays/<site>/<method>/examples.png``: test images (as the model saw them) with
+their score, reference class and the decision at the threshold (the most confident correct ones and the worst errors
+of each class; without labels, the highest- and lowest-scored images).
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ from ..config import Settings
 from ..data.geometry import AXES
 from ..errors import InputError
 from ..io.atomic import atomic_path, write_json
-from ..metrics import segmentation_metrics, summarize
+from ..metrics import classification_metrics, segmentation_metrics, summarize, youden_threshold
 from ..metrics.plausibility import shape_checks, summarize_plausibility
 from ..postprocess import postprocess
 
@@ -87,6 +100,8 @@ def evaluate(settings: Settings, site: str, method: str, *, seed: int | None = N
              split: str = "test") -> Path:
     s = settings
     task = s.task_of(site)
+    if task.kind == "classification":
+        return evaluate_classification(settings, site, method, seed=seed, split=split)
     structures = task.structures
     prep = s.paths.prepared / site / "subjects.json"
     if not prep.is_file():
@@ -161,6 +176,139 @@ def evaluate(settings: Settings, site: str, method: str, *, seed: int | None = N
     write_json(path, _nan_to_none(out))
     log.info("%s/%s: mean Dice %.3f, ASSD %.2f mm over %d subjects -> %s", site, method, out["dice"]["mean"],
              out["assd"]["mean"], len(reports), path)
+    return path
+
+
+def threshold_then_metrics(val_labels, val_scores, test_labels, test_scores) -> dict:
+    """The classification protocol: Youden threshold from the validation set only, metrics on the test set at it."""
+    chosen = youden_threshold(val_labels, val_scores, return_details=True)
+    out = classification_metrics(test_labels, test_scores, chosen["threshold"])
+    out["youden_on_val"] = chosen
+    return out
+
+
+def evaluate_classification(settings: Settings, site: str, method: str, *, seed: int | None = None,
+                            split: str = "test", threshold_split: str = "val") -> Path:
+    s = settings
+    task = s.task_of(site)
+    from .train import run_name
+
+    pred_dir = s.paths.predictions / site / run_name(s, method, seed)
+    scores_path = pred_dir / "scores.json"
+    if not scores_path.is_file():
+        raise InputError(scores_path, f"no class scores: run `siteadapt predict --site {site} --method {method}`")
+    scores = json.loads(scores_path.read_text())
+    mpath = s.paths.ingested / site / "manifest.json"
+    if not mpath.is_file():
+        raise InputError(mpath, f"site {site} is not ingested")
+    truth = {it["id"]: it.get("class_label") for it in json.loads(mpath.read_text())["items"]}
+
+    def rows(sp: str) -> list[dict]:
+        return [dict(r, label=truth[r["id"]]) for r in scores["images"]
+                if r["split"] == sp and truth.get(r["id"]) is not None]
+
+    val, test = rows(threshold_split), rows(split)
+    head = {"task": site_task(s, site), "kind": "classification", "site": site, "method": method,
+            "seed": s.seed if seed is None else seed, "split": split, "classes": list(task.classes),
+            "positive_class": task.classes[1], "source_site": _source_of(s, site)}
+    path = metrics_path(s, site, method, seed)
+    overlay = s.paths.reports / site_task(s, site) / "overlays" / site / run_name(s, method, seed) / "examples.png"
+    if not test:  # a site without labels: the scores' distribution only (no table row; label-free registry gate)
+        unl = [r for r in scores["images"] if r["split"] == split]
+        if not unl:
+            raise InputError(scores_path, f"site {site} has no images with scores in its {split} split")
+        sc = np.array([r["score"] for r in unl], dtype=float)
+        out = {**head, "labeled": False, "n_test": len(unl), "score_mean": float(sc.mean()),
+               "score_std": float(sc.std()), "positive_fraction_at_0.5": float((sc >= 0.5).mean()),
+               "per_image": [{"id": r["id"], "split": r["split"], "score": r["score"]} for r in unl]}
+        save_examples(s, site, unl, None, overlay, f"{method} on {site} ({split}, no labels)")
+        write_json(path, _nan_to_none(out))
+        log.info("%s/%s: no labeled %s images; score distribution only (mean P(%s) %.3f over %d images) -> %s",
+                 site, method, split, task.classes[1], out["score_mean"], len(unl), path)
+        return path
+    if not val:
+        raise InputError(scores_path, f"site {site} has no labeled images with scores in its {threshold_split} split "
+                                      "(the operating threshold is chosen there)")
+    res = threshold_then_metrics([r["label"] for r in val], [r["score"] for r in val],
+                                 [r["label"] for r in test], [r["score"] for r in test])
+    out = {
+        **head, "labeled": True, "threshold_split": threshold_split,
+        "protocol": f"threshold = Youden's J maximum on the {threshold_split} split's labels; metrics on the "
+                    f"{split} split at that threshold",
+        "n_val": len(val), "n_test": len(test), **res,
+        "per_image": [{"id": r["id"], "split": r["split"], "score": r["score"], "label": r["label"]}
+                      for r in val + test],
+    }
+    save_examples(s, site, test, res["threshold"], overlay, f"{method} on {site} ({split}): AUC "
+                  f"{100 * res['auc']:.1f}, threshold {res['threshold']:.3f} (from {threshold_split})")
+    write_json(path, _nan_to_none(out))
+    log.info("%s/%s: AUC %.3f, accuracy %.3f, sensitivity %.3f, specificity %.3f, F1 %.3f (threshold %.3f from %d "
+             "%s images) over %d %s images -> %s", site, method, res["auc"], res["accuracy"], res["sensitivity"],
+             res["specificity"], res["f1"], res["threshold"], len(val), threshold_split, len(test), split, path)
+    return path
+
+
+def _pick_examples(rows: list[dict], threshold: float | None, n: int) -> list[dict]:
+    """Up to ``n`` rows to show. With labels: per class the most confident correct image and the worst errors
+    (a normal image scored highest, a positive one scored lowest), alternating; without: the highest and lowest
+    scores."""
+    by = sorted(rows, key=lambda r: r["score"])
+    if threshold is None:
+        k = n // 2
+        return (by[::-1][:n - k] + by[:k]) if len(by) > n else by[::-1]
+    neg = [r for r in by if r["label"] == 0]
+    pos = [r for r in by if r["label"] == 1]
+    queues = [pos[::-1], neg, neg[::-1], pos]  # confident TP, confident TN, worst FP, worst FN (then the next ones)
+    picked, seen = [], set()
+    while len(picked) < min(n, len(rows)) and any(queues):
+        for q in queues:
+            while q and q[0]["id"] in seen:
+                q.pop(0)
+            if q and len(picked) < n:
+                r = q.pop(0)
+                picked.append(r)
+                seen.add(r["id"])
+    return picked
+
+
+def save_examples(s: Settings, site: str, rows: list[dict], threshold: float | None, path: Path, title: str,
+                  n: int = 8) -> Path | None:
+    """Classification overlays: a grid of test images (preprocessed, as the model saw them) with their score
+    P(positive), the reference class and the decision at ``threshold`` (without labels: the score only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..data.shards import load_slices
+
+    shown = _pick_examples(rows, threshold, n)
+    if not shown:
+        return None
+    data = load_slices(s.paths.prepared, site, "test", labels=False)
+    index = {data.subjects[int(j)]["id"]: i for i, j in enumerate(data.subject)}
+    classes = s.task_of(site).classes
+    cols = min(4, len(shown))
+    nrows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.2 * cols, 2.45 * nrows + 0.3), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, r in zip(axes.ravel(), shown):
+        if r["id"] in index:
+            # a prepared 2D image is indexed (column, row) of the picture as exported: transposed, it shows upright
+            ax.imshow(data.images[index[r["id"]]].T, cmap="gray", vmin=-1, vmax=1)
+        txt = f"P({classes[1]}) {r['score']:.2f}"
+        color = "black"
+        if threshold is not None:
+            said = int(r["score"] >= threshold)
+            txt += f"\nref {classes[r['label']]}, " + ("correct" if said == r["label"] else "WRONG")
+            color = "darkgreen" if said == r["label"] else "darkred"
+        ax.set_title(txt, fontsize=7, color=color)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
     return path
 
 

@@ -17,10 +17,19 @@ Rules:
 
 Label matching: a label file (NIfTI or PNG/TIFF) is matched by its file stem: for NIfTI and 2D images, the image's own
 stem; for DICOM series, in order, the name of the folder holding the series, its AccessionNumber, PatientID or StudyID.
+
+Image-level labels (classification tasks, ``classes=[negative, positive]``): either a CSV file ``labels`` with a header
+``stem,label`` (``label`` a class name, case-insensitive, or its index; ``stem`` matched as above, a file extension
+is ignored), or, without a CSV, one folder per class: an image's class is the name of the nearest folder above it (under
+the input root) that equals a class name, case-insensitively (``NORMAL/``, ``pneumonia/``, ``train/PNEUMONIA/``...).
+The manifest item gets ``class_label`` (index), ``class_name`` and ``class_source`` (``csv`` or ``folder``); an image
+without a class is ingested unlabeled. CSV rows that match no image, name an unknown class or repeat an image are
+listed in ``rejected`` by line number (never by stem: stems are often patient ids).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -51,6 +60,8 @@ class _Candidate:
     series: object = None  # DicomSeries for DICOM
     id: str = ""
     label_path: Path | None = None
+    class_label: int | None = None
+    class_source: str | None = None
     fingerprint: str = ""
 
 
@@ -96,6 +107,9 @@ def _label_index(labels: Path | None, rejected: list) -> dict[str, Path]:
         return {}
     if not labels.exists():
         raise InputError(labels, "labels folder does not exist")
+    if labels.is_file():
+        raise InputError(labels, "labels must be a folder of label maps here (a CSV of image-level labels belongs to "
+                                 "a classification task: kind: classification, classes: [...])")
     index: dict[str, Path] = {}
     for p in _walk(labels):
         if not p.name.lower().endswith(F.LABEL_SUFFIXES):
@@ -107,6 +121,67 @@ def _label_index(labels: Path | None, rejected: list) -> dict[str, Path]:
             continue
         index[stem] = p
     return index
+
+
+_STEM_COLUMNS = ("stem", "id", "image", "file", "filename")
+_LABEL_COLUMNS = ("label", "class")
+
+
+def _class_of(value: str, classes: list[str]) -> int | None:
+    v = value.strip()
+    low = [c.lower() for c in classes]
+    if v.lower() in low:
+        return low.index(v.lower())
+    if v.isdigit() and int(v) < len(classes):
+        return int(v)
+    return None
+
+
+def _class_table(path: Path, classes: list[str], rejected: list) -> dict[str, tuple[int, int]]:
+    """``stem -> (class index, CSV line)`` from a ``stem,label`` CSV; bad rows go to ``rejected``."""
+    if path.is_dir():
+        raise InputError(path, "a classification site's labels must be a CSV file (stem,label), not a folder "
+                               "(leave labels out to read classes from one folder per class)")
+    if not path.is_file():
+        raise InputError(path, "labels CSV does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(path, f"unreadable labels CSV: {type(e).__name__}") from None
+    rows = list(csv.reader(text.splitlines()))
+    head = [h.strip().lower() for h in rows[0]] if rows else []
+    si = next((head.index(c) for c in _STEM_COLUMNS if c in head), None)
+    li = next((head.index(c) for c in _LABEL_COLUMNS if c in head), None)
+    if si is None or li is None:
+        raise InputError(path, "labels CSV needs a header with a stem column (stem) and a label column (label), "
+                               f"got {rows[0] if rows else 'an empty file'}")
+    table: dict[str, tuple[int, int]] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or all(not v.strip() for v in row):
+            continue
+        if len(row) <= max(si, li):
+            rejected.append((path, path.parent, f"line {line}: missing stem or label"))
+            continue
+        stem = F.stem_of(Path(row[si].strip()))
+        k = _class_of(row[li], classes)
+        if k is None:
+            rejected.append((path, path.parent, f"line {line}: unknown class {row[li].strip()[:40]!r} "
+                                                f"(classes: {', '.join(classes)})"))
+        elif stem in table:
+            rejected.append((path, path.parent, f"line {line}: a second label for the image of line "
+                                                f"{table[stem][1]}"))
+        else:
+            table[stem] = (k, line)
+    return table
+
+
+def _class_from_folders(c: _Candidate, source: Path, classes: list[str]) -> int | None:
+    """The class named by the nearest folder above the candidate's files (under ``source``), if any."""
+    low = [x.lower() for x in classes]
+    for part in reversed(c.files[0].relative_to(source).parts[:-1]):
+        if part.lower() in low:
+            return low.index(part.lower())
+    return None
 
 
 def _discover(source: Path, rejected: list, scrub: Scrubber) -> list[_Candidate]:
@@ -165,6 +240,16 @@ def _load(c: _Candidate, modality: str | None, pixel_spacing: float | None) -> V
     return F.read_image2d(c.files[0], spacing=pixel_spacing, modality=modality or "OT")
 
 
+def content_sha256(data: np.ndarray) -> str:
+    """sha256 of an image's voxel values (dtype, shape and bytes in C order): the same for the same pixels whatever
+    the de-identification key, file format or time of ingest, so the subject split does not depend on the keyed ids
+    (a fresh checkout has a fresh key) and identical images land in the same split."""
+    a = np.ascontiguousarray(data)
+    h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _item_record(c: _Candidate, vol: Volume, out_dir: Path, label: np.ndarray | None) -> dict:
     img_rel = f"images/{c.id}.nii.gz"
     rec = {
@@ -177,6 +262,7 @@ def _item_record(c: _Candidate, vol: Volume, out_dir: Path, label: np.ndarray | 
         "orientation": vol.orientation,
         "image": img_rel,
         "image_sha256": sha256_file(out_dir / img_rel),
+        "content_sha256": content_sha256(vol.data),
         "label": None,
         "label_sha256": None,
         "label_values": None,
@@ -202,7 +288,8 @@ def _outputs_intact(rec: dict, out_dir: Path) -> bool:
 
 
 def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str | Path | None = None,
-           modality: str | None = None, pixel_spacing_mm: float | None = None, key: bytes | None = None) -> IngestResult:
+           modality: str | None = None, pixel_spacing_mm: float | None = None, key: bytes | None = None,
+           classes: list[str] | None = None) -> IngestResult:
     source = Path(source)
     if not source.exists():
         raise InputError(source, "input folder does not exist")
@@ -230,7 +317,10 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
     scrub = Scrubber()
     rejected_raw: list[tuple[Path, Path, str]] = []
     cands = _discover(source, rejected_raw, scrub)
-    label_index = _label_index(labels, rejected_raw)
+    if labels is not None and labels.is_file():  # a labels CSV kept inside the image folder is not an input
+        rejected_raw = [r for r in rejected_raw if Path(r[0]).resolve() != labels.resolve()]
+    class_table = _class_table(labels, list(classes), rejected_raw) if classes and labels is not None else None
+    label_index = _label_index(None if classes else labels, rejected_raw)
     if not cands and not rejected_raw:
         raise InputError(source, "empty folder: no DICOM, NIfTI or image files found")
 
@@ -246,9 +336,21 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
             if k in label_index:
                 c.label_path = label_index.pop(k)
                 break
+        if class_table is not None:
+            for k in c.match_keys:
+                if k in class_table:
+                    c.class_label, c.class_source = class_table.pop(k)[0], "csv"
+                    break
+        elif classes:
+            c.class_label = _class_from_folders(c, source, list(classes))
+            c.class_source = "folder" if c.class_label is not None else None
         c.fingerprint = _fingerprint(c.files + ([c.label_path] if c.label_path else []), source)
+        if c.class_label is not None:
+            c.fingerprint = hashlib.sha256(f"{c.fingerprint}|class={c.class_label}".encode()).hexdigest()
     for stem, p in label_index.items():
         rejected_raw.append((p, labels, "label file matches no image"))
+    for stem, (k, line) in (class_table or {}).items():
+        rejected_raw.append((labels, labels.parent, f"line {line}: label row matches no image"))
 
     result = IngestResult(site=site, out_dir=out_dir, manifest={})
     items = []
@@ -276,7 +378,11 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
             save_nifti(label, lab_file, vol.affine)
         elif lab_file.exists():
             lab_file.unlink()
-        items.append(_item_record(c, vol, out_dir, label))
+        rec = _item_record(c, vol, out_dir, label)
+        if classes:
+            rec.update(class_label=c.class_label, class_source=c.class_source,
+                       class_name=None if c.class_label is None else list(classes)[c.class_label])
+        items.append(rec)
         result.written.append(cid)
         log.info("%s: ingested %s (%s, %s)", site, cid, vol.modality, "x".join(map(str, vol.data.shape)))
 
@@ -294,7 +400,7 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
         path = Path(path)
         try:
             rel = path.relative_to(root).as_posix()
-            where = "labels" if labels is not None and root == labels else "input"
+            where = "labels" if labels is not None and (root == labels or path == labels) else "input"
         except ValueError:
             rel, where = path.name, "input"
         rejected.append({"file": scrub(rel), "in": where, "reason": scrub(reason)})
@@ -306,7 +412,7 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
     if not manifest_path.exists() or manifest_path.read_text() != new_text:
         write_json(manifest_path, manifest)
     result.manifest = manifest
-    labeled = sum(1 for it in items if it["label"])
+    labeled = sum(1 for it in items if it["label"] or it.get("class_label") is not None)
     log.info("%s: %d items (%d written, %d unchanged, %d labeled), %d inputs not used", site, len(items),
              len(result.written), len(result.skipped), labeled, len(rejected))
     return result

@@ -1,5 +1,6 @@
 """The whole job in one process, in stage order: synth -> ingest -> preprocess -> train_source -> adapt -> predict ->
-evaluate -> report, for every task with synthetic or user sites in params.yaml.
+evaluate -> report, for the tasks of ``pipeline.tasks`` in params.yaml (default: every task with sites), or the
+tasks given.
 
 This is what ``siteadapt demo`` runs. Each stage is the same function the single-step CLI commands call; a stage whose
 output already exists for unchanged settings is *not* detected here (use ``dvc repro`` for that): the demo redoes
@@ -24,8 +25,13 @@ def run_all(settings: Settings, tasks: list[str] | None = None, synth: bool = Tr
     from .report import report
     from .train import adapt, predict, train_source
 
+    from ..errors import ConfigError
+
     s = settings
-    tasks = tasks or [t for t in s.tasks if any(site.task == t for site in s.sites.values())]
+    for t in tasks or []:
+        if t not in s.tasks:
+            raise ConfigError(f"unknown task {t!r}; tasks in params.yaml: {', '.join(s.tasks)}")
+    tasks = tasks or s.pipeline_tasks()
     timings: dict[str, float] = {}
 
     def timed(name, fn, *a, **k):
@@ -38,11 +44,13 @@ def run_all(settings: Settings, tasks: list[str] | None = None, synth: bool = Tr
     if synth:
         for task in sorted({s.sites[n].synthetic.split("/")[0] for n in sites if s.sites[n].synthetic}):
             timed("synth", synthesize, task, s.paths.raw, seed=s.seed, n_subjects=s.active.synth_subjects,
-                  n_images=s.active.synth_images, scale=s.active.synth_scale)
+                  n_images=s.synth_images(task), scale=s.active.synth_scale)
     for n in sites:
         site = s.sites[n]
+        task = s.tasks[site.task]
         timed("ingest", ingest, site.images, n, s.paths.ingested, labels=site.labels, modality=site.modality,
-              pixel_spacing_mm=site.pixel_spacing_mm)
+              pixel_spacing_mm=site.pixel_spacing_mm,
+              classes=task.classes if task.kind == "classification" else None)
     for n in sites:
         timed("preprocess", preprocess, s, n)
     for task in tasks:

@@ -28,6 +28,14 @@ Output ``<prepared>/<site>/`` (written to a temporary folder, then swapped in wh
 
 The split is subject-level and seeded (``seed`` + site name): test = ``split.test`` of subjects (20% as in the
 papers), val = ``split.val``, the rest train.
+
+Classification tasks (image-level labels from the manifest's ``class_label``): every image is one "subject" with one
+slice, the whole image padded square and resized to ``image_size`` with the 2D intensity steps above (as the chest
+X-ray segmentation task); ``{split}_labels.npz`` holds ``labels`` (N,) uint8 class ids (255 = no label). The split is
+stratified by class (the seeded split above, within each class and within the unlabeled images), so that validation
+and test keep the site's class balance: a target's labels decide which images are held out, never what any image
+looks like, and they never reach an adaptation method (its training split is read without labels; subjects.json
+carries no classes).
 """
 
 from __future__ import annotations
@@ -53,8 +61,33 @@ log = logging.getLogger("siteadapt.preprocess")
 SPLITS = ("train", "val", "test")
 
 
-def split_subjects(ids: list[str], seed: int, site: str, val: float, test: float) -> dict[str, str]:
-    """Seeded subject-level split; stable for a seed whatever the order of ``ids``."""
+def split_by_content(items: list[dict], seed: int, site: str, val: float, test: float,
+                     strata: dict[str, object] | None = None) -> dict[str, str]:
+    """The site's split, keyed by item id, drawn on the items' content hashes (``content_sha256`` of the ingest
+    manifest) rather than on their ids: ids are keyed pseudonyms, and a checkout with another de-identification key
+    must get the same split (the same table) from the same data. Items with identical pixels share a key and so a
+    split. Manifests written before content hashes existed fall back to the ids."""
+    key = {it["id"]: it.get("content_sha256") or f"id:{it['id']}" for it in items}
+    by_key_strata = None if strata is None else {key[i]: c for i, c in strata.items()}
+    by_key = split_subjects(sorted(set(key.values())), seed, site, val, test, strata=by_key_strata)
+    return {i: by_key[k] for i, k in key.items()}
+
+
+def split_subjects(ids: list[str], seed: int, site: str, val: float, test: float,
+                   strata: dict[str, object] | None = None) -> dict[str, str]:
+    """Seeded subject-level split; stable for a seed whatever the order of ``ids``. With ``strata`` (id -> class),
+    each stratum is split on its own (stratified split)."""
+    if strata is not None:
+        out: dict[str, str] = {}
+        groups: dict[str, list[str]] = {}
+        for i in ids:
+            groups.setdefault(str(strata.get(i)), []).append(i)
+        for g, members in sorted(groups.items()):
+            out |= split_subjects(members, seed, f"{site}|{g}", val, test) if len(members) >= 3 else \
+                {i: "train" for i in members}
+        if not any(v == "train" for v in out.values()):
+            raise InputError(None, f"site {site}: {len(ids)} images are too few for a train/val/test split")
+        return out
     ids = sorted(ids)
     h = int(hashlib.sha256(f"{seed}|{site}".encode()).hexdigest()[:8], 16)
     order = np.random.default_rng(h).permutation(len(ids))
@@ -154,7 +187,9 @@ def preprocess(settings: Settings, site: str) -> dict:
         raise InputError(mpath, f"site {site} has no ingested items")
     ids = list(task.structures.values())
     rule = s.roi_rule(site)
-    split = split_subjects([it["id"] for it in items], s.seed, site, pp.split.val, pp.split.test)
+    classify = task.kind == "classification"
+    classes = {it["id"]: it.get("class_label") for it in items} if classify else None
+    split = split_by_content(items, s.seed, site, pp.split.val, pp.split.test, strata=classes)
 
     # ---- 1. choose each subject's crop grid and resample ------------------------------------------------------
     records, crops, crop_labels, ct_fg, vol_stats = [], {}, {}, {}, {}
@@ -251,7 +286,7 @@ def preprocess(settings: Settings, site: str) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{site}.", dir=out_dir.parent))
     try:
         counts = {}
-        has_labels = bool(crop_labels)
+        has_labels = bool(crop_labels) or (classify and any(v is not None for v in classes.values()))
         for sp in SPLITS:
             imgs, labs, subj, sl = [], [], [], []
             for si, r in enumerate(records):
@@ -263,7 +298,10 @@ def preprocess(settings: Settings, site: str) -> dict:
                 imgs.append(v)
                 subj.append(np.full(v.shape[0], si, np.int32))
                 sl.append(np.arange(v.shape[0], dtype=np.int32))
-                if has_labels:
+                if has_labels and classify:
+                    k = classes.get(r["id"])
+                    labs.append(np.full(v.shape[0], 255 if k is None else k, np.uint8))  # 255 = no label
+                elif has_labels:
                     lab = crop_labels.get(r["id"])
                     labs.append(np.moveaxis(lab, r["slice_axis"], 0) if lab is not None
                                 else np.full(v.shape, 255, np.uint8))  # 255 = unlabeled subject
@@ -274,10 +312,12 @@ def preprocess(settings: Settings, site: str) -> dict:
                          slice=np.concatenate(sl) if sl else np.zeros(0, np.int32))
             if has_labels:
                 with atomic_path(tmp / f"{sp}_labels.npz") as t:
-                    np.savez(t, labels=np.concatenate(labs) if labs else np.zeros((0, *hw), np.uint8))
+                    np.savez(t, labels=np.concatenate(labs) if labs else
+                             np.zeros((0,) if classify else (0, *hw), np.uint8))
             counts[sp] = {"subjects": sum(r["split"] == sp for r in records), "slices": int(arr.shape[0])}
-        write_json(tmp / "subjects.json", {"site": site, "task": site_cfg.task, "dims": task.dims,
-                                            "structures": task.structures, "subjects": records})
+        write_json(tmp / "subjects.json", {"site": site, "task": site_cfg.task, "dims": task.dims, "kind": task.kind,
+                                            "structures": task.structures, "classes": task.classes,
+                                            "subjects": records})
         write_json(tmp / "norm.json", norm)
         _swap_in(tmp, out_dir)
     except BaseException:

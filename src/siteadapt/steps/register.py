@@ -12,19 +12,27 @@ which version serves the site.
 
 Gates (measured at registration, thresholds read at promotion, so changing a threshold needs no re-registration):
 
-- a site with labeled test subjects: ``min_target_dice`` (mean Dice over structures and test subjects, from
-  ``siteadapt evaluate``);
-- a site without them (and every site with ``label_free: always``): ``max_source_dice_drop`` (the adapted model must
-  not forget the source site: Dice of the source segmenter on the source site's test subjects minus the adapted
-  model's), ``max_empty_fraction`` and ``max_fragmented_fraction`` (plausibility of the predicted shapes on the
-  site's test subjects, :mod:`siteadapt.metrics.plausibility`).
+- segmentation, a site with labeled test subjects: ``min_target_dice`` (mean Dice over structures and test
+  subjects, from ``siteadapt evaluate``);
+- segmentation, a site without them (and every site with ``label_free: always``): ``max_source_dice_drop`` (the
+  adapted model must not forget the source site: Dice of the source segmenter on the source site's test subjects
+  minus the adapted model's), ``max_empty_fraction`` and ``max_fragmented_fraction`` (plausibility of the predicted
+  shapes on the site's test subjects, :mod:`siteadapt.metrics.plausibility`);
+- classification, a site with labeled test images: ``min_target_auc`` (AUC on them, from ``siteadapt evaluate``);
+- classification, a site without them (and with ``label_free: always``): ``max_source_auc_drop`` (AUC of the source
+  classifier on the source site's labeled test images minus the adapted model's). Shape plausibility has no
+  classification counterpart.
 
-A gate whose threshold is null is off; a gate whose measurement is missing fails (value ``None``).
+A gate whose threshold is null is off; a gate whose measurement is missing fails (value ``None``). The task's kind
+is recorded on the version (tag ``kind``) and picks the gates at promotion.
 
-The pyfunc model's input is a subject's preprocessed slices (``siteadapt preprocess`` output), float32
-``(N, 1, H, W)`` in [-1, 1] (the signature enforces it); its output the label map ``(N, H, W)`` (uint8, the task's
-label ids). It is stored as code (``siteadapt/pyfunc_model.py``), not as a pickle.
-Loading it needs the ``siteadapt`` package in the environment (it is listed in the model's requirements).
+The pyfunc model's input is preprocessed images (``siteadapt preprocess`` output: a subject's slices, or a batch of
+2D images of a classification task), float32 ``(N, 1, H, W)`` in [-1, 1] (the signature enforces it). Its output:
+segmentation, the label map ``(N, H, W)`` (uint8, the task's label ids; :class:`SiteadaptSegmenter`);
+classification, P(positive class) per image ``(N,)`` (float32, the task's ``classes[1]``;
+:class:`SiteadaptClassifier`). It is stored as code (``siteadapt/pyfunc_model.py`` / ``pyfunc_classifier.py``), not
+as a pickle. Loading it needs the ``siteadapt`` package in the environment (it is listed in the model's
+requirements).
 """
 
 from __future__ import annotations
@@ -59,8 +67,8 @@ def model_name(task: str, site: str) -> str:
     return f"siteadapt-{task}-{site}"
 
 
-class SiteadaptSegmenter(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: preprocessed slices of one subject -> label map (see the module docstring)."""
+class _SiteadaptModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper around a trained method (its ``model.pt`` and, for methods that apply it, the source model)."""
 
     _skip_type_hint_validation = True  # no type-hint validation: the input is a float32 tensor that the signature checks
 
@@ -72,15 +80,37 @@ class SiteadaptSegmenter(mlflow.pyfunc.PythonModel):
             src, _ = load_model(Path(context.artifacts["source_model"]))
             self.method.source_model = src
 
-    def predict(self, context, model_input, params=None):
+    def _logits(self, model_input):
         import torch
 
         x = np.asarray(model_input, dtype=np.float32)
         if x.ndim == 3:
             x = x[:, None]
         with torch.no_grad():
-            logits = self.method.predict_subject(torch.from_numpy(np.ascontiguousarray(x)))
-        return logits.argmax(1).numpy().astype(np.uint8)
+            return self.method.predict_subject(torch.from_numpy(np.ascontiguousarray(x))).float()
+
+
+class SiteadaptSegmenter(_SiteadaptModel):
+    """Segmentation: preprocessed slices of one subject -> label map (see the module docstring)."""
+
+    def predict(self, context, model_input, params=None):
+        return self._logits(model_input).argmax(1).numpy().astype(np.uint8)
+
+
+class SiteadaptClassifier(_SiteadaptModel):
+    """Classification: preprocessed images (N, 1, H, W) -> P(positive class) per image, float32 (N,)."""
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        logits = self._logits(model_input)
+        if logits.ndim != 2:
+            raise ValueError(f"expected class logits (N, K) from {self.method.name}, got shape {tuple(logits.shape)}")
+        return torch.softmax(logits, 1)[:, 1].numpy().astype(np.float32)
+
+
+WRAPPERS = {"segmentation": (SiteadaptSegmenter, "pyfunc_model.py"),
+            "classification": (SiteadaptClassifier, "pyfunc_classifier.py")}
 
 
 # ---- measurements ---------------------------------------------------------------------------------------------------
@@ -108,8 +138,9 @@ def _dice(pred: np.ndarray, ref: np.ndarray, ids: list[int]) -> float | None:
 
 
 def source_regression(settings: Settings, site: str, method: str, seed: int | None = None) -> dict:
-    """Dice on the source site's labeled test slices (per subject, mean over structures, then over subjects) of the
-    source segmenter and of the adapted model; ``source_dice_drop`` = source segmenter - adapted."""
+    """Segmentation: Dice on the source site's labeled test slices (per subject, mean over structures, then over
+    subjects) of the source segmenter and of the adapted model; ``source_dice_drop`` = source segmenter - adapted.
+    Classification: AUC on the source site's labeled test images of both; ``source_auc_drop`` = source - adapted."""
     import torch
 
     from ..data.shards import load_slices
@@ -126,6 +157,8 @@ def source_regression(settings: Settings, site: str, method: str, seed: int | No
         log.warning("source regression not measured: %s", e)
         return {}
     src_model, _ = load_model(model_dir(settings, source, "source") / "model.pt")
+    if settings.task_of(site).kind == "classification":
+        return _source_auc(src_model, adapted, data)
     ids = sorted(settings.task_of(site).structures.values())
     d_src, d_ad = [], []
     with torch.no_grad():
@@ -144,14 +177,43 @@ def source_regression(settings: Settings, site: str, method: str, seed: int | No
             "source_dice_drop": float(np.mean(d_src) - np.mean(d_ad))}
 
 
+def _source_auc(src_model, adapted, data) -> dict:
+    """AUC of the source classifier and of the adapted model on the source site's labeled test images."""
+    import torch
+
+    from ..metrics import auc
+
+    if data.labels is None or len(data) == 0 or len(np.unique(data.labels)) < 2:
+        log.warning("source AUC not measured: the source site's test split needs images of both classes")
+        return {}
+    x = torch.from_numpy(np.ascontiguousarray(data.images)).unsqueeze(1)
+    with torch.no_grad():
+        s_src = torch.softmax(src_model.predict_subject(x).float(), 1)[:, 1].numpy()
+        s_ad = torch.softmax(adapted.predict_subject(x).float(), 1)[:, 1].numpy()
+    a_src, a_ad = auc(data.labels, s_src), auc(data.labels, s_ad)
+    if not (np.isfinite(a_src) and np.isfinite(a_ad)):
+        return {}
+    return {"source_auc_source_model": float(a_src), "source_auc_adapted": float(a_ad),
+            "source_auc_drop": float(a_src - a_ad)}
+
+
 def gate_values(settings: Settings, site: str, method: str, seed: int | None = None) -> dict[str, float | None]:
-    """What the gates threshold, measured now: target Dice (labeled sites), plausibility, source regression."""
+    """What the gates threshold, measured now: segmentation: target Dice (labeled sites), plausibility, source
+    Dice regression; classification: target AUC (labeled sites), source AUC regression."""
     mp = metrics_path(settings, site, method, seed)
     if not mp.is_file():
         raise InputError(mp, f"no evaluation of {method} on {site}: run `siteadapt evaluate --site {site} --method "
                              f"{method} --predict` first")
     m = json.loads(mp.read_text())
-    vals: dict[str, float | None] = {"target_dice": None}
+    if settings.task_of(site).kind == "classification":
+        vals: dict[str, float | None] = {"target_auc": None}
+        if m.get("labeled", True) and m.get("auc") is not None:
+            vals.update({"target_auc": m["auc"], "target_accuracy": m.get("accuracy"),
+                         "target_sensitivity": m.get("sensitivity"), "target_specificity": m.get("specificity"),
+                         "target_n_images": m.get("n_test")})
+        vals.update(source_regression(settings, site, method, seed))
+        return vals
+    vals = {"target_dice": None}
     if m.get("labeled", True) and m.get("dice"):
         vals["target_dice"] = m["dice"].get("mean")
         vals["target_assd"] = (m.get("assd") or {}).get("mean")
@@ -163,20 +225,29 @@ def gate_values(settings: Settings, site: str, method: str, seed: int | None = N
     return vals
 
 
-GATES = [  # (gate = params key, measurement, comparison, label-free)
-    ("min_target_dice", "target_dice", ">=", False),
-    ("max_source_dice_drop", "source_dice_drop", "<=", True),
-    ("max_empty_fraction", "empty_fraction", "<=", True),
-    ("max_fragmented_fraction", "fragmented_fraction", "<=", True),
+GATES = [  # (gate = params key, measurement, comparison, label-free, task kind)
+    ("min_target_dice", "target_dice", ">=", False, "segmentation"),
+    ("max_source_dice_drop", "source_dice_drop", "<=", True, "segmentation"),
+    ("max_empty_fraction", "empty_fraction", "<=", True, "segmentation"),
+    ("max_fragmented_fraction", "fragmented_fraction", "<=", True, "segmentation"),
+    ("min_target_auc", "target_auc", ">=", False, "classification"),
+    ("max_source_auc_drop", "source_auc_drop", "<=", True, "classification"),
 ]
+TARGET_MEASURE = {"segmentation": "target_dice", "classification": "target_auc"}  # present = a labeled site
 
 
-def check_gates(cfg: Gates, values: dict[str, float | None]) -> list[dict]:
-    labeled = values.get("target_dice") is not None
+def check_gates(cfg: Gates, values: dict[str, float | None], kind: str | None = None) -> list[dict]:
+    """The gates of ``registry.gates`` that apply to a model of task kind ``kind`` (None: read from the
+    measurements, ``target_auc`` only exists for classification) with measurements ``values``."""
+    if kind is None:
+        kind = "classification" if "target_auc" in values or "source_auc_drop" in values else "segmentation"
+    if kind not in TARGET_MEASURE:
+        raise RegistryError(f"unknown task kind {kind!r} (segmentation or classification)")
+    labeled = values.get(TARGET_MEASURE[kind]) is not None
     out = []
-    for name, key, op, label_free in GATES:
+    for name, key, op, label_free, gate_kind in GATES:
         threshold = getattr(cfg, name)
-        if threshold is None:
+        if threshold is None or gate_kind != kind:
             continue
         if label_free and labeled and cfg.label_free == "auto":
             continue
@@ -221,6 +292,7 @@ def register_model(settings: Settings, site: str, method: str, seed: int | None 
     from .train import model_dir
 
     task = settings.site(site).task
+    kind = settings.tasks[task].kind
     mdir = model_dir(settings, site, method, seed)
     mpath = mdir / "model.pt"
     if not mpath.is_file():
@@ -230,10 +302,11 @@ def register_model(settings: Settings, site: str, method: str, seed: int | None 
     source = payload.get("source_site")
     artifacts = {"model": str(mpath)}
     h = _weights_sha256(mpath)
-    from ..methods import get_method
+    from .train import load_model
 
-    cls = get_method(payload["method"])
-    if cls.needs_source_model or payload["options"].get("init_from_source"):
+    built, _ = load_model(mpath)  # whether it applies the source model can depend on its options and the task's
+    cls = type(built)             # kind (e.g. CycleGAN classifies with the source classifier), not only its class
+    if built.needs_source_model or payload["options"].get("init_from_source"):
         src = model_dir(settings, source, "source") / "model.pt"
         artifacts["source_model"] = str(src)
         h = _weights_sha256(src, h)
@@ -245,6 +318,7 @@ def register_model(settings: Settings, site: str, method: str, seed: int | None 
         if mv.tags.get("model_sha256") == sha:
             for k, v in values.items():  # the evaluation may have changed (e.g. post-processing): fresh measurements
                 client.set_model_version_tag(name, mv.version, f"gate.{k}", _tag_value(v))
+            client.set_model_version_tag(name, mv.version, "kind", kind)
             client.set_registered_model_alias(name, CANDIDATE, mv.version)
             log.info("%s: same weights as version %s; alias %s moved to it", name, mv.version, CANDIDATE)
             return {"name": name, "version": str(mv.version), "alias": CANDIDATE, "run_id": mv.run_id}
@@ -259,7 +333,8 @@ def register_model(settings: Settings, site: str, method: str, seed: int | None 
     hashes = tracking.data_hashes(settings, {"source": source, "target": site})
     size = int(payload["context"]["image_size"])
     example = np.random.default_rng(0).uniform(-1, 1, (2, 1, size, size)).astype(np.float32)
-    wrapper = SiteadaptSegmenter()
+    wrapper_cls, code_file = WRAPPERS[kind]
+    wrapper = wrapper_cls()
     from mlflow.models import infer_signature
 
     class _Ctx:
@@ -271,14 +346,14 @@ def register_model(settings: Settings, site: str, method: str, seed: int | None 
     signature = infer_signature(example, wrapper.predict(ctx, example))
     with mlflow.start_run(run_id=rid):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(Path(__file__).resolve().parents[1] / "pyfunc_model.py"),
+            name="model", python_model=str(Path(__file__).resolve().parents[1] / code_file),
             artifacts=artifacts, input_example=example, signature=signature, registered_model_name=name,
             pip_requirements=[f"siteadapt=={__version__}", f"torch=={torch.__version__.split('+')[0]}",
                               f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"])
         mlflow.log_metrics({f"gate/{k}": float(v) for k, v in values.items() if v is not None})
     version = str(info.registered_model_version)
     tags = {
-        "method": payload["method"], "variant": payload.get("variant", method), "task": task,
+        "method": payload["method"], "variant": payload.get("variant", method), "task": task, "kind": kind,
         "source_site": source, "target_site": site, "seed": payload.get("seed", settings.seed),
         "profile": settings.profile, "params": json.dumps(payload["options"], sort_keys=True, default=str),
         "model_sha256": sha, "uses_target_labels": str(cls.trains_on_target_labels).lower(), **git, **hashes,
@@ -317,7 +392,8 @@ def promote(settings: Settings, site: str, task: str | None = None, actor: str |
         raise RegistryError(f"{name}: no version has alias '{CANDIDATE}' in {tracking.redact(tracking.tracking_uri())} "
                             f"(run `siteadapt register --site {site} --method METHOD` first)") from None
     values = {k.removeprefix("gate."): _float_tag(v) for k, v in mv.tags.items() if k.startswith("gate.")}
-    gates = check_gates(settings.registry.gates, values)
+    kind = mv.tags.get("kind") or (settings.tasks[task].kind if task in settings.tasks else None)
+    gates = check_gates(settings.registry.gates, values, kind)
     ok = all(g["passed"] for g in gates)
     actor = actor or os.environ.get("SITEADAPT_ACTOR") or _user()
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -10,6 +10,11 @@ in CSV). Segmentation tasks with 2D data (chest X-ray) also get recall and preci
 Figures under ``<reports>/<task>/figures/``: training curves of every trained run (from the engine's ``losses.csv``),
 translated-image grids that adapting methods wrote (``translations.png``), and per target site a side-by-side overlay
 of every method's prediction for the same subject.
+
+Classification tasks get TUNA-Net's Table 1 instead: one row per method, columns AUC (%), Acc. (%), Sen. (%),
+Spec. (%) and F1 on the target's test images at the threshold chosen on its validation images (see
+:mod:`.evaluate`); mean ± std over seeds (one seed: the value alone, ``n seeds`` says 1); and a ROC figure per
+direction (``figures/roc_<target>.png``, first seed of each method).
 """
 
 from __future__ import annotations
@@ -34,15 +39,21 @@ log = logging.getLogger("siteadapt.report")
 # The papers' order of rows; unknown methods (new files, ablation variants) follow in name order.
 METHOD_ORDER = [
     "supervised", "stl", "noadapt", "histmatch", "dann", "adda", "adaoutput", "cyclegan", "cycada", "cyuda", "seuda",
-    "sifa_prior", "sifa", "dsan", "tunanet",
+    "sifa_prior", "sifa", "dsan", "tunanet", "tunanet_nofeat", "tunanet_norec", "tunanet_offline",
 ]
-REFERENCE_ROWS = {"supervised", "stl"}  # upper bounds: shown, never marked best
+REFERENCE_ROWS = {"supervised", "stl", "source"}  # upper bounds and the source model on its own site: never marked best
 LABELS = {
     "supervised": "Supervised (upper bound)", "stl": "STL (fine-tuned, labeled target)", "noadapt": "W/o adaptation",
+    "source": "Source model (its own site)",
     "histmatch": "HistM", "dann": "DANN (FeatDA)", "adda": "ADDA", "adaoutput": "AdaOutput", "cyclegan": "CycleGAN",
     "cycada": "CyCADA", "cyuda": "CyUDA", "seuda": "SeUDA", "sifa_prior": "Prior SIFA (AAAI)", "sifa": "SIFA (TMI)",
-    "dsan": "DSAN", "tunanet": "TUNA-Net",
+    "dsan": "DSAN", "tunanet": "TUNA-Net", "tunanet_nofeat": "a) w/o feature loss",
+    "tunanet_norec": "b) w/o F_A on rec.", "tunanet_offline": "c) w/o F_P, offline",
 }
+# TUNA-Net Table 1: (metrics-JSON key, column title, scale, decimals)
+CLASSIFICATION_COLUMNS = [("auc", "AUC (%)", 100.0, 1), ("accuracy", "Acc. (%)", 100.0, 1),
+                          ("sensitivity", "Sen. (%)", 100.0, 1), ("specificity", "Spec. (%)", 100.0, 1),
+                          ("f1", "F1", 1.0, 2)]
 HIGHER_IS_BETTER = {"dice": True, "recall": True, "precision": True, "assd": False, "asd": False, "hd95": False}
 BLOCK_TITLES = {"dice": "Dice (%)", "assd": "ASD (mm)", "recall": "Recall (%)", "precision": "Precision (%)",
                 "hd95": "HD95 (mm)"}
@@ -160,6 +171,92 @@ def stability_table(directions: dict) -> str:
             "its std is below CyUDA's.\n" + "\n".join(md) + "\n")
 
 
+def build_classification_tables(task: str, directions: dict) -> tuple[str, list[list[str]], str]:
+    """TUNA-Net's Table 1 layout: methods x (AUC, Acc., Sen., Spec., F1), mean ± std over seeds."""
+    md = [f"# {task}: classification on the target sites' test images\n",
+          "AUC, accuracy (Acc.), sensitivity (Sen.), specificity (Spec.) and F1 of the positive class on the target's "
+          "test split, at the threshold that maximises Youden's J on its validation split (validation labels pick the "
+          "operating point only). Cells: mean ± std over seeds (one seed: the value). **Bold**: best adaptation method "
+          "per column (upper-bound rows excluded).\n"]
+    rows_csv, tex = [], []
+    for (source, target), methods in sorted(directions.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        names = sorted(methods, key=_order_key)
+        title = f"{source} → {target}" if source else target
+        head = ["Model"] + [c[1] for c in CLASSIFICATION_COLUMNS] + ["n seeds"]
+        md += [f"\n## {title}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        rows_csv.append(["direction"] + head)
+        tex += [f"% {title}\n\\begin{{tabular}}{{l{'c' * len(CLASSIFICATION_COLUMNS)}r}}\n\\toprule",
+                " & ".join(h.replace("%", "\\%") for h in head) + " \\\\ \\midrule"]
+        values = {}
+        for n in names:
+            for key, _, scale, _ in CLASSIFICATION_COLUMNS:
+                vals = np.array([r[key] for r in methods[n] if r.get(key) is not None], dtype=float) * scale
+                values[(n, key)] = ((float(vals.mean()), float(vals.std()) if vals.size > 1 else math.nan)
+                                    if vals.size else (math.nan, math.nan))
+        best = {}
+        for key, *_ in CLASSIFICATION_COLUMNS:
+            cands = [(values[(n, key)][0], n) for n in names
+                     if n.split("@")[0] not in REFERENCE_ROWS and not math.isnan(values[(n, key)][0])]
+            if cands:
+                best[key] = max(cands)[1]
+        for n in names:
+            label = LABELS.get(n, n)
+            cells_md, cells_csv, cells_tex = [label], [title, label], [label]
+            for key, _, _, dec in CLASSIFICATION_COLUMNS:
+                mean, std = values[(n, key)]
+                txt = "n/a" if math.isnan(mean) else (f"{mean:.{dec}f}" if math.isnan(std)
+                                                      else f"{mean:.{dec}f}±{std:.{dec}f}")
+                is_best = best.get(key) == n
+                cells_md.append(f"**{txt}**" if is_best else txt)
+                cells_csv.append(txt + ("*" if is_best else ""))
+                t = txt.replace("±", "$\\pm$")
+                cells_tex.append("\\textbf{%s}" % t if is_best else t)
+            k = str(len(methods[n]))
+            md.append("| " + " | ".join(cells_md + [k]) + " |")
+            rows_csv.append(cells_csv + [k])
+            tex.append(" & ".join(cells_tex + [k]) + " \\\\")
+        tex.append("\\bottomrule\n\\end{tabular}\n")
+    return "\n".join(md) + "\n", rows_csv, "\n".join(tex)
+
+
+def _roc_figure(target: str, methods: dict, fig_dir: Path) -> Path | None:
+    """ROC curves of every method on the target's test images (first seed of each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    drawn = 0
+    for n in sorted(methods, key=_order_key):
+        run = methods[n][0]
+        rows = [r for r in run.get("per_image", []) if r.get("split") == run.get("split", "test")]
+        y = np.array([r["label"] for r in rows], dtype=int)
+        sc = np.array([r["score"] for r in rows], dtype=float)
+        if y.size == 0 or y.min() == y.max():
+            continue
+        order = np.argsort(-sc, kind="stable")
+        tpr = np.concatenate([[0.0], np.cumsum(y[order] == 1) / max(int((y == 1).sum()), 1)])
+        fpr = np.concatenate([[0.0], np.cumsum(y[order] == 0) / max(int((y == 0).sum()), 1)])
+        auc = run.get("auc")
+        ax.plot(fpr, tpr, lw=1.2, label=f"{LABELS.get(n, n)}" + (f" ({100 * auc:.1f})" if auc is not None else ""))
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"ROC on {target} (test), AUC %", fontsize=9)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    path = fig_dir / f"roc_{target}.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return path
+
+
 def _training_curves(settings: Settings, task: str, fig_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -222,9 +319,13 @@ def report(settings: Settings) -> dict[str, Path]:
     written = {}
     for task, directions in data.items():
         dims = settings.tasks[task].dims if task in settings.tasks else 3
-        blocks = ["dice", "assd"] + (["recall", "precision"] if dims == 2 else [])
-        md, rows, tex = build_tables(task, directions, blocks)
-        md += stability_table(directions)
+        kind = settings.tasks[task].kind if task in settings.tasks else "segmentation"
+        if kind == "classification":
+            md, rows, tex = build_classification_tables(task, directions)
+        else:
+            blocks = ["dice", "assd"] + (["recall", "precision"] if dims == 2 else [])
+            md, rows, tex = build_tables(task, directions, blocks)
+            md += stability_table(directions)
         out = settings.paths.reports / task
         write_text(out / "table.md", md)
         buf = io.StringIO()
@@ -235,7 +336,10 @@ def report(settings: Settings) -> dict[str, Path]:
         fig_dir.mkdir(parents=True, exist_ok=True)
         _training_curves(settings, task, fig_dir)
         for (source, target), methods in directions.items():
-            _side_by_side(settings, task, target, sorted(methods, key=_order_key), fig_dir)
+            if kind == "classification":
+                _roc_figure(target, methods, fig_dir)
+            else:
+                _side_by_side(settings, task, target, sorted(methods, key=_order_key), fig_dir)
             for m in methods:
                 tr = settings.paths.models / task / target / m / "translations.png"
                 if tr.is_file():
@@ -248,11 +352,11 @@ def report(settings: Settings) -> dict[str, Path]:
 
 
 def _placeholders(settings: Settings, written: dict) -> None:
-    """Tasks in the pipeline without any labeled result still get their files (DVC declares them as outputs)."""
-    for task, t in settings.tasks.items():
+    """Tasks in the pipeline (``pipeline.tasks``) without any labeled result still get their files (DVC declares
+    them as outputs)."""
+    for task in settings.pipeline_tasks():
+        t = settings.tasks[task]
         if task in written or not (t.directions and t.methods):
-            continue
-        if not any(site.task == task for site in settings.sites.values()):
             continue
         out = settings.paths.reports / task
         write_text(out / "table.md", f"# {task}\n\nNo labeled evaluation results: the targets have no labeled test "

@@ -2,10 +2,12 @@
 
 Paths (all under params ``paths``)::
 
-    models/<task>/<site>/source/model.pt       the source segmenter trained on <site>'s labels
+    models/<task>/<site>/source/model.pt       the source segmenter (classifier) trained on <site>'s labels
     models/<task>/<target>/<method>/model.pt   a method adapted to <target> (from the direction's source)
     models/.../checkpoint.pt                   the engine's resumable checkpoint beside it
     data/predictions/<target>/<method>/<id>.nii.gz   label maps on each subject's original grid
+    data/predictions/<target>/<method>/scores.json   classification: class probabilities of every val and test image
+                                                     (+ scores.csv); evaluation needs val for the threshold
 
 ``model.pt`` holds the method name, its options, the task context, the source/target sites, the training summary
 and the weights; :func:`load_model` rebuilds the method from it.
@@ -36,8 +38,8 @@ log = logging.getLogger("siteadapt.steps")
 
 def context_for(settings: Settings, site: str) -> Context:
     task = settings.task_of(site)
-    return Context(n_classes=1 + max(task.structures.values()), image_size=settings.active.image_size,
-                   width=settings.active.width, kind=task.kind)
+    n = len(task.classes) if task.kind == "classification" else 1 + max(task.structures.values())
+    return Context(n_classes=n, image_size=settings.active.image_size, width=settings.active.width, kind=task.kind)
 
 
 def run_name(settings: Settings, method: str, seed: int | None = None) -> str:
@@ -49,12 +51,32 @@ def model_dir(settings: Settings, site: str, method: str, seed: int | None = Non
     return settings.paths.models / settings.site(site).task / site / run_name(settings, method, seed)
 
 
+def method_options(settings: Settings, name: str, site: str) -> tuple[type[Method], dict, list[str], dict[str, str]]:
+    """(method class, raw options, the params keys they come from, option -> the key that set it) of method or
+    named variant ``name`` for ``site``: ``methods.<name>`` (a named variant's ``method:`` picks the class), then the
+    site's task's overrides ``tasks.<task>.method_options.<base method>``, then ``.<name>``. The keys are what a DVC
+    stage of this method lists as its params."""
+    raw = dict(settings.methods.get(name) or {})
+    base = raw.pop("method", name)
+    origins = {k: f"methods.{name}" for k in raw}
+    task = settings.site(site).task
+    per_task = settings.tasks[task].method_options
+    keys = [f"methods.{name}"]
+    for k in dict.fromkeys([base, name]):
+        if k in per_task:
+            key = f"tasks.{task}.method_options.{k}"
+            raw |= per_task[k] or {}
+            origins |= {opt: key for opt in per_task[k] or {}}
+            keys.append(key)
+    return get_method(base), raw, keys, origins
+
+
 def build_method(settings: Settings, name: str, site: str) -> Method:
     """``name`` is a method, or a named variant in params: ``methods: {sifa_prior: {method: sifa,
-    deep_supervision: false}}`` (an ablation row = a flag on the method, never a copy of it)."""
-    raw = dict(settings.methods.get(name) or {})
-    cls = get_method(raw.pop("method", name))
-    opts = cls.parse_options(raw, f"methods.{name}")
+    deep_supervision: false}}`` (an ablation row = a flag on the method, never a copy of it). The site's task may
+    override options: ``tasks.<task>.method_options.<base method>``, then ``.<name>``."""
+    cls, raw, keys, origins = method_options(settings, name, site)
+    opts = cls.parse_options(raw, keys[0], origins)
     m = cls(context_for(settings, site), opts)
     m.variant = name
     return m
@@ -97,9 +119,11 @@ def train_source(settings: Settings, site: str, tracker=None, seed: int | None =
     method = build_method(settings, "source", site)
     data = load_slices(settings.paths.prepared, site, "train", labels=True)
     out = model_dir(settings, site, "source")
-    summary = fit(method, data, None, _train_config(settings, method, seed), out, tracker=tracker)
+    cfg = _train_config(settings, method, seed)
+    method.total_iterations = cfg.iterations
+    summary = fit(method, data, None, cfg, out, tracker=tracker)
     save_model(method, out / "model.pt", site=site, source_site=site, target_site=None, summary=summary)
-    log.info("source segmenter for %s: %d iterations in %.0f s", site, summary["iterations"], summary["seconds"])
+    log.info("source model for %s: %d iterations in %.0f s", site, summary["iterations"], summary["seconds"])
     return out / "model.pt"
 
 
@@ -117,10 +141,12 @@ def adapt(settings: Settings, target: str, method_name: str, *, source: str | No
     else:
         train_set = load_slices(settings.paths.prepared, d.source, "train", labels=True)
         target_set = load_slices(settings.paths.prepared, target, "train", labels=False)
+    cfg = _train_config(settings, method, seed)
+    method.total_iterations = cfg.iterations
     method.prepare(train_set, target_set, source_model=src_model)
     summary = {"iterations": 0, "seconds": 0.0}
     if method.trains:
-        summary = fit(method, train_set, target_set, _train_config(settings, method, seed), out, tracker=tracker)
+        summary = fit(method, train_set, target_set, cfg, out, tracker=tracker)
     save_model(method, out / "model.pt", source_site=d.source, target_site=target, summary=summary,
                seed=settings.seed if seed is None else seed, variant=method_name)
     if target_set is not None:
@@ -172,11 +198,14 @@ def load_for_prediction(settings: Settings, target: str, method_name: str, seed:
 
 
 def predict(settings: Settings, target: str, method_name: str, splits=("test",), seed: int | None = None) -> Path:
-    """Segment the target's subjects of ``splits`` and write label maps on their original grids."""
+    """Segment the target's subjects of ``splits`` and write label maps on their original grids (classification:
+    class probabilities of every image of ``splits`` plus val and test, see :func:`predict_classes`)."""
     method = load_for_prediction(settings, target, method_name, seed)
     task = settings.task_of(target)
-    ids = sorted(task.structures.values())
     out_dir = settings.paths.predictions / target / run_name(settings, method_name, seed)
+    if task.kind == "classification":
+        return predict_classes(settings, method, target, method_name, splits, out_dir)
+    ids = sorted(task.structures.values())
     written = []
     for split in splits:
         data = load_slices(settings.paths.prepared, target, split, labels=False)
@@ -196,4 +225,38 @@ def predict(settings: Settings, target: str, method_name: str, splits=("test",),
     write_json(out_dir / "predictions.json", {"site": target, "method": method_name, "splits": list(splits),
                                               "subjects": written})
     log.info("%s/%s: %d label maps -> %s", target, method_name, len(written), out_dir)
+    return out_dir
+
+
+def predict_classes(settings: Settings, method: Method, target: str, method_name: str, splits, out_dir: Path) -> Path:
+    """Class probabilities of the target's images -> ``scores.json`` / ``scores.csv``. Always covers val and test:
+    evaluation picks the operating threshold on val (Youden) and applies it to test. No label is read here."""
+    task = settings.task_of(target)
+    order = ("train", "val", "test")
+    splits = sorted(set(splits) | {"val", "test"}, key=lambda sp: order.index(sp) if sp in order else len(order))
+    rows = []
+    for split in splits:
+        data = load_slices(settings.paths.prepared, target, split, labels=False)
+        if not len(data):
+            continue
+        x = torch.from_numpy(data.images).unsqueeze(1)
+        with torch.no_grad():
+            probs = torch.softmax(method.predict_subject(x).float(), 1).numpy()
+        if probs.ndim != 2 or probs.shape[1] != len(task.classes):
+            raise InputError(None, f"{method_name} returned outputs of shape {probs.shape}, not class logits "
+                                   f"(N, {len(task.classes)}): is it a segmentation method?")
+        for i in range(len(data)):
+            rec = data.subjects[int(data.subject[i])]
+            rows.append({"id": rec["id"], "split": split, "score": float(probs[i, 1]),
+                         "probs": [round(float(p), 6) for p in probs[i]]})
+    write_json(out_dir / "scores.json", {"site": target, "method": method_name, "classes": list(task.classes),
+                                         "positive_class": task.classes[1], "score": f"P({task.classes[1]})",
+                                         "splits": splits, "images": rows})
+    lines = ["id,split,score"] + [f"{r['id']},{r['split']},{r['score']:.6f}" for r in rows]
+    from ..io.atomic import write_text
+
+    write_text(out_dir / "scores.csv", "\n".join(lines) + "\n")
+    write_json(out_dir / "predictions.json", {"site": target, "method": method_name, "splits": splits,
+                                              "subjects": [r["id"] for r in rows]})
+    log.info("%s/%s: class scores of %d images -> %s", target, method_name, len(rows), out_dir / "scores.json")
     return out_dir
