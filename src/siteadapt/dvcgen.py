@@ -72,7 +72,12 @@ def _rel(p: Path | str) -> str:
 
 
 def _code_file(cls, root: Path) -> str | None:
-    """The method's own file relative to the project (a dependency of its stages), or None when it lives elsewhere."""
+    """The method's own file relative to the project (a dependency of its stages), or None when it lives elsewhere.
+    The project's copy (``src/<module path>.py``) is named whatever copy of the package is imported (an installed
+    wheel, another checkout on PYTHONPATH), so dvc.yaml does not depend on how the package was installed."""
+    rel = Path("src", *cls.__module__.split(".")).with_suffix(".py")
+    if (root / rel).is_file():
+        return rel.as_posix()
     try:
         f = Path(inspect.getsourcefile(cls)).resolve()
         return f.relative_to(root.resolve()).as_posix()
