@@ -129,6 +129,16 @@ class Method(nn.Module):
         self.iteration = int(state["iteration"])
 
     # ---- services for train_step ----------------------------------------------------------------------------------
+    def _d_update(self, name: str, D, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """One LSGAN update of discriminator ``D`` (optimizer ``name``) from one forward pass on real and fake images
+        concatenated (instance norm works per sample, so this equals two forward passes); needs ``self.disc_loss``."""
+        b = real.shape[0]
+        with self.autocast():
+            out = D(torch.cat([real, fake]).detach())
+        loss = self.disc_loss(out[:b], out[b:])
+        self.update(loss, name)
+        return loss
+
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return self._optimizers

@@ -132,14 +132,6 @@ class CyCADA(FrozenSourceMixin, Method):
             self.net.load_state_dict(source_net(source_model, self.ctx, self.name).state_dict())
 
     # ---- helpers --------------------------------------------------------------------------------------------------
-    def _d_update(self, name: str, D, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        b = real.shape[0]
-        with self.autocast():
-            out = D(torch.cat([real, fake]).detach())
-        loss = self.disc_loss(out[:b], out[b:])
-        self.update(loss, name)
-        return loss
-
     def _aligned(self, feature: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """What D_f sees: the encoder feature, or the softmax output (``feature_space: output``)."""
         return torch.softmax(logits.float(), 1) if self.opts.feature_space == "output" else feature

@@ -123,14 +123,6 @@ class CycleGAN(Method):
             self.source_model.eval()  # frozen: its BN statistics stay those of the source
         return self
 
-    def _d_update(self, name: str, D, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        b = real.shape[0]
-        with self.autocast():
-            out = D(torch.cat([real, fake]).detach())  # instance norm: per sample, same as two forwards
-        loss = self.disc_loss(out[:b], out[b:])
-        self.update(loss, name)
-        return loss
-
     def train_step(self, batch):
         o = self.opts
         xs, ys, xt = batch.src_x, batch.src_y, batch.tgt_x

@@ -217,14 +217,6 @@ class DSAN(Method):
         return sum(wi * self.gen_loss(D(torch.softmax(p.float(), 1)))
                    for wi, D, p in zip(self._level_weights(), discs, preds) if D is not None)
 
-    def _d_update(self, name: str, D, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        b = real.shape[0]
-        with self.autocast():
-            out = D(torch.cat([real, fake]).detach())  # instance norm: per sample, same as two forwards
-        loss = self.disc_loss(out[:b], out[b:])
-        self.update(loss, name)
-        return loss
-
     # ---- training -------------------------------------------------------------------------------------------------
     def train_step(self, batch):
         o = self.opts

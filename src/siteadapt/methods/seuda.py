@@ -153,14 +153,6 @@ class SeUDA(FrozenSourceMixin, Method):
     def _segment(self, images: torch.Tensor) -> torch.Tensor:
         return self.require_source(self.name).predict(images)
 
-    def _d_update(self, name: str, D, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        b = real.shape[0]
-        with self.autocast():
-            out = D(torch.cat([real, fake]).detach())  # instance norm: per sample, same as two forwards
-        loss = self.disc_loss(out[:b], out[b:])
-        self.update(loss, name)
-        return loss
-
     # ---- training -------------------------------------------------------------------------------------------------
     def train_step(self, batch):
         o = self.opts

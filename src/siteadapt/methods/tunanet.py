@@ -107,6 +107,7 @@ class TUNANetOptions(MethodOptions):
 
 class TUNANet(Method):
     name = "tunanet"
+    pools = ("pool_P", "pool_A")
     Options = TUNANetOptions
 
     def __init__(self, ctx: Context, options: TUNANetOptions | None = None):
@@ -153,16 +154,6 @@ class TUNANet(Method):
             state = source_model.net.state_dict()
             self.F_A.load_state_dict(state)
             self.F_P.load_state_dict(state)
-
-    def extra_state(self) -> dict:
-        return {"pool_P": self.pool_P.state_dict(), "pool_A": self.pool_A.state_dict(), "iteration": self.iteration}
-
-    def load_extra_state(self, state: dict) -> None:
-        if not state:
-            return
-        self.pool_P.load_state_dict(state["pool_P"])
-        self.pool_A.load_state_dict(state["pool_A"])
-        self.iteration = int(state["iteration"])
 
     # ---- schedule -------------------------------------------------------------------------------------------------
     @property
@@ -274,14 +265,6 @@ class TUNANet(Method):
             loss = self.cls_loss(self.F_P(fake_p), ya)
         self.update(loss, "F_P")
         return {"cls_syn_offline": loss}
-
-    def _d_update(self, name: str, D, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        b = real.shape[0]
-        with self.autocast():
-            out = D(torch.cat([real, fake]).detach())
-        loss = self.disc_loss(out[:b], out[b:])
-        self.update(loss, name)
-        return loss
 
     # ---- inference ------------------------------------------------------------------------------------------------
     def predict(self, images: torch.Tensor) -> torch.Tensor:
