@@ -1157,19 +1157,9 @@ def _cxr_subject(job: dict) -> dict:
     img, lab, facts = render_cxr(ph, site, rng, scale)
     st = CXR_STYLES[site]
     if site == "cxr_a":
-        from ..io.dicom_write import write_2d
-
-        plan = job["plan"]
-        maxv = 2 ** st["bits"] - 1
-        stored = (maxv - img) if plan["photometric"] == "MONOCHROME1" else img
-        folder = root / "images" / plan["study"] / plan["series"]
-        folder.mkdir(parents=True, exist_ok=True)
-        with _quiet_encoders():
-            write_2d(folder / "IM0001", stored.astype(np.uint16), modality=st["modality"],
-                     pixel_spacing=(facts["pixel_mm"], facts["pixel_mm"]), patient=plan["patient"],
-                     transfer_syntax=plan["ts"], photometric=plan["photometric"], bits_stored=st["bits"],
-                     seed=f"siteadapt-synth/{seed}/{site}/{i}")
-        stem = plan["patient"]["AccessionNumber"]
+        write_radiograph_dicom(root / "images", img, job["plan"], st, facts["pixel_mm"],
+                               seed=f"siteadapt-synth/{seed}/{site}/{i}")
+        stem = job["plan"]["patient"]["AccessionNumber"]
     else:
         stem = f"case_{i + 1:04d}"
         Image.fromarray(img.astype(np.uint8), mode="L").save(root / "images" / f"{stem}.png", format="PNG")
@@ -1177,6 +1167,22 @@ def _cxr_subject(job: dict) -> dict:
     area = facts["pixel_mm"] ** 2 / 100.0
     return {"shape": [facts["rows"], facts["cols"]], "pixel_mm": facts["pixel_mm"],
             "label_cm2": {k: round(float((lab == v).sum()) * area, 1) for k, v in CXR_LABELS.items()}}
+
+
+def write_radiograph_dicom(images: Path, img: np.ndarray, plan: dict, style: dict, pixel_mm: float, seed: str) -> Path:
+    """One synthetic 2D radiograph as a DICOM file ``<images>/<study>/<series>/IM0001`` with the plan's patient,
+    transfer syntax and photometric interpretation (MONOCHROME1 stores the inverted values) and the style's bit depth
+    and modality (chest X-ray site A, pneumonia adult site)."""
+    from ..io.dicom_write import write_2d
+
+    stored = (2 ** style["bits"] - 1 - img) if plan["photometric"] == "MONOCHROME1" else img
+    folder = images / plan["study"] / plan["series"]
+    folder.mkdir(parents=True, exist_ok=True)
+    with _quiet_encoders():
+        write_2d(folder / "IM0001", stored.astype(np.uint16), modality=style["modality"],
+                 pixel_spacing=(pixel_mm, pixel_mm), patient=plan["patient"], transfer_syntax=plan["ts"],
+                 photometric=plan["photometric"], bits_stored=style["bits"], seed=seed)
+    return folder / "IM0001"
 
 
 def _run_jobs(fn, jobs: list[dict], workers: int) -> list[dict]:

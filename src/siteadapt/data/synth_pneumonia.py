@@ -320,18 +320,8 @@ def _image_job(job: dict) -> dict:
     img, facts = make_image(seed, site, i, y, scale)
     st = STYLES[site]
     if site == "adult":
-        from ..io.dicom_write import write_2d
-
-        plan = job["plan"]
-        maxv = 2 ** st["bits"] - 1
-        stored = (maxv - img) if plan["photometric"] == "MONOCHROME1" else img
-        folder = root / "images" / plan["study"] / plan["series"]
-        folder.mkdir(parents=True, exist_ok=True)
-        with S._quiet_encoders():
-            write_2d(folder / "IM0001", stored.astype(np.uint16), modality=st["modality"],
-                     pixel_spacing=(facts["pixel_mm"], facts["pixel_mm"]), patient=plan["patient"],
-                     transfer_syntax=plan["ts"], photometric=plan["photometric"], bits_stored=st["bits"],
-                     seed=f"siteadapt-synth/{seed}/pneumonia/{site}/{i}")
+        S.write_radiograph_dicom(root / "images", img, job["plan"], st, facts["pixel_mm"],
+                                 seed=f"siteadapt-synth/{seed}/pneumonia/{site}/{i}")
     else:
         folder = root / "images" / FOLDERS[CLASSES[y]]
         folder.mkdir(parents=True, exist_ok=True)
