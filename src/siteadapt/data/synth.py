@@ -908,6 +908,25 @@ _FONT5x7 = {  # a few block letters for burned-in markers (rows of 5 bits)
 }
 
 
+def expose_radiograph(inten: np.ndarray, rng: np.random.Generator, st: dict, pm: float) -> tuple:
+    """Detector side of a synthetic radiograph (chest X-ray and pneumonia sites): quantum noise on the transmitted
+    intensity ``inten`` (``st["n0"]`` quanta per native pixel, more for larger pixels), log transform (attenuation ->
+    value: bone bright, lung dark), a random collimation field (``st["margin"]``) and a window from the field's 0.5 and
+    99.7 percentiles. Returns the windowed image in [0, 1], the field mask and its margins (top, bottom, left, right)
+    in pixels (markers are placed inside the field)."""
+    rows, cols = inten.shape
+    n0 = rng.uniform(*st["n0"]) * (pm / st["pixel_mm"]) ** 2  # larger pixels collect more quanta
+    noisy = inten + np.sqrt(np.maximum(inten, 1e-6) / n0) * rng.standard_normal(inten.shape).astype(np.float32)
+    L = -np.log(np.clip(noisy, 1e-5, None))  # high attenuation -> high value (bone bright, lung dark)
+    m = st["margin"]  # collimation field
+    top, bot = (int(rows * rng.uniform(*m)) for _ in range(2))
+    left, right = (int(cols * rng.uniform(*m)) for _ in range(2))
+    field_ = np.zeros((rows, cols), bool)
+    field_[top:rows - bot, left:cols - right] = True
+    lo, hi = np.percentile(L[field_], [0.5, 99.7])
+    return np.clip((L - lo) / max(hi - lo, 1e-6), 0, 1), field_, (top, bot, left, right)
+
+
 def render_cxr(ph: dict, site: str, rng: np.random.Generator,
                scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict]:
     """Project ``ph`` with ``site``'s equipment: (stored pixel values (rows, cols) float, label uint8, facts).
@@ -950,17 +969,7 @@ def render_cxr(ph: dict, site: str, rng: np.random.Generator,
     scat = rng.uniform(*st["scatter"]) * scat
     inten = primary + scat
     inten = ndimage.gaussian_filter(inten, st["mtf_mm"] / pm, mode="nearest")  # detector MTF
-    n0 = rng.uniform(*st["n0"]) * (pm / st["pixel_mm"]) ** 2  # larger pixels collect more quanta
-    noisy = inten + np.sqrt(np.maximum(inten, 1e-6) / n0) * rng.standard_normal(inten.shape).astype(np.float32)
-    L = -np.log(np.clip(noisy, 1e-5, None))  # high attenuation -> high value (bone bright, lung dark)
-    # collimation field
-    m = st["margin"]
-    top, bot = (int(rows * rng.uniform(*m)) for _ in range(2))
-    left, right = (int(cols * rng.uniform(*m)) for _ in range(2))
-    field_ = np.zeros((rows, cols), bool)
-    field_[top:rows - bot, left:cols - right] = True
-    lo, hi = np.percentile(L[field_], [0.5, 99.7])
-    v = np.clip((L - lo) / max(hi - lo, 1e-6), 0, 1)
+    v, field_, (top, bot, left, right) = expose_radiograph(inten, rng, st, pm)
     facts = {"pixel_mm": round(float(pm), 4), "rows": rows, "cols": cols}
     if st["lut"] == "cr":
         amt = rng.uniform(*st["unsharp"])

@@ -228,16 +228,7 @@ def render(ph: dict, site: str, rng: np.random.Generator, scale: float = 1.0,
     inten = primary + rng.uniform(*st["scatter"]) * scat
     motion = rng.uniform(*st["motion_mm"])  # breathing: blur mostly along the patient's long axis
     inten = ndimage.gaussian_filter(inten, (np.hypot(st["mtf_mm"], motion) / pm, st["mtf_mm"] / pm), mode="nearest")
-    n0 = rng.uniform(*st["n0"]) * (pm / st["pixel_mm"]) ** 2
-    noisy = inten + np.sqrt(np.maximum(inten, 1e-6) / n0) * rng.standard_normal(inten.shape).astype(np.float32)
-    L = -np.log(np.clip(noisy, 1e-5, None))
-    m = st["margin"]
-    top, bot = (int(rows * rng.uniform(*m)) for _ in range(2))
-    left, right = (int(cols * rng.uniform(*m)) for _ in range(2))
-    field_ = np.zeros((rows, cols), bool)
-    field_[top:rows - bot, left:cols - right] = True
-    lo, hi = np.percentile(L[field_], [0.5, 99.7])
-    v = np.clip((L - lo) / max(hi - lo, 1e-6), 0, 1)
+    v, field_, (top, bot, left, right) = S.expose_radiograph(inten, rng, st, pm)
     amt = rng.uniform(*st["unsharp"])
     v = v + amt * (v - ndimage.gaussian_filter(v, st["unsharp_mm"] / pm, mode="nearest"))
     g = rng.uniform(*st["gamma"])
