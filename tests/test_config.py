@@ -33,3 +33,46 @@ def test_dvc_gen_names_the_projects_copy_of_a_method_file(tmp_path):
     (tmp_path / "src/siteadapt/methods").mkdir(parents=True)
     (tmp_path / "src/siteadapt/methods/sifa.py").write_text("# the project's copy\n")
     assert _code_file(sifa, tmp_path) == "src/siteadapt/methods/sifa.py"
+
+
+def _project_raw() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_a_tasks_own_training_sizes_apply_to_its_sites_only():
+    from siteadapt.config import parse_settings
+    from siteadapt.methods import get_method
+    from siteadapt.steps.train import _train_config, context_for
+
+    raw = _project_raw()
+    raw["tasks"]["pneumonia"]["profiles"] = {"quick": {"width": 0.5, "adapt_iterations": 7}}
+    s = parse_settings(raw)
+    assert context_for(s, "pediatric").width == 0.5 and context_for(s, "adult").width == 0.5
+    assert context_for(s, "cardiac_ct").width == s.active.width == raw["profiles"]["quick"]["width"]
+    gan = get_method("tunanet")(context_for(s, "pediatric"))
+    assert _train_config(s, "pediatric", gan).iterations == 7
+    assert _train_config(s, "cardiac_ct", get_method("cyclegan")(context_for(s, "cardiac_ct"))).iterations == \
+        s.active.adapt_iterations
+    paper = parse_settings(raw, profile="paper")  # another profile: the task's quick sizes do not apply
+    assert context_for(paper, "pediatric").width == paper.active.width
+    raw["tasks"]["pneumonia"]["profiles"] = {"fast": {"width": 0.5}}
+    with pytest.raises(ConfigError, match="tasks.pneumonia.profiles.fast: unknown profile"):
+        parse_settings(raw)
+
+
+def test_dvc_stages_of_a_task_with_own_sizes_list_them():
+    from siteadapt.config import parse_settings
+    from siteadapt.dvcgen import build
+
+    raw = _project_raw()
+    raw["pipeline"]["tasks"] = ["cardiac", "pneumonia"]
+    raw["tasks"]["pneumonia"]["profiles"] = {"quick": {"width": 0.5}}
+    stages = build(parse_settings(raw), raw, ROOT)["stages"]
+    for group in ("train_source", "adapt"):
+        params = stages[group]["do"]["params"]
+        fields = [p[len("${item."):-1] for p in params if str(p).startswith("${item.p")]
+        items = stages[group]["foreach"]
+        own = {k for k, it in items.items() if "tasks.pneumonia.profiles" in [it[f] for f in fields]}
+        assert own == {k for k, it in items.items() if it["task"] == "pneumonia"} and own, group

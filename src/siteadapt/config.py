@@ -59,6 +59,16 @@ class Profile(_Strict):
     slice_spacing_mm: float = Field(gt=0, description="spacing along the slicing axis of 3D tasks")
 
 
+class TaskProfile(_Strict):
+    """A task's own values for some of a profile's training sizes (``tasks.<task>.profiles.<profile>``); what is not
+    given comes from ``profiles.<profile>``."""
+
+    width: float | None = Field(None, gt=0, le=4)
+    batch_size: int | None = Field(None, gt=0)
+    iterations: int | None = Field(None, gt=0)
+    adapt_iterations: int | None = Field(None, gt=0)
+
+
 class Direction(_Strict):
     source: str
     target: str
@@ -109,6 +119,9 @@ class Task(_Strict):
     order. ``supervised`` is the upper bound (it reads the target's labels; evaluation-only reference)."""
     preprocess: Preprocess = Preprocess()
     postprocess: Postprocess = Postprocess()
+    profiles: dict[str, TaskProfile] = {}
+    """Per-task overrides of a profile's training sizes (``{quick: {width: 0.25}}``): every model of the task's
+    sites (source, adapted, upper bounds) trains with them; other tasks keep the profile's values."""
     method_options: dict[str, dict] = {}
     """Per-task overrides of ``methods.<name>`` options (e.g. a classifier's learning rate), applied on top of them
     for this task's sites only; for a named variant, the base method's entry applies first, then the variant's."""
@@ -231,6 +244,10 @@ class Settings(_Strict):
                     if self.sites[s].task != tname:
                         raise ValueError(f"tasks.{tname}.directions.{i}.{end}: site {s!r} belongs to task "
                                          f"{self.sites[s].task!r}")
+        for tname, task in self.tasks.items():
+            for p in task.profiles:
+                if p not in self.profiles:
+                    raise ValueError(f"tasks.{tname}.profiles.{p}: unknown profile (profiles: {sorted(self.profiles)})")
         listed = self.pipeline.tasks or []
         for i, t in enumerate(listed):
             if t not in self.tasks:
@@ -243,6 +260,13 @@ class Settings(_Strict):
     @property
     def active(self) -> Profile:
         return self.profiles[self.profile]
+
+    def profile_for(self, task: str) -> Profile:
+        """The active profile with ``tasks.<task>.profiles.<active profile>`` applied (the task's training sizes)."""
+        own = self.tasks[task].profiles.get(self.profile)
+        if own is None:
+            return self.active
+        return self.active.model_copy(update=own.model_dump(exclude_none=True))
 
     def site(self, name: str) -> Site:
         try:

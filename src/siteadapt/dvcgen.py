@@ -28,7 +28,8 @@ method_options`), so changing one of them re-runs only that method's stages. DVC
 a params entry that differs between items is an item field (``${item.label_key}``, ``${item.p0}``, ...); an entry
 all items share is written literally, which keeps dvc.yaml unchanged for pipelines without classification tasks.
 Methods that learn from unlabeled target images (the GANs) also list ``profiles.${profile}.adapt_iterations``, their
-schedule, so every profile needs that key once such a method is in the pipeline.
+schedule, so every profile needs that key once such a method is in the pipeline. A task with its own training sizes
+(``tasks.<task>.profiles``) has that entry listed by its train_source and adapt stages.
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
     src_code = _code_file(get_method("source"), root)
     for t in tasks:
         task = s.tasks[t]
+        own_sizes = [f"tasks.{t}.profiles"] if task.profiles else []  # the task's own training sizes
         for d in task.directions:
             if d.target in seen_targets and seen_targets[d.target] != d.source:
                 raise ConfigError(f"tasks.{t}.directions: two directions end at {d.target!r} (from "
@@ -192,6 +194,7 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
             if d.source not in train_src:
                 train_src[d.source] = _Flow(task=t, code=src_code or _rel(P.prepared / d.source))
                 src_extra[d.source] = method_options(s, "source", d.source)[2][1:]  # the task's method_options
+                src_extra[d.source] += own_sizes
                 need("methods.source", *src_extra[d.source])
                 plots.append({f"{src_model}/losses.csv": {"x": "iteration"}})
             for m in task.methods:
@@ -203,7 +206,7 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
                 adapt[key] = _Flow(task=t, target=d.target, source=d.source, method=m,
                                    source_model=src_model if uses_source else prepared_t,
                                    code=code or prepared_t)
-                adapt_extra[key] = method_options(s, m, d.target)[2][1:]
+                adapt_extra[key] = method_options(s, m, d.target)[2][1:] + own_sizes
                 # methods that learn from unlabeled target images train on the profile's adaptation schedule
                 schedule[key] = ("adapt_iterations" if method.trains and method.needs_target_images
                                  and not method.trains_on_target_labels else "iterations")

@@ -345,7 +345,7 @@ def stage_run(settings: Settings, *, stage: str, task: str, site: str, method: s
 def _train_params(settings: Settings, method: str, site: str) -> dict[str, str]:
     base, opts = method_options(settings, method, site)
     return {"method": base, "variant": method, "seed": settings.seed, "profile": settings.profile,
-            **flatten(settings.active.model_dump(), "profile."), **flatten(settings.train.model_dump(), "train."),
+            **flatten(settings.profile_for(settings.site(site).task).model_dump(), "profile."), **flatten(settings.train.model_dump(), "train."),
             **flatten(opts, "option.")}
 
 

@@ -39,7 +39,8 @@ log = logging.getLogger("siteadapt.steps")
 def context_for(settings: Settings, site: str) -> Context:
     task = settings.task_of(site)
     n = len(task.classes) if task.kind == "classification" else 1 + max(task.structures.values())
-    return Context(n_classes=n, image_size=settings.active.image_size, width=settings.active.width, kind=task.kind)
+    prof = settings.profile_for(settings.site(site).task)
+    return Context(n_classes=n, image_size=prof.image_size, width=prof.width, kind=task.kind)
 
 
 def run_name(settings: Settings, method: str, seed: int | None = None) -> str:
@@ -82,13 +83,13 @@ def build_method(settings: Settings, name: str, site: str) -> Method:
     return m
 
 
-def _train_config(settings: Settings, method: Method, seed: int | None = None) -> TrainConfig:
-    t = settings.train
-    base = settings.active.iterations
-    if method.needs_target_images and not method.trains_on_target_labels and settings.active.adapt_iterations:
-        base = settings.active.adapt_iterations  # adaptation methods (GANs) get the profile's adaptation schedule
+def _train_config(settings: Settings, site: str, method: Method, seed: int | None = None) -> TrainConfig:
+    t, prof = settings.train, settings.profile_for(settings.site(site).task)
+    base = prof.iterations
+    if method.needs_target_images and not method.trains_on_target_labels and prof.adapt_iterations:
+        base = prof.adapt_iterations  # adaptation methods (GANs) get the profile's adaptation schedule
     return TrainConfig(iterations=max(1, int(round(base * method.opts.iterations_factor))),
-                       batch_size=settings.active.batch_size, seed=settings.seed if seed is None else seed,
+                       batch_size=prof.batch_size, seed=settings.seed if seed is None else seed,
                        checkpoint_every=t.checkpoint_every, log_every=t.log_every, device=t.device, amp=t.amp,
                        threads=t.threads)
 
@@ -119,7 +120,7 @@ def train_source(settings: Settings, site: str, tracker=None, seed: int | None =
     method = build_method(settings, "source", site)
     data = load_slices(settings.paths.prepared, site, "train", labels=True)
     out = model_dir(settings, site, "source")
-    cfg = _train_config(settings, method, seed)
+    cfg = _train_config(settings, site, method, seed)
     method.total_iterations = cfg.iterations
     summary = fit(method, data, None, cfg, out, tracker=tracker)
     save_model(method, out / "model.pt", site=site, source_site=site, target_site=None, summary=summary)
@@ -141,7 +142,7 @@ def adapt(settings: Settings, target: str, method_name: str, *, source: str | No
     else:
         train_set = load_slices(settings.paths.prepared, d.source, "train", labels=True)
         target_set = load_slices(settings.paths.prepared, target, "train", labels=False)
-    cfg = _train_config(settings, method, seed)
+    cfg = _train_config(settings, target, method, seed)
     method.total_iterations = cfg.iterations
     method.prepare(train_set, target_set, source_model=src_model)
     summary = {"iterations": 0, "seconds": 0.0}
