@@ -86,3 +86,23 @@ def test_histmatch_maps_target_histogram_to_source():
     q = np.linspace(0.05, 0.95, 10)
     assert np.allclose(np.quantile(matched, q), np.quantile(src.images, q), atol=0.03)
     assert hm.predict_subject(x).shape == (8, 3, 32, 32)
+
+
+def test_loss_curve_keeps_a_column_per_term_when_phases_log_different_terms(tmp_path):
+    """TUNA-Net with F_P trained offline logs other terms in its last phase: every row must stay parseable under one
+    header (a row used to be written under the first phase's header and broke the report's curves)."""
+    import csv
+
+    from siteadapt.train.engine import _append_curve, _truncate_curve
+
+    p = tmp_path / "losses.csv"
+    _append_curve(p, 20, 5.0, {"b": 0.5, "a": 1.0})
+    _append_curve(p, 40, 5.0, {"a": 0.9, "b": 0.4})
+    _append_curve(p, 60, 9.0, {"c": 0.25})
+    rows = list(csv.DictReader(p.open()))
+    assert list(rows[0]) == ["iteration", "it_per_s", "a", "b", "c"]
+    assert [r["iteration"] for r in rows] == ["20", "40", "60"]
+    assert (rows[0]["a"], rows[0]["c"], rows[2]["a"], rows[2]["c"]) == ("1", "", "", "0.25")
+    assert all(None not in r and None not in r.values() for r in rows)  # no short or overlong rows
+    _truncate_curve(p, 40)  # resume from iteration 40: later rows go, the header stays
+    assert [r["iteration"] for r in csv.DictReader(p.open())] == ["20", "40"]

@@ -274,7 +274,8 @@ def _training_curves(settings: Settings, task: str, fig_dir: Path) -> list[Path]
         it = [int(r["iteration"]) for r in rows]
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for k in keys:
-            ax.plot(it, [float(r[k]) for r in rows], label=k, lw=1)
+            # a term logged in some phases only (blank elsewhere) is drawn where it was logged
+            ax.plot(it, [float(r[k]) if r.get(k) not in (None, "") else np.nan for r in rows], label=k, lw=1)
         ax.set_xlabel("iteration")
         ax.set_yscale("log")
         ax.set_title(f"{method} on {site}", fontsize=9)

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import random
 import sys
@@ -192,9 +193,25 @@ def _truncate_curve(path: Path, start: int) -> None:
 
 
 def _append_curve(path: Path, it: int, ips: float, losses: dict[str, float]) -> None:
-    keys = sorted(losses)
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a") as fh:
-        if new:
-            fh.write(",".join(["iteration", "it_per_s", *keys]) + "\n")
-        fh.write(",".join([str(it), f"{ips:.4f}", *(f"{losses[k]:.6g}" for k in keys)]) + "\n")
+    """One row of ``losses.csv``. A method whose phases log different terms (TUNA-Net with F_P trained offline, say)
+    gets a column per term ever logged: when a new term appears the file is rewritten with the extra column, earlier
+    rows blank in it (as are later rows in the columns of terms no longer logged)."""
+    row = {"iteration": str(it), "it_per_s": f"{ips:.4f}", **{k: f"{v:.6g}" for k, v in losses.items()}}
+    header: list[str] = []
+    if path.exists() and path.stat().st_size:
+        with open(path, newline="") as fh:
+            header = next(csv.reader(fh), [])
+    if not header:
+        header = ["iteration", "it_per_s", *sorted(losses)]
+        path.write_text(",".join(header) + "\n")
+    extra = sorted(set(row) - set(header))
+    if extra:
+        with open(path, newline="") as fh:
+            old = list(csv.DictReader(fh))
+        header += extra
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=header, restval="", lineterminator="\n")
+            w.writeheader()
+            w.writerows(old)
+    with open(path, "a", newline="") as fh:
+        csv.DictWriter(fh, fieldnames=header, restval="", lineterminator="\n").writerow(row)
