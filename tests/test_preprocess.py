@@ -177,7 +177,8 @@ def test_2d_task(prepared_env):
 
 def test_split_does_not_depend_on_the_deid_key(tmp_path, monkeypatch):
     """Two checkouts have two de-identification keys (other pseudonymous ids): the same data must get the same
-    subject split, so a table is reproducible from a fresh clone."""
+    subject split and the same shards (slice order included: it decides the seeded sampler's batches), so a table is
+    reproducible from a fresh clone."""
     _make_site(tmp_path / "raw/src", 10, "MR", 0)
     splits = []
     for n, key in enumerate(("a" * 64, "b" * 64)):
@@ -190,7 +191,11 @@ def test_split_does_not_depend_on_the_deid_key(tmp_path, monkeypatch):
         items = json.loads((res.out_dir / "manifest.json").read_text())["items"]
         content = {it["id"]: it["content_sha256"] for it in items}
         subj = json.loads((preprocess(s, "src")["out_dir"] / "subjects.json").read_text())["subjects"]
-        splits.append(({content[r["id"]]: r["split"] for r in subj}, set(content)))
-    (a, ids_a), (b, ids_b) = splits
+        splits.append(({content[r["id"]]: r["split"] for r in subj}, set(content),
+                       _load_all(s.paths.prepared / "src")))
+    (a, ids_a, arr_a), (b, ids_b, arr_b) = splits
     assert not ids_a & ids_b  # other keys, other ids
     assert a == b and sorted(a.values()).count("test") == 2
+    for f in arr_a:
+        for k in arr_a[f]:
+            assert np.array_equal(arr_a[f][k], arr_b[f][k]), (f, k)

@@ -193,7 +193,10 @@ def preprocess(settings: Settings, site: str) -> dict:
 
     # ---- 1. choose each subject's crop grid and resample ------------------------------------------------------
     records, crops, crop_labels, ct_fg, vol_stats = [], {}, {}, {}, {}
-    for it in sorted(items, key=lambda r: r["id"]):
+    # subjects (and so the slices of each shard) in content-hash order, not id order: the ids are keyed pseudonyms, and
+    # the order of the training slices decides which batches a seeded sampler draws, so id order gave each checkout
+    # (each de-identification key) other trained models from the same data
+    for it in sorted(items, key=lambda r: (r.get("content_sha256") or "", r["id"])):
         data, affine = _load(in_dir / it["image"])
         if task.dims == 3 and (data.ndim != 3 or min(data.shape) < 2):
             raise InputError(in_dir / it["image"], f"item {it['id']}: a 3D task needs a 3D volume, got shape "
