@@ -106,3 +106,25 @@ def test_loss_curve_keeps_a_column_per_term_when_phases_log_different_terms(tmp_
     assert all(None not in r and None not in r.values() for r in rows)  # no short or overlong rows
     _truncate_curve(p, 40)  # resume from iteration 40: later rows go, the header stays
     assert [r["iteration"] for r in csv.DictReader(p.open())] == ["20", "40"]
+
+
+def test_initial_weights_come_from_the_seed_not_the_process():
+    """PyTorch seeds its default generator differently in every process: the networks' initial weights must be
+    drawn from the run's seed, or one stage run twice with one seed trains from other weights."""
+    from pathlib import Path
+
+    from siteadapt.config import load_settings
+    from siteadapt.steps.train import build_method
+
+    s = load_settings(Path(__file__).resolve().parents[1] / "params.yaml")
+
+    def weights(seed, global_seed):
+        torch.manual_seed(global_seed)  # whatever state the process is in
+        return build_method(s, "cyclegan", "cxr_b", seed).state_dict()
+
+    a, b, c = weights(None, 1), weights(None, 2), weights(7, 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    state = torch.get_rng_state()
+    build_method(s, "source", "cxr_b")
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG stream is left as it was

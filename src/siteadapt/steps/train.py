@@ -72,13 +72,19 @@ def method_options(settings: Settings, name: str, site: str) -> tuple[type[Metho
     return get_method(base), raw, keys, origins
 
 
-def build_method(settings: Settings, name: str, site: str) -> Method:
+def build_method(settings: Settings, name: str, site: str, seed: int | None = None) -> Method:
     """``name`` is a method, or a named variant in params: ``methods: {sifa_prior: {method: sifa,
     deep_supervision: false}}`` (an ablation row = a flag on the method, never a copy of it). The site's task may
-    override options: ``tasks.<task>.method_options.<base method>``, then ``.<name>``."""
+    override options: ``tasks.<task>.method_options.<base method>``, then ``.<name>``.
+
+    The networks' initial weights are drawn from ``seed`` (default: params' ``seed``) in a forked RNG: PyTorch seeds
+    its default generator differently in every process, so without this two runs of one stage with one seed started
+    from other weights (and gave other tables)."""
     cls, raw, keys, origins = method_options(settings, name, site)
     opts = cls.parse_options(raw, keys[0], origins)
-    m = cls(context_for(settings, site), opts)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed if seed is None else seed)
+        m = cls(context_for(settings, site), opts)
     m.variant = name
     return m
 
@@ -117,7 +123,7 @@ def load_model(path: Path, device: str = "cpu") -> tuple[Method, dict]:
 
 
 def train_source(settings: Settings, site: str, tracker=None, seed: int | None = None) -> Path:
-    method = build_method(settings, "source", site)
+    method = build_method(settings, "source", site, seed)
     data = load_slices(settings.paths.prepared, site, "train", labels=True)
     out = model_dir(settings, site, "source")
     cfg = _train_config(settings, site, method, seed)
@@ -131,7 +137,7 @@ def train_source(settings: Settings, site: str, tracker=None, seed: int | None =
 def adapt(settings: Settings, target: str, method_name: str, *, source: str | None = None, tracker=None,
           seed: int | None = None) -> Path:
     d = settings.direction_to(target, source)
-    method = build_method(settings, method_name, target)
+    method = build_method(settings, method_name, target, seed)
     src_model = None
     if method.needs_source_model:
         src_model, _ = load_model(model_dir(settings, d.source, "source") / "model.pt")
