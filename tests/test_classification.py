@@ -270,7 +270,17 @@ def test_train_predict_evaluate_report_end_to_end(cls_env):
         assert (out / "scores.csv").read_text().startswith("id,split,score")
         m_json = json.loads(evaluate(s, "ped", m).read_text())
         assert m_json["kind"] == "classification" and m_json["source_site"] == "ad"
+    # another seed varies the whole chain: noadapt with seed 3 is the source model trained with seed 3
+    with pytest.raises(InputError, match="train-source --site ad --seed 3"):
+        adapt(s, "ped", "noadapt", seed=3)
+    train_source(s, "ad", seed=3)
     adapt(s, "ped", "noadapt", seed=3)
+    src3 = s.paths.models / "pn" / "ad" / "source.seed3" / "model.pt"
+    uses = json.loads((s.paths.models / "pn" / "ped" / "noadapt.seed3" / "uses.json").read_text())
+    assert Path(uses["source_model"]) == src3
+    w0 = torch.load(s.paths.models / "pn" / "ad" / "source" / "model.pt", weights_only=False)["state_dict"]
+    w3 = torch.load(src3, weights_only=False)["state_dict"]
+    assert not all(torch.equal(w0[k], w3[k]) for k in w0)  # the pipeline's source model is left as it was
     predict(s, "ped", "noadapt", seed=3)
     evaluate(s, "ped", "noadapt", seed=3)
     written = report(s)

@@ -132,10 +132,12 @@ def _seed_list(text: str) -> list[int]:
 
 def cmd_study(args) -> int:
     """The seed study: adapt + evaluate each method with each seed (runs whose metrics exist are kept unless
-    --force), then the report (its "Stability over seeds" section)."""
+    --force), then the report (its "Stability over seeds" section). A method built on the source model uses the
+    source model trained with the same seed (trained here when missing), so `noadapt` gets a spread too."""
     from .steps.evaluate import metrics_path
     from .steps.report import report
-    from .tracking import adapt, evaluate
+    from .steps.train import build_method, source_model_path
+    from .tracking import adapt, evaluate, train_source
 
     s = _settings(args)
     seeds = _seed_list(args.seeds)
@@ -148,6 +150,9 @@ def cmd_study(args) -> int:
                 print(f"{m} seed {k}: kept ({done})")
                 continue
             t0 = time.perf_counter()
+            src = s.direction_to(args.site, args.source).source
+            if build_method(s, m, args.site).needs_source_model and not source_model_path(s, src, k).is_file():
+                train_source(s, src, seed=k)  # seed k varies the whole chain: source model, then the method
             adapt(s, args.site, m, source=args.source, seed=k)
             evaluate(s, args.site, m, seed=k, predict=True)
             print(f"{m} seed {k}: {time.perf_counter() - t0:.0f} s -> {done}", flush=True)

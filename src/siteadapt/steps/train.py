@@ -52,6 +52,13 @@ def model_dir(settings: Settings, site: str, method: str, seed: int | None = Non
     return settings.paths.models / settings.site(site).task / site / run_name(settings, method, seed)
 
 
+def source_model_path(settings: Settings, source: str, seed: int | None = None) -> Path:
+    """The source model a run with ``seed`` builds on: the pipeline's (params' seed), or ``source.seed<k>``. A seed
+    study varies the whole chain, source model included: without adaptation is the source model, so its spread over
+    seeds is the source model's."""
+    return model_dir(settings, source, "source", seed) / "model.pt"
+
+
 def method_options(settings: Settings, name: str, site: str) -> tuple[type[Method], dict, list[str], dict[str, str]]:
     """(method class, raw options, the params keys they come from, option -> the key that set it) of method or
     named variant ``name`` for ``site``: ``methods.<name>`` (a named variant's ``method:`` picks the class), then the
@@ -125,11 +132,12 @@ def load_model(path: Path, device: str = "cpu") -> tuple[Method, dict]:
 def train_source(settings: Settings, site: str, tracker=None, seed: int | None = None) -> Path:
     method = build_method(settings, "source", site, seed)
     data = load_slices(settings.paths.prepared, site, "train", labels=True)
-    out = model_dir(settings, site, "source")
+    out = model_dir(settings, site, "source", seed)  # another seed: source.seed<k>, beside the pipeline's model
     cfg = _train_config(settings, site, method, seed)
     method.total_iterations = cfg.iterations
     summary = fit(method, data, None, cfg, out, tracker=tracker)
-    save_model(method, out / "model.pt", site=site, source_site=site, target_site=None, summary=summary)
+    save_model(method, out / "model.pt", site=site, source_site=site, target_site=None, summary=summary,
+               seed=settings.seed if seed is None else seed)
     log.info("source model for %s: %d iterations in %.0f s", site, summary["iterations"], summary["seconds"])
     return out / "model.pt"
 
@@ -139,8 +147,13 @@ def adapt(settings: Settings, target: str, method_name: str, *, source: str | No
     d = settings.direction_to(target, source)
     method = build_method(settings, method_name, target, seed)
     src_model = None
+    src_path = source_model_path(settings, d.source, seed)
     if method.needs_source_model:
-        src_model, _ = load_model(model_dir(settings, d.source, "source") / "model.pt")
+        if not src_path.is_file():
+            raise InputError(src_path, f"{method_name} with seed {seed} needs the source model of {d.source} "
+                                       f"trained with that seed: `siteadapt train-source --site {d.source} --seed "
+                                       f"{seed}` (`siteadapt study` trains it)")
+        src_model, _ = load_model(src_path)
     out = model_dir(settings, target, method_name, seed)
     if method.trains_on_target_labels:  # upper-bound references only
         train_set = load_slices(settings.paths.prepared, target, "train", labels=True)
@@ -159,7 +172,7 @@ def adapt(settings: Settings, target: str, method_name: str, *, source: str | No
     if target_set is not None:
         save_translations(method, train_set, target_set, out / "translations.png")
     if src_model is not None:  # methods that apply the source segmenter keep a reference to its file
-        write_json(out / "uses.json", {"source_model": str(model_dir(settings, d.source, "source") / "model.pt")})
+        write_json(out / "uses.json", {"source_model": str(src_path)})
     return out / "model.pt"
 
 
@@ -199,7 +212,7 @@ def save_translations(method: Method, source, target, path: Path, n: int = 4) ->
 def load_for_prediction(settings: Settings, target: str, method_name: str, seed: int | None = None) -> Method:
     method, payload = load_model(model_dir(settings, target, method_name, seed) / "model.pt")
     if method.needs_source_model:
-        src, _ = load_model(model_dir(settings, payload["source_site"], "source") / "model.pt")
+        src, _ = load_model(source_model_path(settings, payload["source_site"], payload.get("seed")))
         method.source_model = src
     return method
 
