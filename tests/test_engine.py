@@ -65,6 +65,25 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(sa[k], sc[k]), k  # tolerance: exact on CPU
 
 
+def test_checkpoint_from_other_data_is_not_resumed(tmp_path):
+    """A site preprocessed again (other slices) must not silently reuse the finished model of the old slices."""
+    cfg = TrainConfig(iterations=4, batch_size=2, seed=3, checkpoint_every=2, log_every=100, device="cpu")
+    cls = get_method("source")
+    torch.manual_seed(0)
+    fit(cls(CTX), _slices(seed=0), None, cfg, tmp_path / "run")  # finished run on the old data
+    new_data = _slices(seed=1)
+    torch.manual_seed(0)
+    again = cls(CTX)
+    fit(again, new_data, None, cfg, tmp_path / "run")
+    torch.manual_seed(0)
+    fresh = cls(CTX)
+    fit(fresh, new_data, None, cfg, tmp_path / "fresh")
+    sa, sf = _state(again), _state(fresh)
+    assert all(torch.equal(sa[k], sf[k]) for k in sa)  # trained afresh on the new data, not resumed
+    assert _slices(seed=0).fingerprint() != new_data.fingerprint()
+    assert _slices(seed=1, labels=False).fingerprint() != new_data.fingerprint()  # labels are part of it
+
+
 def test_supervised_learns_and_gradients_reach_network(tmp_path):
     src = _slices(16)
     m = get_method("source")(CTX)

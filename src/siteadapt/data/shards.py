@@ -6,6 +6,7 @@ by the supervised upper bound and by evaluation, never by an adaptation method.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,16 @@ class SliceSet:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the slices (and labels, when loaded) this set holds: what a training run learned from."""
+        h = hashlib.sha256()
+        for a in (self.images, self.labels):
+            if a is not None:
+                a = np.ascontiguousarray(a)
+                h.update(f"{a.dtype.str}{a.shape}".encode())
+                h.update(memoryview(a).cast("B"))
+        return h.hexdigest()
 
 
 def load_slices(prepared: Path, site: str, split: str | tuple[str, ...] = "train", *, labels: bool) -> SliceSet:

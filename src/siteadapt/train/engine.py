@@ -7,8 +7,9 @@
   settings resumes from the last checkpoint and reaches the same state as an uninterrupted run (bit-identical on CPU;
   on CUDA up to non-deterministic kernels).
 - On CUDA, automatic mixed precision runs in bfloat16 (no loss scaling needed) and convolutions use channels_last.
-- A checkpoint made with other settings (method options, widths, batch size, seed, sites) is not resumed: the run
-  starts afresh (the iteration count may differ: a longer run continues a shorter one).
+- A checkpoint made with other settings (method options, widths, batch size, seed, sites) or from other data (a
+  hash of the slices and labels it trained on: a site preprocessed again with other settings) is not resumed: the
+  run starts afresh (the iteration count may differ: a longer run continues a shorter one).
 - Checkpoint choice: the final iteration. The papers picked "the best model within 20k iterations", which needs
   target labels; we never look at target labels during training, and a fixed schedule is the choice that is both
   label-free and reproducible. (Label-free selection criteria such as the discriminator loss plateau or prediction
@@ -118,7 +119,8 @@ def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainCon
     ckpt = run_dir / "checkpoint.pt"
     signature = {"method": method.name, "options": method.opts.model_dump(), "context": method.ctx.to_dict(),
                  "batch_size": cfg.batch_size, "seed": cfg.seed, "source": source.site,
-                 "target": target.site if target is not None else None}
+                 "target": target.site if target is not None else None,
+                 "data": [source.fingerprint(), target.fingerprint() if target is not None else None]}
     state = torch.load(ckpt, map_location=device, weights_only=False) if ckpt.exists() else None
     if state is not None and state.get("signature") != signature:
         log.warning("%s: checkpoint in %s was made with other settings; starting afresh", method.name, run_dir)
