@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-GENERATOR_VERSION = "1.1.0"
+GENERATOR_VERSION = "1.2.0"
 TASKS = ("cardiac", "chestxray", "pneumonia")  # pneumonia: image-level labels, see synth_pneumonia.py
 SITES = {"cardiac": ("mr", "ct"), "chestxray": ("cxr_a", "cxr_b"), "pneumonia": ("adult", "pediatric")}
 CARDIAC_LABELS = {"MYO": 1, "LAC": 2, "LVC": 3, "AA": 4}
@@ -663,6 +663,13 @@ def _kernel_gain(sigmas, truncate: float = 3.0) -> float:
 def ct_grid(phantom: CardiacPhantom, rng, scale: float = 1.0) -> tuple[tuple[int, int, int], np.ndarray]:
     """An axial cardiac CT grid centred near the heart: ~1.05-1.2 mm in-plane, 2.0-2.5 mm slices at scale 1.
 
+    Centred as :func:`mr_grid` centres the MR (the labelled structures' box, 8 mm towards the head, plus a few mm of
+    placement noise): both technologists centre on the heart the same way. Until generator 1.2 the CT was centred on
+    the whole heart's box (right heart included), about 2 cm right of where the MR was centred. The field of view
+    truncates the body, so a label-free body-centred crop follows the field of view, and that systematic offset put
+    the heart 2 cm off between the two sites' crops: a geometric shift the papers' heart-centred data never had,
+    which capped CycleGAN MR->CT at 26% Dice (67% without it, same data otherwise; closing note of issue 4).
+
     The affine is the one a standard axial DICOM series gives (rows run to the patient's left, columns posterior,
     slices towards the head), so the ingest of the written series rebuilds exactly this grid."""
     n_xy, n_z = max(32, int(round(160 * scale))), max(12, int(round(64 * scale)))
@@ -672,7 +679,8 @@ def ct_grid(phantom: CardiacPhantom, rng, scale: float = 1.0) -> tuple[tuple[int
     s = round(s0 * 160 / n_xy, 3)
     dz = round(dz0 * 64 / n_z, 2)
     A = np.diag([-s, -s, dz, 1.0])
-    centre = phantom.heart_center + rng.normal(0, [6, 6, 5])
+    lab = phantom.heart_extent
+    centre = (lab[0] + lab[1]) / 2 + np.array([0.0, 0.0, 8.0]) + rng.normal(0, [6, 6, 5])
     shape = (n_xy, n_xy, n_z)
     A[:3, 3] = np.round(centre - A[:3, :3] @ ((np.array(shape) - 1) / 2), 2)
     return shape, A
