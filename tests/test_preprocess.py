@@ -199,3 +199,24 @@ def test_split_does_not_depend_on_the_deid_key(tmp_path, monkeypatch):
     for f in arr_a:
         for k in arr_a[f]:
             assert np.array_equal(arr_a[f][k], arr_b[f][k]), (f, k)
+
+
+def test_site_roi_offset_moves_that_sites_label_free_boxes(prepared_env):
+    """sites.<site>.roi_offset_mm replaces the task's offset for that site only (sites whose scanners centre the field
+    of view differently): every box centre of the site moves by exactly the offset, in world mm."""
+    s = prepared_env
+
+    def centres(site):
+        subj = json.loads((preprocess(s, site)["out_dir"] / "subjects.json").read_text())["subjects"]
+        out = {}
+        for r in subj:
+            A, shape = np.asarray(r["grid_affine"]), np.asarray(r["grid_shape"], float)
+            out[r["id"]] = A[:3, :3] @ ((shape - 1) / 2) + A[:3, 3]
+        return out
+
+    before = centres("tgt")
+    s.sites["tgt"] = s.sites["tgt"].model_copy(update={"roi_offset_mm": (6.0, 0.0, -4.0)})
+    after = centres("tgt")
+    assert before.keys() == after.keys()
+    for k in before:
+        np.testing.assert_allclose(after[k] - before[k], [6.0, 0.0, -4.0], atol=1e-6)

@@ -165,6 +165,9 @@ class Site(_Strict):
     modality: str | None = Field(None, description="CT, MR, CR, DX, ...; read from DICOM when absent")
     pixel_spacing_mm: float | None = Field(None, gt=0, description="for 2D images without spacing (PNG/JPEG)")
     synthetic: str | None = Field(None, description="'<task>/<site>' of `siteadapt synth` that produces `images`")
+    roi_offset_mm: tuple[float, float, float] | None = Field(
+        None, description="this site's label-free crop offset (mm along R, A, S), replacing the task's "
+                          "preprocess.roi_offset_mm: for a site whose scanner centres its field of view elsewhere")
 
     @field_validator("images", "labels", mode="before")
     @classmethod

@@ -5,7 +5,10 @@ For each subject (3D tasks):
    ``roi_mm / image_size`` (so slices come out ``image_size`` square) and ``slice_spacing_mm`` along the slicing axis.
    Its centre is the labeled structures' bounding-box centre (rule ``labels``) or, label-free, the centre of the body
    mask's bounding box plus ``roi_offset_mm`` (rule ``foreground``; always used for a site that is a target in any
-   direction, so a target's labels never influence its inputs).
+   direction, so a target's labels never influence its inputs). A body-centred box follows the field of view where
+   the field of view cuts the body (cardiac MR and CT): sites whose scanners centre the field of view differently get
+   the anatomy at different places in their crops, a geometric shift no intensity adaptation removes; a site's own
+   ``roi_offset_mm`` (``sites.<site>.roi_offset_mm``) moves its boxes to match.
 2. The image is resampled onto that grid in one interpolation (reorient + resample + crop; linear, Gaussian
    anti-aliasing when downsampling); labels go through per-label linear interpolation + argmax.
 3. Intensities: CT is clipped to the training split's foreground percentiles (``ct_clip_percentiles``, HU) and
@@ -225,7 +228,8 @@ def preprocess(settings: Settings, site: str) -> dict:
                                                            "label (use roi_rule: foreground)")
                 centre = _label_centre(label, affine, ids)
             if centre is None:
-                centre = _coarse_mask_centre(data, affine) + np.asarray(pp.roi_offset_mm)
+                offset = site_cfg.roi_offset_mm if site_cfg.roi_offset_mm is not None else pp.roi_offset_mm
+                centre = _coarse_mask_centre(data, affine) + np.asarray(offset)
         else:
             ax = 2
             sp_in = np.linalg.norm(affine[:3, :2], axis=0)
