@@ -660,6 +660,13 @@ def _kernel_gain(sigmas, truncate: float = 3.0) -> float:
     return g
 
 
+def _fov_centre(phantom: CardiacPhantom, rng, sd_mm) -> np.ndarray:
+    """Where a technologist centres a cardiac field of view (CT and MR alike): the labelled structures' box, 8 mm
+    towards the head, plus placement noise of ``sd_mm`` per axis."""
+    lab = phantom.heart_extent
+    return (lab[0] + lab[1]) / 2 + np.array([0.0, 0.0, 8.0]) + rng.normal(0, list(sd_mm))
+
+
 def ct_grid(phantom: CardiacPhantom, rng, scale: float = 1.0) -> tuple[tuple[int, int, int], np.ndarray]:
     """An axial cardiac CT grid centred near the heart: ~1.05-1.2 mm in-plane, 2.0-2.5 mm slices at scale 1.
 
@@ -679,8 +686,7 @@ def ct_grid(phantom: CardiacPhantom, rng, scale: float = 1.0) -> tuple[tuple[int
     s = round(s0 * 160 / n_xy, 3)
     dz = round(dz0 * 64 / n_z, 2)
     A = np.diag([-s, -s, dz, 1.0])
-    lab = phantom.heart_extent
-    centre = (lab[0] + lab[1]) / 2 + np.array([0.0, 0.0, 8.0]) + rng.normal(0, [6, 6, 5])
+    centre = _fov_centre(phantom, rng, (6, 6, 5))
     shape = (n_xy, n_xy, n_z)
     A[:3, 3] = np.round(centre - A[:3, :3] @ ((np.array(shape) - 1) / 2), 2)
     return shape, A
@@ -699,8 +705,7 @@ def mr_grid(phantom: CardiacPhantom, rng, scale: float = 1.0) -> tuple[tuple[int
     dz = round(dz0 * 48 / n_sl, 2)
     A = np.zeros((4, 4))
     A[0, 0], A[2, 1], A[1, 2], A[3, 3] = -s, -s, dz, 1.0
-    lab = phantom.heart_extent
-    centre = (lab[0] + lab[1]) / 2 + np.array([0.0, 0.0, 8.0]) + rng.normal(0, [4, 4, 4])
+    centre = _fov_centre(phantom, rng, (4, 4, 4))
     shape = (n_in, n_in, n_sl)
     A[:3, 3] = np.round(centre - A[:3, :3] @ ((np.array(shape) - 1) / 2), 2)
     return shape, A
