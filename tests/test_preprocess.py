@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from siteadapt.config import parse_settings
-from siteadapt.data.geometry import to_original
+from siteadapt.data.geometry import to_original, voxel_to_world
 from siteadapt.steps.ingest import ingest
 from siteadapt.steps.preprocess import preprocess, split_subjects
 
@@ -210,8 +210,7 @@ def test_site_roi_offset_moves_that_sites_label_free_boxes(prepared_env):
         subj = json.loads((preprocess(s, site)["out_dir"] / "subjects.json").read_text())["subjects"]
         out = {}
         for r in subj:
-            A, shape = np.asarray(r["grid_affine"]), np.asarray(r["grid_shape"], float)
-            out[r["id"]] = A[:3, :3] @ ((shape - 1) / 2) + A[:3, 3]
+            out[r["id"]] = voxel_to_world(np.asarray(r["grid_affine"]), (np.asarray(r["grid_shape"]) - 1) / 2)
         return out
 
     before = centres("tgt")

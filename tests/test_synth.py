@@ -13,6 +13,7 @@ from PIL import Image
 from scipy import ndimage, stats
 
 from siteadapt.data import synth as S
+from siteadapt.data.geometry import voxel_to_world
 
 SCALE = 0.5
 N_CARDIAC = 5  # five subjects reach every CT transfer syntax (explicit/implicit LE, RLE, JPEG 2000)
@@ -124,7 +125,7 @@ def test_mr_and_ct_fields_of_view_centre_on_the_heart_alike():
         mid = ph.heart_extent.mean(0)
         for site, grid in (("mr", S.mr_grid), ("ct", S.ct_grid)):
             shape, A = grid(ph, np.random.default_rng([6, i]), scale=0.5)
-            off[site].append(A[:3, :3] @ ((np.asarray(shape) - 1) / 2) + A[:3, 3] - mid)
+            off[site].append(voxel_to_world(A, (np.asarray(shape) - 1) / 2) - mid)
     mr, ct = np.mean(off["mr"], 0), np.mean(off["ct"], 0)
     assert np.abs(mr - ct).max() < 4.0, (mr, ct)
 
