@@ -76,3 +76,18 @@ def test_dvc_stages_of_a_task_with_own_sizes_list_them():
         items = stages[group]["foreach"]
         own = {k for k, it in items.items() if "tasks.pneumonia.profiles" in [it[f] for f in fields]}
         assert own == {k for k, it in items.items() if it["task"] == "pneumonia"} and own, group
+
+
+def test_dvc_synth_stages_depend_on_the_generators(tmp_path):
+    """A new generator version (synthetic sites drawn differently) must re-make the sites in an existing workspace:
+    the synth stages depend on the project's copies of both generator modules; a project without them (the package
+    installed elsewhere) gets no such dependency."""
+    from siteadapt.config import parse_settings
+    from siteadapt.dvcgen import build
+
+    raw = _project_raw()
+    raw["pipeline"]["tasks"] = ["cardiac", "pneumonia"]
+    do = build(parse_settings(raw), raw, ROOT)["stages"]["synth"]["do"]
+    assert do["deps"] == ["src/siteadapt/data/synth.py", "src/siteadapt/data/synth_pneumonia.py"]
+    assert all((ROOT / d).is_file() for d in do["deps"])
+    assert "deps" not in build(parse_settings(raw), raw, tmp_path)["stages"]["synth"]["do"]

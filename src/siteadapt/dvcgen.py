@@ -86,6 +86,19 @@ def _code_file(cls, root: Path) -> str | None:
         return None
 
 
+def _generator_files(root: Path) -> list[str]:
+    """The synthetic-data generators (every task's synth stage depends on both: the pneumonia sites reuse the chest
+    phantom of :mod:`siteadapt.data.synth`), named as :func:`_code_file` names a method's file."""
+    from .data import synth, synth_pneumonia
+
+    files = []
+    for mod in (synth, synth_pneumonia):
+        rel = Path("src", *mod.__name__.split(".")).with_suffix(".py")
+        if (root / rel).is_file():
+            files.append(rel.as_posix())
+    return files
+
+
 def _has_key(raw: dict, dotted: str) -> bool:
     cur = raw
     for part in dotted.split("."):
@@ -229,8 +242,10 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
 
     stages: dict = {}
     if synth:
+        gen = _generator_files(root)  # a new generator version re-makes the sites (same bytes: nothing downstream)
         stages["synth"] = {"foreach": synth, "do": {
             "cmd": "siteadapt synth --task ${key}",
+            **({"deps": gen} if gen else {}),
             "params": _FlowList(["seed", "profile", "profiles.${profile}.synth_scale",
                                  "profiles.${profile}.${item.count}"]),
             "outs": [_rel(P.raw) + "/${key}"]}}
