@@ -232,6 +232,29 @@ def test_chest_sites_differ_in_contrast_noise_and_geometry():
     assert facts["cxr_a"][0][2] != facts["cxr_b"][0][2]  # image size / aspect
 
 
+def test_film_site_has_a_heel_effect_that_a_global_tone_curve_cannot_undo():
+    """Site B's exposure falls off along the vertical axis (either way): the same patient and film drawn without the
+    heel effect differs from the one with it by a ramp from top to bottom, not by a constant."""
+    import copy
+
+    st = S.CXR_STYLES["cxr_b"]
+    slopes = []
+    for i in range(4):
+        imgs = []
+        for heel in (st["heel"], None):
+            S.CXR_STYLES["cxr_b"] = dict(st, heel=heel)
+            try:
+                rng = S._rng(0, "chestxray", "cxr_b", i)
+                imgs.append(S.render_cxr(copy.deepcopy(S.phantom_cxr(rng)), "cxr_b", rng, SCALE)[0] / 255.0)
+            finally:
+                S.CXR_STYLES["cxr_b"] = st
+        diff = (imgs[0] - imgs[1])[:, imgs[0].shape[1] // 4: -imgs[0].shape[1] // 4].mean(1)  # row means, middle
+        rows = np.arange(diff.size)
+        slopes.append(np.polyfit(rows / rows[-1], diff, 1)[0])  # end-to-end change of the difference
+        assert abs(np.corrcoef(rows, diff)[0, 1]) > 0.8, i
+    assert min(abs(s) for s in slopes) > 0.05, slopes
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # files: layout, formats, geometry, PHI
 
