@@ -48,12 +48,15 @@ def test_a_tasks_own_training_sizes_apply_to_its_sites_only():
 
     raw = _project_raw()
     raw["tasks"]["pneumonia"]["profiles"] = {"quick": {"width": 0.5, "adapt_iterations": 7}}
+    raw["tasks"]["cardiac"]["profiles"] = {"quick": {"adapt_iterations": 11}}
+    raw["tasks"]["chestxray"].pop("profiles", None)  # a task without its own sizes
     s = parse_settings(raw)
     assert context_for(s, "pediatric").width == 0.5 and context_for(s, "adult").width == 0.5
     assert context_for(s, "cardiac_ct").width == s.active.width == raw["profiles"]["quick"]["width"]
     gan = get_method("tunanet")(context_for(s, "pediatric"))
     assert _train_config(s, "pediatric", gan).iterations == 7
-    assert _train_config(s, "cardiac_ct", get_method("cyclegan")(context_for(s, "cardiac_ct"))).iterations == \
+    assert _train_config(s, "cardiac_ct", get_method("cyclegan")(context_for(s, "cardiac_ct"))).iterations == 11
+    assert _train_config(s, "cxr_b", get_method("cyclegan")(context_for(s, "cxr_b"))).iterations == \
         s.active.adapt_iterations
     paper = parse_settings(raw, profile="paper")  # another profile: the task's quick sizes do not apply
     assert context_for(paper, "pediatric").width == paper.active.width
@@ -80,7 +83,7 @@ def test_dvc_stages_of_a_task_with_own_sizes_list_them():
 
 def test_dvc_synth_stages_depend_on_the_generators(tmp_path):
     """A new generator version (synthetic sites drawn differently) must re-make the sites in an existing workspace:
-    the synth stages depend on the project's copies of both generator modules; a project without them (the package
+    the synth stages depend on the project's copies of the generator modules they use; a project without them (the package
     installed elsewhere) gets no such dependency."""
     from siteadapt.config import parse_settings
     from siteadapt.dvcgen import build
@@ -90,4 +93,6 @@ def test_dvc_synth_stages_depend_on_the_generators(tmp_path):
     do = build(parse_settings(raw), raw, ROOT)["stages"]["synth"]["do"]
     assert do["deps"] == ["src/siteadapt/data/synth.py", "src/siteadapt/data/synth_pneumonia.py"]
     assert all((ROOT / d).is_file() for d in do["deps"])
+    raw["pipeline"]["tasks"] = ["cardiac", "chestxray"]  # without pneumonia, its generator is no dependency
+    assert build(parse_settings(raw), raw, ROOT)["stages"]["synth"]["do"]["deps"] == ["src/siteadapt/data/synth.py"]
     assert "deps" not in build(parse_settings(raw), raw, tmp_path)["stages"]["synth"]["do"]

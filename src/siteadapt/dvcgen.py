@@ -86,13 +86,15 @@ def _code_file(cls, root: Path) -> str | None:
         return None
 
 
-def _generator_files(root: Path) -> list[str]:
-    """The synthetic-data generators (every task's synth stage depends on both: the pneumonia sites reuse the chest
-    phantom of :mod:`siteadapt.data.synth`), named as :func:`_code_file` names a method's file."""
+def _generator_files(root: Path, tasks) -> list[str]:
+    """The synthetic-data generators of the synth stages of ``tasks``, named as :func:`_code_file` names a method's
+    file: :mod:`siteadapt.data.synth` always (the pneumonia sites reuse its chest phantom), ``synth_pneumonia`` when
+    the pneumonia task is synthesised. The foreach shares one deps list, so with pneumonia on, an edit of
+    ``synth_pneumonia.py`` also re-runs the other tasks' synth stages (same bytes out: nothing downstream re-runs)."""
     from .data import synth, synth_pneumonia
 
     files = []
-    for mod in (synth, synth_pneumonia):
+    for mod in (synth, *([synth_pneumonia] if "pneumonia" in tasks else [])):
         rel = Path("src", *mod.__name__.split(".")).with_suffix(".py")
         if (root / rel).is_file():
             files.append(rel.as_posix())
@@ -242,7 +244,7 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
 
     stages: dict = {}
     if synth:
-        gen = _generator_files(root)  # a new generator version re-makes the sites (same bytes: nothing downstream)
+        gen = _generator_files(root, synth)  # a new generator version re-makes the sites (same bytes: nothing downstream)
         stages["synth"] = {"foreach": synth, "do": {
             "cmd": "siteadapt synth --task ${key}",
             **({"deps": gen} if gen else {}),
