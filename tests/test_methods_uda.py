@@ -202,6 +202,15 @@ def test_dann_reversed_gradient_reaches_the_encoder_only():
     assert r.coefficient() == 0.0
     r.iteration = 5
     assert r.coefficient() == pytest.approx(0.025)
+    r = build("dann")  # DANN's schedule over the run length the train step sets; constant without one
+    assert r.coefficient() == pytest.approx(0.05)
+    r.total_iterations = 100
+    assert r.coefficient() == 0.0
+    r.iteration = 50
+    assert r.coefficient() == pytest.approx(0.05 * (2 / (1 + math.exp(-5)) - 1))
+    r.iteration = 400
+    assert r.coefficient() == pytest.approx(0.05 * (2 / (1 + math.exp(-10)) - 1))
+    assert build("dann", {"lambda_schedule": "constant"}).coefficient() == pytest.approx(0.05)
 
 
 def test_seuda_frozen_segmenter_and_prediction():
