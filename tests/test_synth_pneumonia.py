@@ -96,3 +96,27 @@ def test_ingest_both_label_layouts(sites, tmp_path, deid_key):
     text = (tmp_path / "ing" / "adult" / "manifest.json").read_text()
     rows = list(csv.DictReader((sites / "adult" / "labels.csv").open()))
     assert not any(r["stem"] in text for r in rows)  # PatientIDs never reach the manifest
+
+
+def test_pediatric_site_has_a_heel_effect():
+    """The pediatric DX exposure falls off along the vertical axis (either way, generator 1.1): the same child drawn
+    with and without the heel effect differs by a top-to-bottom ramp after the site's processing."""
+    import copy
+
+    st = P.STYLES["pediatric"]
+    assert P.STYLES["adult"].get("heel") is None
+    slopes = []
+    for i in range(4):
+        imgs = []
+        ph = P.phantom_pediatric(S._rng(1, "ph", i))
+        for heel in (st["heel"], None):
+            P.STYLES["pediatric"] = dict(st, heel=heel)
+            try:
+                imgs.append(P.render(copy.deepcopy(ph), "pediatric", S._rng(1, "img", i), SCALE, None)[0] / 255.0)
+            finally:
+                P.STYLES["pediatric"] = st
+        diff = (imgs[0] - imgs[1])[:, imgs[0].shape[1] // 4: -imgs[0].shape[1] // 4].mean(1)
+        rows = np.arange(diff.size)
+        slopes.append(np.polyfit(rows / rows[-1], diff, 1)[0])
+        assert abs(np.corrcoef(rows, diff)[0, 1]) > 0.7, i
+    assert min(abs(s) for s in slopes) > 0.05, slopes
