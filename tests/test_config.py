@@ -83,8 +83,8 @@ def test_dvc_stages_of_a_task_with_own_sizes_list_them():
 
 def test_dvc_synth_stages_depend_on_the_generators(tmp_path):
     """A new generator version (synthetic sites drawn differently) must re-make the sites in an existing workspace:
-    the synth stages depend on the project's copies of the generator modules they use; a project without them (the package
-    installed elsewhere) gets no such dependency."""
+    the synth stages depend on the project's copies of the generator modules they use; a project without them (the
+    package installed elsewhere) gets no such dependency."""
     from siteadapt.config import parse_settings
     from siteadapt.dvcgen import build
 

@@ -244,7 +244,7 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
 
     stages: dict = {}
     if synth:
-        gen = _generator_files(root, synth)  # a new generator version re-makes the sites (same bytes: nothing downstream)
+        gen = _generator_files(root, synth)  # a new generator version re-makes the sites (same bytes: no more)
         stages["synth"] = {"foreach": synth, "do": {
             "cmd": "siteadapt synth --task ${key}",
             **({"deps": gen} if gen else {}),

@@ -944,6 +944,13 @@ def expose_radiograph(inten: np.ndarray, rng: np.random.Generator, st: dict, pm:
     return np.clip((L - lo) / max(hi - lo, 1e-6), 0, 1), field_, (top, bot, left, right)
 
 
+def heel_ramp(rng: np.random.Generator, heel: tuple[float, float], rows: int) -> np.ndarray:
+    """Heel effect: exposure falls off along the tube's anode-cathode axis (vertical, either way). A (rows, 1) ramp
+    from -amp to +amp, amp drawn from ``heel`` with a random sign, added to the log-exposure image."""
+    amp = rng.uniform(*heel) * rng.choice([-1.0, 1.0])
+    return amp * np.linspace(-1.0, 1.0, rows, dtype=np.float32)[:, None]
+
+
 def render_cxr(ph: dict, site: str, rng: np.random.Generator,
                scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict]:
     """Project ``ph`` with ``site``'s equipment: (stored pixel values (rows, cols) float, label uint8, facts).
@@ -998,9 +1005,8 @@ def render_cxr(ph: dict, site: str, rng: np.random.Generator,
         # film: characteristic (sigmoid) curve in log exposure, exposure varies per film, grain, then digitised
         g = rng.uniform(*st["gamma"])
         centre = rng.uniform(*st["film_centre"])  # above 0.5: the film sits dark (overexposed for its speed)
-        if st["heel"]:  # heel effect: exposure falls off along the tube's anode-cathode axis (vertical, either way)
-            amp = rng.uniform(*st["heel"]) * rng.choice([-1.0, 1.0])
-            v = v + amp * np.linspace(-1.0, 1.0, rows, dtype=np.float32)[:, None]
+        if st["heel"]:
+            v = v + heel_ramp(rng, st["heel"], rows)
         v = 1 / (1 + np.exp(-(v - centre) * 4.5 * g))
         v = (v - v[field_].min()) / max(float(v[field_].max() - v[field_].min()), 1e-6)
         if st["grain"]:

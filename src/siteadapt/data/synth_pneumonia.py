@@ -68,9 +68,9 @@ STYLES = {
                   exposure=(0.0, 0.0), lut="cr", collimation="white", margin=(0.0, 0.03), marker="R",
                   apex_frac=(0.13, 0.19), zoom=(0.97, 1.05), tilt_deg=2.0, shift_mm=8.0, stripe=True),
     "pediatric": dict(rows=288, cols=256, pixel_mm=0.8, modality="DX", bits=8, scatter=(0.04, 0.12), n0=(3e3, 8e3),
-                      mtf_mm=0.8, motion_mm=(0.0, 2.0), unsharp=(0.8, 1.4), unsharp_mm=20.0, gamma=(0.6, 1.6), heel=(0.10, 0.25),
-                      exposure=(-0.12, 0.12), lut="dx", collimation="black", margin=(0.0, 0.05), marker="L",
-                      apex_frac=(0.10, 0.16), zoom=(0.60, 0.68), tilt_deg=3.0, shift_mm=8.0, stripe=False),
+                      mtf_mm=0.8, motion_mm=(0.0, 2.0), unsharp=(0.8, 1.4), unsharp_mm=20.0, gamma=(0.6, 1.6),
+                      heel=(0.10, 0.25), exposure=(-0.12, 0.12), lut="dx", collimation="black", margin=(0.0, 0.05),
+                      marker="L", apex_frac=(0.10, 0.16), zoom=(0.60, 0.68), tilt_deg=3.0, shift_mm=8.0, stripe=False),
 }
 FOLDERS = {"normal": "NORMAL", "pneumonia": "PNEUMONIA"}  # the pediatric site's folder-per-class names
 
@@ -241,9 +241,8 @@ def render(ph: dict, site: str, rng: np.random.Generator, scale: float = 1.0,
         v = np.clip(v, 0, 1) ** g
         v = 0.04 + 0.92 * (0.5 + 0.5 * np.tanh(2.2 * (v - 0.5)) / np.tanh(1.1))
     else:  # DX: local-contrast processing, then a per-image exposure / contrast that the technologist left as is
-        if st.get("heel"):  # heel effect: exposure falls off along the tube's anode-cathode axis (vertical, either way)
-            amp = rng.uniform(*st["heel"]) * rng.choice([-1.0, 1.0])
-            v = v + amp * np.linspace(-1.0, 1.0, rows, dtype=np.float32)[:, None]
+        if st.get("heel"):
+            v = v + S.heel_ramp(rng, st["heel"], rows)
         v = np.clip(v + rng.uniform(*st["exposure"]), 0, 1) ** g
         lo2, hi2 = np.percentile(v[field_], [1, 99])
         v = 0.03 + 0.94 * np.clip((v - lo2) / max(hi2 - lo2, 1e-6), 0, 1)
