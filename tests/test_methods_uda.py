@@ -350,8 +350,8 @@ def test_stl_fine_tunes_the_source_segmenter():
 
 def test_adaoutput_init_from_source():
     src = source_model()
-    m = build("adaoutput", {"init_from_source": True}, src=src)
-    assert m.needs_source_model and not build("adaoutput").needs_source_model
+    m = build("adaoutput", src=src)  # the default: a warm start from the source segmenter
+    assert m.needs_source_model and not build("adaoutput", {"init_from_source": False}).needs_source_model
     x = batch().tgt_x
     m.eval()
     with torch.no_grad():

@@ -122,6 +122,8 @@ def test_repro_runs_every_stage_and_tracks_runs(pipeline):
     assert src.data.params["option.lr"] == "0.0002" and src.data.params["profile.image_size"] == "32"
     head = dp.run(["git", "rev-list", "--max-parents=0", "HEAD"], root).stdout.strip()
     assert src.data.tags["git_commit"] == head
+    import torch  # the environment a seed's numbers depend on
+    assert src.data.tags["env.torch"] == torch.__version__ and src.data.tags["env.cpu_capability"]
     assert src.data.tags["data.source.manifest_sha256"] == sha256_file(root / "data/ingested/cxr_a/manifest.json")
     hm = runs["adapt/cxr_b/histmatch"]  # evaluate re-opened the adapt run
     assert "eval/dice_mean" in hm.data.metrics and "eval/empty_fraction" in hm.data.metrics

@@ -288,3 +288,42 @@ def test_evaluate_an_unlabeled_site_gives_label_free_checks_only(prepared_env): 
 
 from test_classification import cls_env  # noqa: E402,F401  (fixture)
 from test_preprocess import prepared_env  # noqa: E402,F401  (fixture)
+
+
+# ---- a locked embedded store -----------------------------------------------------------------------------------------
+def test_a_locked_sqlite_store_is_waited_out_not_fatal(monkeypatch):
+    """A process holding the sqlite store's write lock past MLflow's 20-s busy wait (a starved process on a loaded
+    machine) used to kill every stage that wrote meanwhile; the client retries those calls, and only those."""
+    from siteadapt import tracking
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    calls = []
+
+    class Store:
+        def log_batch(self, run_id, **kw):
+            calls.append(run_id)
+            if len(calls) < 3:
+                raise RuntimeError("(sqlite3.OperationalError) database is locked")
+            return "logged"
+
+        def get_run(self, run_id):
+            raise KeyError(f"run {run_id} not found")
+
+    client = tracking._LockRetryingClient(Store(), wait_s=60)
+    assert client.log_batch("r1", tags=[]) == "logged" and calls == ["r1"] * 3
+    with pytest.raises(KeyError):  # any other error at once
+        client.get_run("r2")
+    calls.clear()
+    clock = iter(range(0, 1000, 50))  # a lock that outlasts the wait: the error comes through
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: next(clock))
+    with pytest.raises(RuntimeError, match="locked"):
+        client.log_batch("r3")
+    assert 1 <= len(calls) <= 3
+
+
+def test_connect_wraps_only_the_embedded_store(tmp_path):
+    from siteadapt.tracking import _LockRetryingClient, connect
+
+    client = connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert isinstance(client, _LockRetryingClient)
+    assert client.search_experiments(max_results=1)  # calls go through to MLflow

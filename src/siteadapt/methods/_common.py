@@ -10,11 +10,15 @@ modules whose name starts with ``_``.
   align the encoder's output for both kinds: :func:`task_net`, :func:`encode`, :func:`head`, :func:`feature_channels`.
 - :func:`task_loss`: weighted CE + Dice for segmentation (as every segmenter here), cross-entropy for
   classification.
+- :func:`ramp`: the factor (0 -> 1) that DANN's schedule, or a linear warm-up, puts on an adversarial weight, and
+  :class:`IterationState`, the iteration counter such a schedule reads (saved for exact resume).
 - :func:`bce_gan`: the original (non-saturating, sigmoid cross-entropy) GAN / domain-classifier loss, for the
   methods whose papers use it (AdaOutput, ADDA, DANN) rather than LSGAN.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +126,34 @@ def bce_gan(logits: torch.Tensor, real: bool) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits, target)
 
 
+def ramp(iteration: int, total: int | None, schedule: str = "dann", ramp_iterations: int = 0) -> float:
+    """Factor in [0, 1] on an adversarial weight at ``iteration`` of a run of ``total`` iterations.
+
+    ``ramp_iterations`` > 0: linear from 0 to 1 over that many iterations (Kamnitsas et al.'s warm-up).
+    ``schedule == "dann"``: DANN's 2 / (1 + exp(-10 p)) - 1 with p = iteration / total (Ganin et al. 2016), 1 when the
+    run length is unknown (unit tests). ``"constant"``: 1."""
+    if ramp_iterations > 0:
+        return min(1.0, iteration / ramp_iterations)
+    if schedule == "dann" and total:
+        p = min(1.0, iteration / total)
+        return 2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0
+    return 1.0
+
+
+class IterationState:
+    """The iteration counter of a method whose schedule depends on progress, saved with checkpoints (exact resume).
+    Methods with image pools save it through :meth:`~.base.Method.extra_state` already."""
+
+    iteration: int = 0
+
+    def extra_state(self) -> dict:
+        return {"iteration": self.iteration}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state:
+            self.iteration = int(state["iteration"])
+
+
 def freeze(*modules: nn.Module) -> None:
     for m in modules:
         for p in m.parameters():
@@ -129,4 +161,4 @@ def freeze(*modules: nn.Module) -> None:
 
 
 __all__ = ["FrozenSourceMixin", "task_net", "source_net", "encode", "head", "feature_channels",
-           "encoder_modules", "head_modules", "task_loss", "bce_gan", "freeze"]
+           "encoder_modules", "head_modules", "task_loss", "bce_gan", "freeze", "ramp", "IterationState"]

@@ -36,7 +36,6 @@ Where the comparison papers give no settings (choices, all options):
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -44,7 +43,7 @@ from pydantic import Field
 
 from ..nn.adversarial import FeatureDiscriminator, grad_reverse
 from ..nn.networks import ResNetClassifier
-from ._common import bce_gan, encode, feature_channels, head, source_net, task_loss, task_net
+from ._common import IterationState, bce_gan, encode, feature_channels, head, ramp, source_net, task_loss, task_net
 from .base import Context, Method, MethodOptions, adam, scalars
 
 
@@ -65,7 +64,7 @@ class DANNOptions(MethodOptions):
     init_from_source: bool = False
 
 
-class DANN(Method):
+class DANN(IterationState, Method):
     name = "dann"
     Options = DANNOptions
 
@@ -91,21 +90,9 @@ class DANN(Method):
                 raise ValueError("dann with init_from_source: true needs the trained source model")
             self.net.load_state_dict(source_net(source_model, self.ctx, self.name).state_dict())
 
-    def extra_state(self) -> dict:
-        return {"iteration": self.iteration}
-
-    def load_extra_state(self, state: dict) -> None:
-        if state:
-            self.iteration = int(state["iteration"])
-
     def coefficient(self) -> float:
         o = self.opts
-        if o.ramp_iterations > 0:
-            return o.lambda_adv * min(1.0, self.iteration / o.ramp_iterations)
-        if o.lambda_schedule == "dann" and self.total_iterations:
-            p = min(1.0, self.iteration / self.total_iterations)
-            return o.lambda_adv * (2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0)
-        return o.lambda_adv
+        return o.lambda_adv * ramp(self.iteration, self.total_iterations, o.lambda_schedule, o.ramp_iterations)
 
     def _features(self, x: torch.Tensor):
         """(feature for the head, feature for D)."""
