@@ -331,3 +331,17 @@ def test_sifa_beats_noadapt_on_a_remapped_target(tmp_path):
     within the budget, as the source segmenter it is compared with) beats the source segmenter on the target."""
     noadapt, sifa = learning_run(tmp_path)
     assert sifa > noadapt + 0.1, (noadapt, sifa)
+
+
+def test_alignment_schedule_ramps_only_the_encoders_feature_alignment_terms():
+    terms = {t: torch.tensor(1.0) for t in ("cyc", "adv_s", "seg1", "seg2", "adv_p1", "adv_p2", "adv_s_aux")}
+    m = build("sifa", {"alignment_schedule": "dann"})
+    full = float(build("sifa")._objective(terms, "E_C"))
+    m.total_iterations = 100
+    o = m.opts
+    aligned = o.lambda_adv_p1 + o.lambda_adv_p2 + o.lambda_adv_s_aux
+    assert float(m._objective(terms, "E_C")) == pytest.approx(full - aligned)  # iteration 0: no feature alignment
+    m.iteration = 50
+    k = 2 / (1 + math.exp(-5)) - 1
+    assert float(m._objective(terms, "E_C")) == pytest.approx(full - (1 - k) * aligned)
+    assert float(m._objective(terms, "U")) == float(build("sifa")._objective(terms, "U"))  # other modules unchanged

@@ -62,6 +62,12 @@ Where the papers are silent or ambiguous (choices, all options):
   quick profile) 6, CycleGAN's own rule for its 128-px generator (``generator_blocks`` sets it). Image pools of 50 per discriminator (D_t, D_s), seeded from the engine's RNG
   at the first iteration and saved in ``extra_state`` for exact resume.
 
+- Feature-alignment weights constant from the first iteration (the papers). ``alignment_schedule: dann`` multiplies
+  E's feature-alignment terms (λp1, λp2, λs~; not the image-alignment ones) by DANN's 2/(1+exp(-10p))-1, p =
+  progress: DANN on this project's sites fell below no adaptation with a constant weight (alignment before the
+  encoder segments anything) and gained 11 points with this schedule; an experiment for SIFA (issue 4), off by
+  default.
+
 Ablations as flags (rows of AAAI Table 2 / TMI Fig. 5):
     prior SIFA (AAAI)            deep_supervision: false
       IA only                    deep_supervision: false, lambda_adv_p1: 0, lambda_adv_s_aux: 0
@@ -85,6 +91,7 @@ from pydantic import Field
 from ..nn.losses import CycleConsistencyLoss, LSGANDiscriminatorLoss, LSGANGeneratorLoss, WeightedCrossEntropyDiceLoss
 from ..nn.networks import DilatedResidualEncoder, PatchDiscriminator, PixelClassifier, ResnetDecoder, ResnetGenerator
 from ..nn.pool import ImagePool
+from ._common import ramp
 from .base import Context, Method, MethodOptions, adam, scalars
 from .cyclegan import generator_blocks
 
@@ -102,6 +109,8 @@ class SIFAOptions(MethodOptions):
     lambda_adv_s_aux: float = Field(0.1, ge=0, description="λ_adv^s~, eq. (5)")
     encoder_cyc_scale: float = Field(0.1, ge=0, description="E's cycle weight = this x lambda_cyc (code: 0.1)")
     decoder_adv_s_scale: float = Field(10.0, ge=0, description="U's L_adv^s weight = this x lambda_adv_s (code: 10)")
+    alignment_schedule: Literal["constant", "dann"] = Field(
+        "constant", description="feature alignment (λp1, λp2, λs~) constant (the papers) or x DANN's 2/(1+exp(-10p))-1")
     # optimisation
     lr: float = Field(2e-4, gt=0)
     beta1: float = Field(0.5, ge=0, lt=1)
@@ -310,6 +319,9 @@ class SIFA(Method):
                     "seg2": o.lambda_seg2, "adv_p1": o.lambda_adv_p1, "adv_p2": o.lambda_adv_p2,
                     "adv_s_aux": o.lambda_adv_s_aux},
         }[module]
+        if module == "E_C" and o.alignment_schedule != "constant":
+            k = ramp(self.iteration, self.total_iterations, o.alignment_schedule)
+            w = w | {t: k * w[t] for t in ("adv_p1", "adv_p2", "adv_s_aux")}
         total = 0.0
         for k, v in w.items():
             if v > 0 and k in terms:
