@@ -211,9 +211,9 @@ def git_info(root: str | Path | None = None) -> dict[str, str]:
 
 def environment_info() -> dict[str, str]:
     """What a run's numbers depend on beyond the code and the data: Python, the numeric packages' versions and the
-    CPU kernel family PyTorch dispatches to (``AVX512``, ``AVX2``, ...). One seed reproduces bit for bit only with all
-    of these equal: two fresh installs on different machines gave the same seed-0 chest X-ray runs 0.6-5 Dice points
-    apart (issue 7 closing note)."""
+    CPU kernel family PyTorch dispatches to (``AVX512``, ``AVX2``, ...) and the thread count. One seed reproduces bit
+    for bit only with all of these equal: seed-0 chest X-ray runs of two sessions' installs were 0.6-5 Dice points
+    apart, and 1 vs 2 threads on one machine moved no adaptation by 0.8 (issue 7 closing note)."""
     import platform
 
     import numpy
