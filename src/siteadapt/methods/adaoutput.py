@@ -60,7 +60,7 @@ class AdaOutputOptions(MethodOptions):
     lambda_adv1: float = Field(0.001, ge=0)
     lambda_adv2: float = Field(0.0002, ge=0)
     lambda_schedule: Literal["constant", "dann"] = Field(
-        "constant", description="constant: λadv_i throughout (the paper); dann: λadv_i (2/(1+exp(-10p))-1), p = progress")
+        "constant", description="constant: λadv_i throughout (the paper); dann: x (2/(1+exp(-10p))-1), p = progress")
     ramp_iterations: int = Field(0, ge=0, description="> 0: λadv_i rise linearly from 0 over this many iterations")
     gan_loss: Literal["bce", "lsgan"] = "bce"
     lr: float = Field(2e-4, gt=0)

@@ -111,7 +111,7 @@ class SIFAOptions(MethodOptions):
     encoder_cyc_scale: float = Field(0.1, ge=0, description="E's cycle weight = this x lambda_cyc (code: 0.1)")
     decoder_adv_s_scale: float = Field(10.0, ge=0, description="U's L_adv^s weight = this x lambda_adv_s (code: 10)")
     alignment_schedule: Literal["constant", "dann"] = Field(
-        "constant", description="feature alignment (λp1, λp2, λs~) constant (the papers) or x DANN's 2/(1+exp(-10p))-1")
+        "constant", description="E's feature alignment (λp1, λp2, λs~): constant (papers) or x 2/(1+exp(-10p))-1")
     # optimisation
     lr: float = Field(2e-4, gt=0)
     beta1: float = Field(0.5, ge=0, lt=1)
