@@ -327,3 +327,20 @@ def test_connect_wraps_only_the_embedded_store(tmp_path):
     client = connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert isinstance(client, _LockRetryingClient)
     assert client.search_experiments(max_results=1)  # calls go through to MLflow
+
+
+def test_processes_opening_a_new_sqlite_store_together_all_succeed(tmp_path):
+    """Three stages started at once on a fresh workspace: two died creating the schema together ("duplicate column
+    name: step"); opening a sqlite store is serialised by a lock file beside it."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = ("import sys, time; from siteadapt.tracking import connect; t = float(sys.argv[2]);"
+            "time.sleep(max(0.0, t - time.time())); connect(sys.argv[1]); print('ok')")
+    start = time.time() + 8  # every process has imported MLflow by then and opens the store at the same moment
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-300:] for _, err in results]
+    assert (tmp_path / "mlflow.db.init.lock").exists()

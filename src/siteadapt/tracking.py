@@ -153,6 +153,29 @@ class _LockRetryingClient:
         return call
 
 
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str):
+    """Holds an exclusive lock on ``<database>.init.lock`` while a client opens a sqlite store. Opening creates or
+    migrates the schema, and processes doing that at once on a new database fail ("duplicate column name": three
+    stages started together on a fresh workspace did). Other stores, and systems without ``fcntl``, need no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        yield
+        return
+    lock = Path(uri.removeprefix("sqlite:///") + ".init.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def connect(uri: str | None = None):
     """An ``MlflowClient`` for the tracking store, after checking that it answers. Sets the global URI too (so that
     ``mlflow.pyfunc.log_model`` and the registry use the same store)."""
@@ -166,10 +189,11 @@ def connect(uri: str | None = None):
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        if uri.startswith("sqlite:"):
-            client = _LockRetryingClient(client)
-        client.search_experiments(max_results=1)
+        with _sqlite_init_lock(uri):
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            if uri.startswith("sqlite:"):
+                client = _LockRetryingClient(client)
+            client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any failure here means the store is not usable
         raise TrackingError(f"MLflow tracking store {redact(uri)} is not usable: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
