@@ -44,10 +44,13 @@ def test_unknown_method_option_names_key():
         cls.parse_options({"lrr": 1}, "methods.supervised")
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
-    """A run killed after a checkpoint and restarted ends bit-identical (CPU) to an uninterrupted run."""
+@pytest.mark.parametrize("augment", [None, (20.0, 0.1, 5.0)])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, augment):
+    """A run killed after a checkpoint and restarted ends bit-identical (CPU) to an uninterrupted run (with and
+    without the engine's augmentation, whose draws come from the checkpointed sampler generator)."""
     src = _slices()
-    cfg = TrainConfig(iterations=6, batch_size=2, seed=3, checkpoint_every=2, log_every=100, device="cpu")
+    cfg = TrainConfig(iterations=6, batch_size=2, seed=3, checkpoint_every=2, log_every=100, device="cpu",
+                      augment=augment)
     cls = get_method("source")
     torch.manual_seed(0)
     a = cls(CTX)
@@ -147,3 +150,62 @@ def test_initial_weights_come_from_the_seed_not_the_process():
     state = torch.get_rng_state()
     build_method(s, "source", "cxr_b")
     assert torch.equal(state, torch.get_rng_state())  # the caller's RNG stream is left as it was
+
+
+def test_random_affine_moves_labels_with_images_and_is_seeded():
+    from siteadapt.train.engine import random_affine
+
+    x = torch.full((6, 1, 32, 32), -1.0)
+    y = torch.zeros(6, 32, 32, dtype=torch.long)
+    x[:, :, 8:24, 12:20], y[:, 8:24, 12:20] = 1.0, 2  # a bright labelled bar
+    same = random_affine(x, y, torch.Generator().manual_seed(0), 0, 0, 0)
+    assert torch.allclose(same[0], x, atol=1e-5) and torch.equal(same[1], y)  # all zero: the identity
+    a = random_affine(x, y, torch.Generator().manual_seed(1), 30, 0.2, 10)
+    b = random_affine(x, y, torch.Generator().manual_seed(1), 30, 0.2, 10)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # the sampler's generator decides
+    xa, ya = a
+    assert not torch.equal(ya, y) and ya.dtype == y.dtype and set(ya.unique().tolist()) <= {0, 2}
+    assert len({tuple(xa[i].flatten().tolist()) for i in range(6)}) == 6  # each slice its own transform
+    area = (ya == 2).sum((1, 2)).float() / 128
+    assert ((area > 0.6) & (area < 1.6)).all()  # scaled by at most 1.2 per axis, sheared: area within bounds
+    assert (xa[:, 0][ya == 2] > 0.0).float().mean() > 0.9  # the label stays on its (bright) structure
+    assert xa.min() >= -1 and xa.max() <= 1
+    cls_y = torch.tensor([0, 1, 0, 1, 1, 0])
+    assert torch.equal(random_affine(x, cls_y, torch.Generator().manual_seed(1), 30, 0.2, 10)[1], cls_y)
+
+
+def test_augmentation_comes_from_the_profile_and_is_part_of_the_checkpoint(tmp_path, caplog):
+    """tasks.<t>.profiles.<p>.augment reaches the engine for that task only; a checkpoint made without augmentation
+    is not resumed with it; off, training is what it was without the option."""
+    import yaml
+
+    from siteadapt.config import load_settings
+    from siteadapt.steps.train import _train_config
+
+    p = yaml.safe_load(open("params.yaml"))
+    p["tasks"]["chestxray"].setdefault("profiles", {})["quick"] = {"augment": {"rotate_deg": 10, "scale": 0.1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    s = load_settings(tmp_path / "params.yaml")
+    method = get_method("source")(CTX)
+    assert _train_config(s, "cxr_b", method).augment == (10.0, 0.1, 0.0)
+    assert _train_config(s, "cardiac_ct", method).augment is None
+    with pytest.raises(Exception, match="rotate_deg"):
+        p["tasks"]["chestxray"]["profiles"]["quick"]["augment"]["rotate_deg"] = -1
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+        load_settings(tmp_path / "params.yaml")
+
+    src = _slices()
+    plain = TrainConfig(iterations=4, batch_size=2, seed=3, checkpoint_every=2, log_every=100, device="cpu")
+    aug = TrainConfig(**{**plain.__dict__, "augment": (20.0, 0.1, 5.0)})
+    states = []
+    for i, cfg in enumerate((plain, aug, plain)):
+        torch.manual_seed(0)
+        m = get_method("source")(CTX)
+        fit(m, src, None, cfg, tmp_path / f"run{i}")
+        states.append(_state(m))
+    key = next(iter(states[0]))
+    assert not torch.equal(states[0][key], states[1][key]) and torch.equal(states[0][key], states[2][key])
+    with caplog.at_level("WARNING", logger="siteadapt.train"):
+        summary = fit(get_method("source")(CTX), src, None, TrainConfig(**{**aug.__dict__, "iterations": 6}),
+                      tmp_path / "run0")  # run0's checkpoint (iteration 4) was made without augmentation
+    assert "other settings" in caplog.text and summary["iterations"] == 6

@@ -44,6 +44,22 @@ class Paths(_Strict):
         return v
 
 
+class Augment(_Strict):
+    """Random geometric augmentation of training slices, drawn by the training engine from its seeded sampler for
+    every trained method alike: each source image with its label map and each target image gets its own rotation,
+    isotropic scaling and shear (the SIFA papers: "rotation, scaling, and affine transformations"). No flips (they
+    would swap left and right structures). All zero (the default) = off; the draws then do not happen, so runs without
+    augmentation are unchanged."""
+
+    rotate_deg: float = Field(0.0, ge=0, le=180, description="rotation angle drawn from [-rotate_deg, rotate_deg]")
+    scale: float = Field(0.0, ge=0, lt=1, description="scale factor drawn from [1 - scale, 1 + scale]")
+    shear_deg: float = Field(0.0, ge=0, lt=60, description="shear angle drawn from [-shear_deg, shear_deg]")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rotate_deg or self.scale or self.shear_deg)
+
+
 class Profile(_Strict):
     image_size: int = Field(gt=7, description="in-plane size of training slices (pixels)")
     batch_size: int = Field(gt=0)
@@ -57,6 +73,7 @@ class Profile(_Strict):
     synth_images_classification: int = Field(400, gt=4, description="2D images per synthetic site of a "
                                               "classification task (AUC needs more test images than Dice)")
     slice_spacing_mm: float = Field(gt=0, description="spacing along the slicing axis of 3D tasks")
+    augment: Augment = Augment()
 
 
 class TaskProfile(_Strict):
@@ -67,6 +84,7 @@ class TaskProfile(_Strict):
     batch_size: int | None = Field(None, gt=0)
     iterations: int | None = Field(None, gt=0)
     adapt_iterations: int | None = Field(None, gt=0)
+    augment: Augment | None = None
 
 
 class Direction(_Strict):
@@ -269,7 +287,7 @@ class Settings(_Strict):
         own = self.tasks[task].profiles.get(self.profile)
         if own is None:
             return self.active
-        return self.active.model_copy(update=own.model_dump(exclude_none=True))
+        return Profile.model_validate(self.active.model_dump() | own.model_dump(exclude_none=True))
 
     def site(self, name: str) -> Site:
         try:

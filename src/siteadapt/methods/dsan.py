@@ -63,7 +63,8 @@ Where the paper is silent (choices, all options):
   is a PyTorch implementation). L2 weight decay 1e-4 on E, C_i as this project's segmenters.
 - One forward pass per iteration: E, C_i, U_s, U_t take their steps on the gradient of L from that pass, then D_t,
   D_s and D_pi on that pass's (pooled, for D_t/D_s: a 50-image history as SIFA) images and detached predictions.
-- Input augmentation (random crop, rotation) is left to the data pipeline, which does none for any method.
+- Input augmentation (random crop, rotation) is left to the training engine, the same for every method: off unless
+  the profile's ``augment`` turns it on (:class:`siteadapt.config.Augment`: rotation, scaling, shear).
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ Two uses, one class:
   (an evaluation-only reference: it reads target labels, which no adaptation method does).
 
 Optimiser: Adam, lr 2e-4, betas (0.9, 0.999) (SIFA TMI trains every module with lr 2e-4; beta1 0.5 is for GAN parts).
-Augmentation: none by default (the papers do not describe any for these slices); ``augment: true`` adds random
-intensity scale/shift (+-10%), small translations (+-4 px) — no flips, which would swap left and right structures.
+Augmentation: the geometric one the SIFA papers describe (rotation, scaling, affine) is the training engine's, the
+same for every method (the profile's ``augment``, off by default). This option, ``augment: true``, adds random
+intensity scale/shift (+-10%) and small translations (+-4 px) for this network only; no flips, which would swap left
+and right structures.
 
 Classification tasks (``ctx.kind == "classification"``): the same two classes with another network and loss — a
 ResNet-18-like classifier trained from scratch (:class:`~siteadapt.nn.networks.ResNetClassifier`; TUNA-Net's F_A

@@ -6,6 +6,9 @@
   pools), every optimizer, the sampler generator and the global RNG states. A killed run restarted with the same
   settings resumes from the last checkpoint and reaches the same state as an uninterrupted run (bit-identical on CPU;
   on CUDA up to non-deterministic kernels).
+- Augmentation (the profile's ``augment``; off by default): each drawn slice, source image with its label map and
+  target image alike, gets its own random rotation, scaling and shear (:func:`random_affine`), drawn from the same
+  seeded generator, so resume stays exact. Every trained method sees the same augmentation.
 - On CUDA, automatic mixed precision runs in bfloat16 (no loss scaling needed) and convolutions use channels_last.
 - A checkpoint made with other settings (method options, widths, batch size, seed, sites) or from other data (a
   hash of the slices and labels it trained on: a site preprocessed again with other settings) is not resumed: the
@@ -31,6 +34,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..data.shards import SliceSet
 from ..io.atomic import atomic_path
@@ -53,6 +57,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     threads: int | None = None  # torch CPU threads (None: leave as is)
+    augment: tuple[float, float, float] | None = None  # (rotate_deg, scale, shear_deg) of random_affine; None: off
 
 
 def pick_device(name: str) -> torch.device:
@@ -95,6 +100,31 @@ class _Sampler:
         return x, y
 
 
+def random_affine(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator, rotate_deg: float, scale: float,
+                  shear_deg: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each image of ``x`` (B, C, H, W) rotated, scaled and sheared about its centre by its own random amounts from
+    ``gen``; label maps ``y`` (B, H, W) move with their images (nearest neighbour, background outside), image-level
+    labels (B,) do not. Images are resampled bilinearly, the border value continuing outside the image."""
+    b = x.shape[0]
+
+    def uniform(half: float) -> torch.Tensor:
+        return (torch.rand(b, generator=gen, dtype=torch.float64) * 2 - 1) * half
+
+    ang, sh = torch.deg2rad(uniform(rotate_deg)), torch.deg2rad(uniform(shear_deg))
+    s = 1 + uniform(scale)
+    cos, sin, tan = torch.cos(ang), torch.sin(ang), torch.tan(sh)
+    # output -> input coordinates: rotation @ shear (x += tan * y) / scale
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0], theta[:, 0, 1] = cos / s, (cos * tan - sin) / s
+    theta[:, 1, 0], theta[:, 1, 1] = sin / s, (sin * tan + cos) / s
+    grid = F.affine_grid(theta.to(x.device, torch.float32), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    if y is not None and y.dim() == 3:
+        y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                          align_corners=False)[:, 0].to(y.dtype)
+    return x, y
+
+
 def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainConfig, run_dir: Path,
         tracker: Tracker | None = None, stop_after: int | None = None) -> dict:
     """Train ``method`` for ``cfg.iterations`` iterations, resuming from ``run_dir/checkpoint.pt`` when present.
@@ -118,7 +148,7 @@ def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainCon
     start = 0
     ckpt = run_dir / "checkpoint.pt"
     signature = {"method": method.name, "options": method.opts.model_dump(), "context": method.ctx.to_dict(),
-                 "batch_size": cfg.batch_size, "seed": cfg.seed, "source": source.site,
+                 "batch_size": cfg.batch_size, "seed": cfg.seed, "augment": cfg.augment, "source": source.site,
                  "target": target.site if target is not None else None,
                  "data": [source.fingerprint(), target.fingerprint() if target is not None else None]}
     state = torch.load(ckpt, map_location=device, weights_only=False) if ckpt.exists() else None
@@ -156,6 +186,10 @@ def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainCon
     for step in range(start, cfg.iterations):
         sx, sy = src.draw(cfg.batch_size, gen)
         tx, ty = tgt.draw(cfg.batch_size, gen) if tgt is not None else (None, None)
+        if cfg.augment:
+            sx, sy = random_affine(sx, sy, gen, *cfg.augment)
+            if tx is not None:
+                tx, ty = random_affine(tx, ty, gen, *cfg.augment)
         if device.type == "cuda":
             sx = sx.contiguous(memory_format=torch.channels_last)
             tx = tx.contiguous(memory_format=torch.channels_last) if tx is not None else None
