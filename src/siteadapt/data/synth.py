@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-GENERATOR_VERSION = "1.3.0"
+GENERATOR_VERSION = "1.4.0"
 TASKS = ("cardiac", "chestxray", "pneumonia")  # pneumonia: image-level labels, see synth_pneumonia.py
 SITES = {"cardiac": ("mr", "ct"), "chestxray": ("cxr_a", "cxr_b"), "pneumonia": ("adult", "pediatric")}
 CARDIAC_LABELS = {"MYO": 1, "LAC": 2, "LVC": 3, "AA": 4}
@@ -101,6 +101,12 @@ def _key(*parts) -> list[int]:
 
 def _rng(seed: int, *parts) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(_key(seed, *parts)))
+
+
+def _side_rng(rng: np.random.Generator) -> np.random.Generator:
+    """A generator spawned from ``rng``'s seed sequence without drawing from ``rng``: what is added with it leaves every
+    other random draw of a rendering as it was (the artifacts of generator 1.4 on the images of 1.3)."""
+    return np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
 
 
 def _unit(v) -> np.ndarray:
@@ -649,6 +655,25 @@ def _add_lung_vessels(tissue, spacing, rng) -> None:
     tissue.flat[lung[vessel]] = VESSEL
 
 
+def _slow_flow(where, spacing, rng, *, reach_mm: float, coverage: float, patch_mm: float = 4.0) -> np.ndarray:
+    """Weight in [0, 1] of slowly moving blood inside the blood pools ``where`` (bool grid): patches of a smooth random
+    field covering about ``coverage`` of the pool, strongest at the pool's wall and fading to 40% over ``reach_mm``.
+
+    Blood moves slowest along the walls, between trabeculae, in the apex and in the atrial appendages; how much of it
+    there is in a scan depends on the patient (heart rate, ejection fraction) and on the moment of acquisition, not on
+    the anatomy alone. Used by both modalities with their own physics: see :func:`render_mr` and :func:`render_ct`."""
+    w = np.zeros(where.shape, np.float32)
+    if not where.any() or coverage <= 0:
+        return w
+    d = ndimage.distance_transform_edt(where, sampling=spacing).astype(np.float32)
+    field = _smooth_field(where.shape, spacing, patch_mm, rng)
+    thr = float(np.quantile(field[where], 1 - coverage))
+    patch = np.clip((field - thr) / 0.3, 0, 1)
+    near = np.exp(-(d - 0.5 * float(np.min(spacing))) / reach_mm).clip(max=1)
+    w[where] = (patch * (0.4 + 0.6 * near))[where]
+    return w
+
+
 def _kernel_gain(sigmas, truncate: float = 3.0) -> float:
     """Standard deviation of white noise after ``gaussian_filter(sigma=sigmas, truncate=truncate)``."""
     g = 1.0
@@ -739,6 +764,22 @@ def render_ct(phantom: CardiacPhantom, shape, affine, rng) -> tuple[np.ndarray, 
         mu, sd = table[t]
         table[t] = (40 + (mu - 40) * f, sd)
     img = _tissue_image(tissue, table, 0.06, (_smooth_field(shape, sp, 6.0, rng), white / np.float32(gain)), rng)
+    # incomplete mixing (generator 1.4): in an arterial-phase scan, blood that stagnates or entered before the bolus
+    # (left atrial appendage, right atrium with unopacified inflow from the venae cavae) is less enhanced: soft-edged
+    # filling defects that can mimic thrombus. The left ventricle and aorta are well mixed. Drawn per scan.
+    art = _side_rng(rng)
+    pools = (label == CARDIAC_LABELS["LAC"]) | (tissue == BLOOD_R)
+    w = float(art.uniform(0.0, 1.0)) * _slow_flow(pools, sp, art, reach_mm=8.0, coverage=float(art.uniform(0.2, 0.5)),
+                                                   patch_mm=6.0)
+    img += w * (np.float32(art.uniform(60, 180)) - img)
+    # residual cardiac motion (generator 1.4): a gated CT's temporal resolution (~150 ms for a single source) leaves
+    # the heart's edges and the aortic root doubled and blurred at higher heart rates; amplitude and direction per scan
+    amp = float(min(art.exponential(1.2), 4.0))
+    ang = float(art.uniform(0, 2 * np.pi))
+    heart = ndimage.gaussian_filter((label > 0).astype(np.float32), 4.0 / sp)
+    heart = np.clip(2.5 * heart, 0, 1)
+    ghost = ndimage.shift(img, (amp * np.cos(ang) / sp[0], amp * np.sin(ang) / sp[1], 0), order=1, mode="nearest")
+    img += np.float32(art.uniform(0.3, 0.5)) * heart * (ghost - img)
     sigma_n = float(rng.uniform(10, 22))
     img += rng.standard_normal(shape).astype(np.float32) * np.float32(sigma_n / gain)
     img = ndimage.gaussian_filter(img, psf, truncate=3.0)
@@ -760,6 +801,14 @@ def render_mr(phantom: CardiacPhantom, shape, affine, rng) -> tuple[np.ndarray, 
     gain = float(rng.uniform(450, 900))
     table = {t: (mu * gain, sd * gain) for t, (mu, sd) in _MR_REL.items()}
     img = _tissue_image(tissue, table, 0.05, fields, rng)
+    # slow flow (generator 1.4): the double inversion nulls only blood that leaves the slice before the readout; slow
+    # blood along the walls, between trabeculae and in the appendages keeps a signal near the myocardium's (the
+    # classic black-blood pitfall that mimics wall thickening or thrombus). Every chamber, not the aorta (fast flow).
+    # How much depends on the patient and the moment: drawn per scan.
+    art = _side_rng(rng)
+    pools = ((tissue == BLOOD) | (tissue == BLOOD_R)) & (label != CARDIAC_LABELS["AA"])
+    w = float(art.uniform(0.4, 1.0)) * _slow_flow(pools, sp, art, reach_mm=6.0, coverage=float(art.uniform(0.3, 0.6)))
+    img += w * (np.float32(art.uniform(0.30, 0.45) * gain) - img)
     img = np.maximum(ndimage.gaussian_filter(img, psf, truncate=3.0), 0)
     # bias field: slow modes plus a stronger anterior coil sensitivity
     x, y, z = P
