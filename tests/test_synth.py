@@ -184,6 +184,39 @@ def test_tissue_intensity_order_differs_non_monotonically(rendered):
         assert rho < 0.6, rho  # far from a monotonic relation
 
 
+def test_slow_flow_weights_stay_in_the_pool_and_are_strongest_at_its_wall():
+    sp = np.array([1.5, 1.5, 2.0])
+    ijk = np.indices((40, 40, 30)).astype(float)
+    r = np.sqrt(sum(((ijk[a] - c) * sp[a]) ** 2 for a, c in enumerate((19.5, 19.5, 14.5))))
+    pool = r < 22
+    w = S._slow_flow(pool, sp, np.random.default_rng(0), reach_mm=6.0, coverage=0.4)
+    assert w.dtype == np.float32 and w.min() >= 0 and w.max() <= 1 and not w[~pool].any()
+    assert 0.2 < float((w[pool] > 0).mean()) < 0.6
+    wall, core = pool & (r > 18), pool & (r < 10)
+    assert w[wall].mean() > 1.5 * w[core].mean() > 0
+    assert not S._slow_flow(np.zeros_like(pool), sp, np.random.default_rng(0), reach_mm=6.0, coverage=0.4).any()
+
+
+def test_mr_slow_flow_brightens_the_chambers_and_leaves_every_other_draw_alone(monkeypatch):
+    def render():
+        rng = S._rng(0, "cardiac", "mr", 1)
+        ph = S.phantom_cardiac(rng)
+        return S.render_mr(ph, *S.mr_grid(ph, rng, SCALE), rng)
+
+    img, lab, tissue = render()
+    monkeypatch.setattr(S, "_slow_flow", lambda where, *a, **k: np.zeros(where.shape, np.float32))
+    ref, lab0, _ = render()
+    assert np.array_equal(lab, lab0)
+    pools = np.isin(tissue, (S.BLOOD, S.BLOOD_R)) & (lab != S.CARDIAC_LABELS["AA"])
+    near = ndimage.binary_dilation(pools, np.ones((3, 3, 3), bool), iterations=3)  # the blur reaches 2 voxels
+    near |= np.roll(near, img.shape[0] // 2, axis=0)  # the N/2 ghost carries a copy
+    changed = ~np.isclose(img, ref, rtol=1e-5, atol=1e-3)
+    assert changed.any() and not changed[~near].any()
+    cav = np.isin(lab, (2, 3))
+    mid = 0.5 * (np.median(ref[lab == 1]) + np.median(ref[cav]))
+    assert (img[cav] > mid).mean() > (ref[cav] > mid).mean() + 0.02
+
+
 def test_histogram_matching_does_not_undo_the_shift(rendered):
     for (ci, cl, ct), (mi, ml, mt) in rendered:
         h = _hist_match(ci.ravel(), mi.ravel()).reshape(ci.shape)
