@@ -11,9 +11,12 @@ Two tasks, two sites each (``synthesize(task, out_dir, seed=..., n_subjects=...,
     ``mr``: black-blood (double-inversion-recovery fast spin echo-like) whole-heart MR, coronal acquisition
     (orientation LIA), 96 x 96 x 48 voxels of
     ~1.5-1.7 mm x 1.5-1.7 mm x 2.6-3.0 mm, smooth multiplicative bias field (coil profile), a faint N/2 ghost,
-    Rician noise; int16 NIfTI.
+    Rician noise; int16 NIfTI. Since generator 1.4: slow-flow signal (blood the double inversion did not null, near
+    the myocardium's level) in patches along the walls of every chamber but the aorta, amount drawn per scan.
     ``ct``: contrast-enhanced cardiac CT in Hounsfield units, axial (LPS), 160 x 160 x 64 voxels of
     ~1.05-1.2 mm x 1.05-1.2 mm x 2.0-2.5 mm (a larger field of view than the MR), in-plane correlated Gaussian noise;
+    since generator 1.4 incompletely mixed contrast (filling defects in the left atrium and right heart) and residual
+    cardiac motion (the heart's edges doubled by 0-4 mm in a random in-plane direction), both drawn per scan;
     one DICOM series per subject (rescale slope 1, intercept -1024) in a PACS-like tree with opaque folder names, mixed
     transfer syntaxes (explicit/implicit little endian, RLE, JPEG 2000 lossless) and invented but realistic patient
     identifiers, unique per subject; labels on exactly the grid the series describes.
@@ -39,6 +42,13 @@ files. Subjects of different sites are different random people (independent rand
 
 Tissue-to-intensity mappings differ non-monotonically between MR and CT (fat: dark in CT, bright in MR; bone:
 brightest in CT, darkest in MR; marrow and CSF swap places too), so that histogram matching cannot undo the shift.
+
+Why generator 1.4 added per-scan flow and motion artifacts: up to 1.3 every appearance difference between the sites
+was a function of tissue and anatomy, which an image translator (CycleGAN) can learn exactly; SIFA's feature
+alignment exists for what translation leaves open. Slow flow, contrast mixing and motion are real, frequent, and drawn
+per scan, independent of the anatomy and of the other modality, so a deterministic translator cannot make them from a
+source image. They are drawn from a generator spawned beside the rendering's own (:func:`_side_rng`): every other
+random draw, hence every 1.3 image outside the artifacts, is unchanged. Measured effect in the closing notes of issue 4.
 
 Everything is deterministic for a seed (independent of the number of worker processes); files are byte-identical on
 re-run. A site is written into a hidden temporary folder beside its final place and renamed at the end, so a killed
