@@ -310,16 +310,11 @@ class SIFA(Method):
                 terms["adv_p2"] = self.gen_loss(self.D_p2(self._probs(p2_t)))
         return (p1_st, p1_t), (p2_st, p2_t)
 
-    def _objective(self, terms: dict, module: str):
-        """Weighted sum of ``terms`` that ``module`` ("G_t", "U" or "E_C") minimises (see the module docstring)."""
+    def _objective(self, terms: dict, module: str, weights: dict[str, float] | None = None):
+        """Weighted sum of ``terms`` that ``module`` ("G_t", "U" or "E_C") minimises (see the module docstring);
+        ``weights`` replaces the module's own weights (a merged objective, :meth:`_module_backward`)."""
         o = self.opts
-        w = {
-            "G_t": {"adv_t": o.lambda_adv_t, "cyc": o.lambda_cyc},
-            "U": {"cyc": o.lambda_cyc, "adv_s": o.lambda_adv_s * o.decoder_adv_s_scale},
-            "E_C": {"cyc": o.lambda_cyc * o.encoder_cyc_scale, "adv_s": o.lambda_adv_s, "seg1": o.lambda_seg1,
-                    "seg2": o.lambda_seg2, "adv_p1": o.lambda_adv_p1, "adv_p2": o.lambda_adv_p2,
-                    "adv_s_aux": o.lambda_adv_s_aux},
-        }[module]
+        w = weights if weights is not None else self._weights(module)
         if module == "E_C" and o.alignment_schedule != "constant":
             k = ramp(self.iteration, self.total_iterations, o.alignment_schedule)
             w = w | {t: k * w[t] for t in ("adv_p1", "adv_p2", "adv_s_aux")}
@@ -328,6 +323,37 @@ class SIFA(Method):
             if v > 0 and k in terms:
                 total = total + v * terms[k]
         return total
+
+    def _weights(self, module: str) -> dict[str, float]:
+        o = self.opts
+        return {
+            "G_t": {"adv_t": o.lambda_adv_t, "cyc": o.lambda_cyc},
+            "U": {"cyc": o.lambda_cyc, "adv_s": o.lambda_adv_s * o.decoder_adv_s_scale},
+            "E_C": {"cyc": o.lambda_cyc * o.encoder_cyc_scale, "adv_s": o.lambda_adv_s, "seg1": o.lambda_seg1,
+                    "seg2": o.lambda_seg2, "adv_p1": o.lambda_adv_p1, "adv_p2": o.lambda_adv_p2,
+                    "adv_s_aux": o.lambda_adv_s_aux},
+        }[module]
+
+    def _module_backward(self, terms: dict, modules: tuple[str, ...], retain_graph: bool = False) -> None:
+        """Each module in ``modules`` gets the gradient of its own objective (:meth:`_objective`) and nothing else.
+
+        Summing two modules' objectives and back-propagating the sum into both would hand each the other's terms
+        too: a term both minimise (the cycle loss of G_t and U) would reach each at twice its weight. One backward
+        pass of a merged objective is still exact when every term the modules share has the same weight in each
+        objective and every other term depends on one module only. For G_t and U that holds by construction:
+        L_cyc is the shared term (λcyc in both), L_adv^t = D_t(G_t(x^s)) does not pass through U and
+        L_adv^s = D_s(U(E(x^t))) does not pass through G_t. Otherwise (different weights on a shared term) each
+        module gets its own backward pass."""
+        merged: dict[str, float] = {}
+        exact = True
+        for m in modules:
+            for k, v in self._weights(m).items():
+                exact = exact and merged.setdefault(k, v) == v
+        if exact:
+            self._backward(self._objective(terms, modules[0], weights=merged), *modules, retain_graph=retain_graph)
+            return
+        for i, m in enumerate(modules):
+            self._backward(self._objective(terms, m), m, retain_graph=retain_graph or i < len(modules) - 1)
 
     def _simultaneous(self, xs, ys, xt) -> dict:
         o = self.opts
@@ -346,9 +372,9 @@ class SIFA(Method):
                 terms["cyc"] = self.cyc_loss(rec_s, xs) + self.cyc_loss(rec_t, xt)
             self._source_adversarial_terms(fake_s, terms)
             preds = self._encoder_terms(f_st, f_t, ys, size, terms)
-        # gradients of every generator-side module from this one forward pass, each for its own terms
-        self._backward(self._objective(terms, "G_t") + self._objective(terms, "U"), "G_t", "U", retain_graph=True)
-        self._backward(self._objective(terms, "E_C"), "E_C")
+        # gradients of every generator-side module from this one forward pass, each for its own objective only
+        self._module_backward(terms, ("G_t", "U"), retain_graph=True)
+        self._module_backward(terms, ("E_C",))
         # steps in the papers' order: G_t -> D_t -> E, C_i -> U -> D_s -> D_p_i
         self._step("G_t")
         logs = {"D_t": self._d_update("D_t", self.D_t, xt, self.pool_t.query(fake_t.detach()))}
