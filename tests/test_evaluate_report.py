@@ -130,3 +130,51 @@ def test_study_seed_list():
     for bad in ("a-b", "1,1", ""):
         with pytest.raises(ConfigError):
             _seed_list(bad)
+
+
+def test_report_writes_results_page_with_the_tables_numbers(evaluated):
+    """`siteadapt report` also writes docs/results.md (docs/ beside the reports folder): a stamp, then every task's
+    table with the same numbers as the metrics files, its seed study and where the figures are; unchanged results
+    leave the file as it was (stamp included), changed ones rewrite it."""
+    from siteadapt.steps.report import STAMP_END, results_path
+
+    s = evaluated
+    report(s)
+    path = results_path(s)
+    assert path == s.paths.reports.resolve().parent / "docs" / "results.md"
+    text = path.read_text()
+    stamp, _, page = text.partition(STAMP_END)
+    assert "do not edit" in stamp and "`siteadapt report`" in stamp and "numpy " in stamp
+    assert "## heart: results" in page and "### src → tgt" in page and "- Seeds evaluated: 0, 7." in page
+    assert "Figures: `../reports/heart/figures/`" in page and f"Profile `{s.profile}`" in page
+    rows = {ln.split("|")[1].strip(): [c.strip().strip("*") for c in ln.split("|")[2:-1]]
+            for ln in page.split("Stability over seeds")[0].splitlines() if ln.startswith("| ")}
+    head = rows.pop("Method")
+    col = {h: i for i, h in enumerate(head)}
+
+    def metrics(method):
+        return json.loads((s.paths.metrics / "heart" / "tgt" / f"{method}.json").read_text())
+
+    for method, label in (("histmatch", "HistM"), ("noadapt", "W/o adaptation")):  # one seed: mean ± std over subjects
+        st = metrics(method)["summary"]["metrics"]
+        for structure in ("A", "B"):
+            dice = st["dice"][structure]
+            assert rows[label][col[f"Dice (%) {structure}"]] == f"{100 * dice['mean']:.1f}±{100 * dice['std']:.1f}"
+        asd = st["assd"]["mean"]
+        assert rows[label][col["ASD (mm) Avg"]] == f"{asd['mean']:.1f}±{asd['std']:.1f}"
+    sifa_runs = [m for m in (json.loads(p.read_text()) for p in (s.paths.metrics / "heart" / "tgt").glob("*.json"))
+                 if m["method"] == "sifa"]
+    assert sorted(r["seed"] for r in sifa_runs) == [0, 7]  # two seeds: mean ± std over the seeds' means
+    per_seed = np.array([100 * r["dice"]["A"] for r in sifa_runs])
+    assert rows["SIFA (TMI)"][col["Dice (%) A"]] == f"{per_seed.mean():.1f}±{per_seed.std():.1f}"
+    assert rows["SIFA (TMI)"][-1] == "2"
+    stability = [ln for ln in page.split("Stability over seeds")[1].splitlines() if ln.startswith("| SIFA (TMI)")]
+    mean_dice = np.array([100 * r["dice"]["mean"] for r in sifa_runs])
+    assert len(stability) == 1 and f"| 0,7 | {mean_dice.mean():.1f} | {mean_dice.std():.2f} |" in stability[0]
+
+    report(s)  # same results: the file is kept byte for byte (no new stamp)
+    assert path.read_text() == text
+    (s.paths.metrics / "heart" / "tgt" / "noadapt.json").unlink()
+    report(s)
+    again = path.read_text()
+    assert STAMP_END in again and "W/o adaptation" not in again and "HistM" in again

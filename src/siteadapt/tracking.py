@@ -236,8 +236,8 @@ def git_info(root: str | Path | None = None) -> dict[str, str]:
 def environment_info() -> dict[str, str]:
     """What a run's numbers depend on beyond the code and the data: Python, the numeric packages' versions and the
     CPU kernel family PyTorch dispatches to (``AVX512``, ``AVX2``, ...) and the thread count. One seed reproduces bit
-    for bit only with all of these equal: seed-0 chest X-ray runs of two sessions' installs were 0.6-5 Dice points
-    apart, and 1 vs 2 threads on one machine moved no adaptation by 0.8 (issue 7 closing note)."""
+    for bit only with all of these equal: two installs, or two thread counts on one machine, give the same seed
+    different numbers (issue 7 closing note)."""
     import platform
 
     import numpy

@@ -30,7 +30,7 @@ Two tasks, two sites each (``synthesize(task, out_dir, seed=..., n_subjects=...,
     tone curve centred on a dark film (overexposed for the film's speed), a heel effect (exposure falling off along
     the vertical tube axis, by 10-25% of the log-exposure range end to end), black film margins, an "L" marker.
     Since generator 1.3 the film is darker and has the heel effect: before, site B was too close to site A (a
-    segmenter trained on A lost 3 Dice points on B, against 16 in the SeUDA paper; now about 14, quick profile).
+    segmenter trained on A lost far less on B than the SeUDA paper reports for Montgomery -> JSRT).
     Labels: 1 right lung (on the image's left, radiological convention), 2 left lung (the heart is cut out).
 
 ``scale`` multiplies every matrix size (scale 0.5 halves it) and keeps the anatomy and field of view in millimetres.
@@ -48,7 +48,7 @@ was a function of tissue and anatomy, which an image translator (CycleGAN) can l
 alignment exists for what translation leaves open. Slow flow, contrast mixing and motion are real, frequent, and drawn
 per scan, independent of the anatomy and of the other modality, so a deterministic translator cannot make them from a
 source image. They are drawn from a generator spawned beside the rendering's own (:func:`_side_rng`): every other
-random draw, hence every 1.3 image outside the artifacts, is unchanged. Measured effect in the closing notes of issue 4.
+random draw, hence every 1.3 image outside the artifacts, is unchanged.
 
 Everything is deterministic for a seed (independent of the number of worker processes); files are byte-identical on
 re-run. A site is written into a hidden temporary folder beside its final place and renamed at the end, so a killed
@@ -87,11 +87,10 @@ _CT_HU = {AIR: (-1000, 4), LUNG: (-850, 25), FAT: (-100, 14), MUSCLE: (45, 10), 
 # MR: black-blood fast spin echo-like signal relative to fat (mean, texture std). Flowing blood is suppressed by the
 # double inversion, incompletely (slow flow near the walls leaves ~15-20% of the fat signal), so the cavities are
 # darker than the myocardium but brighter than lung and cortical bone. Why black blood and not bSSFP (the MMWHS MR):
-# with bright blood in both modalities, a CNN trained on one modality already reaches 0.6-0.7 Dice on the other at our
-# 64-px quick profile, while on the real MMWHS data it reaches ~0.2 (SIFA Table I): the appearance gap a real
-# cross-modality pair has comes from many factors a phantom lacks, and reversing the blood/myocardium contrast is the
-# one factor that recreates a gap of that size (no adaptation: ~0.01-0.02 Dice; measured in the closing note of
-# issue 4) while keeping each modality realistic on its own.
+# with bright blood in both modalities, a CNN trained on one modality already segments the other fairly well, while
+# on the real MMWHS data it mostly fails (SIFA Table I): the appearance gap a real cross-modality pair has comes from
+# many factors a phantom lacks, and reversing the blood/myocardium contrast is the one factor that recreates a gap of
+# that size while keeping each modality realistic on its own.
 _MR_REL = {AIR: (0.0, 0.0), LUNG: (0.04, 0.02), FAT: (0.95, 0.05), MUSCLE: (0.30, 0.03), MYOCARD: (0.42, 0.035),
            BLOOD: (0.18, 0.03), BLOOD_R: (0.20, 0.04), CORTICAL: (0.03, 0.01), MARROW: (0.75, 0.06), LIVER: (0.45, 0.03),
            CSF: (1.0, 0.05), CARTILAGE: (0.35, 0.04), VESSEL: (0.15, 0.04)}
@@ -713,7 +712,7 @@ def ct_grid(phantom: CardiacPhantom, rng, scale: float = 1.0) -> tuple[tuple[int
     the whole heart's box (right heart included), about 2 cm right of where the MR was centred. The field of view
     truncates the body, so a label-free body-centred crop follows the field of view, and that systematic offset put
     the heart 2 cm off between the two sites' crops: a geometric shift the papers' heart-centred data never had,
-    which capped CycleGAN MR->CT at 26% Dice (67% without it, same data otherwise; closing note of issue 4).
+    and one that no intensity adaptation (CycleGAN included) can remove.
 
     The affine is the one a standard axial DICOM series gives (rows run to the patient's left, columns posterior,
     slices towards the head), so the ingest of the written series rebuilds exactly this grid."""

@@ -34,10 +34,9 @@ What differs between the sites (the domain shift), besides the class balance:
 
 Generator 1.1 added the heel effect and made the equalisation stronger (it was 0.2-0.6 x). With 1.0 the shift was
 almost all anatomy: rendering the pediatric site with adult acquisition settings left an adult-trained classifier's
-AUC unchanged, and image translation had nothing to undo (no adaptation 78.3 +- 3.2, supervised 84.5 +- 3.1,
-TUNA-Net 77.8 +- 1.1 AUC over 5 seeds, quick profile). Real pediatric and adult archives also differ in equipment and
-processing; with 1.1 that part of the shift matters to a classifier and translation can undo some of it. Quick
-profile, 5 seeds, AUC: no adaptation 72.5 +- 6.7, CycleGAN 72.9 +- 3.6, TUNA-Net 75.0 +- 2.5, supervised 83.4 +- 4.4.
+AUC unchanged, so image translation had nothing to undo. Real pediatric and adult archives also differ in equipment
+and processing; with 1.1 that part of the shift matters to a classifier and translation can undo some of it.
+Measured results: ``docs/results.md`` (written by ``siteadapt report``).
 
 The anatomy is :func:`.synth.phantom_cxr` / ``_cxr_anatomy`` (the ``chestxray`` task's phantom); imaging here adds the
 opacities to the physics and the two sites' equipment. Deterministic for a seed (independent of worker processes).

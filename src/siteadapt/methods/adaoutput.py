@@ -33,12 +33,11 @@ Where the comparison papers give no settings (choices, all options):
 - Start: E and C1 from the trained source segmenter (``init_from_source: true``, default). The paper starts from
   an ImageNet-pretrained DeepLab, so its output space means something from the first iteration; nothing pretrained
   can be downloaded here, and from random weights the discriminators align predictions that carry no segmentation
-  yet. Measured on the synthetic chest X-ray sites (synth 1.3, quick profile, 1200 iterations, seed 0; no adaptation
-  70.7% Dice): from random weights 70.5%, and 73.2% with the adversarial weights at 0 (the same training without
-  alignment); from the source segmenter 75.9%. ``init_from_source: false`` is the paper's from-scratch training.
+  yet (on the synthetic chest X-ray sites that scored below the same training without alignment).
+  ``init_from_source: false`` is the paper's from-scratch training.
 - λadv_i are constant (the paper's). ``lambda_schedule: dann`` multiplies them by DANN's 2/(1+exp(-10p))-1 and
-  ``ramp_iterations`` by a linear warm-up: neither helped here (71.6% from random weights, 75.1% from the source
-  segmenter, same run as above).
+  ``ramp_iterations`` by a linear warm-up: neither helped on the synthetic chest X-ray sites, from random weights
+  or from the source segmenter.
 """
 
 from __future__ import annotations

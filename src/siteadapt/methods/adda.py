@@ -25,11 +25,9 @@ unshared encoder weights initialised from the source, frozen classifier.
 
 Where the papers that compare with ADDA give no settings (choices, all options):
 - Learning rate 1e-5 for M_t (``lr``, the released code's value) and 2e-4 for D (``disc_lr``, the paper's digits
-  setting). Measured with M_t at 2e-4 (synthetic chest X-ray sites, synth 1.3, quick profile, seed 0): D's loss
-  sat at chance (0.693) from the start while M_t drifted, and target Dice fell below no adaptation (66.1 vs 71.3%).
-  Nothing ties M_t to the task once D is fooled (ADDA's known weakness), so the step size is what keeps M_t near
-  the source. At 1e-5: chest X-ray 77.2% (no adaptation 70.7%, same environment); cardiac, 3000 iterations, CT->MR
-  19.3% (no adaptation 1.6%; 21.2% at 2e-4) and MR->CT 11.8% (no adaptation 5.7%).
+  setting). With M_t at 2e-4 on the synthetic chest X-ray sites, D's loss sat at chance from the start while M_t
+  drifted, and target Dice fell below no adaptation. Nothing ties M_t to the task once D is fooled (ADDA's known
+  weakness), so the step size is what keeps M_t near the source.
 - D: two 3x3 conv layers of 256 x width channels, LeakyReLU, per-location logits (ADDA's is three fully connected
   layers of 500/500 units on a feature vector; a feature map keeps its layout, as for DANN here).
 - M_t's batch-norm layers train (their statistics move to the target), which is part of adapting an encoder with

@@ -22,10 +22,9 @@ Where the comparison papers give no settings (choices, all options):
   (plain DANN on the segmenter's representation). Classification always uses the last stage.
 - λ = 0.05 (``lambda_adv``), Kamnitsas et al.'s final adversarial weight, reached with DANN's schedule
   λ_p = λ (2 / (1 + exp(-10 p)) - 1), p = iteration / run length (``lambda_schedule: dann``, default; the train step
-  sets the run length, without it λ is constant). Measured on the synthetic chest X-ray sites (synth 1.3, quick
-  profile, seed 0): a constant λ from the first iteration pushes the encoder's features together before they carry
-  any segmentation, and the result falls below no adaptation (68.3 vs 71.3% Dice); rising λ keeps it above
-  (linear over the first 600 of 1200 iterations: 76.6%). ``lambda_schedule: constant`` is the constant λ;
+  sets the run length, without it λ is constant). Why: a constant λ from the first iteration pushes the encoder's
+  features together before they carry any segmentation (on the synthetic chest X-ray sites that fell below no
+  adaptation); a rising λ lets the encoder learn to segment first. ``lambda_schedule: constant`` is the constant λ;
   ``ramp_iterations`` > 0 replaces the schedule by a linear rise from 0 over that many iterations (Kamnitsas et al.'s
   ramp, 0 until epoch 10 and linear to epoch 35, in iterations).
 - D: two 3x3 conv layers of 256 x width channels, LeakyReLU, 1x1 output; Adam lr 2e-4 betas (0.9, 0.999) for D and

@@ -33,10 +33,8 @@ Where the paper is silent or unclear (choices, all options):
   while stating that it follows CycleGAN's training strategies, whose rate is 0.0002 (constant for 100 epochs, then
   linearly to zero over another 100). The default is the text's 2e-3 with beta1 0.5, decayed on CycleGAN's schedule
   (``lr_constant_epochs`` = ``lr_decay_epochs`` = 100, an epoch being one pass over the larger of the two training
-  sets; set in ``prepare``, without it no decay). Measured on the Λ-remapped toy target of ``tests/test_sifa.py``
-  (32 px, width 0.125, batch 4, 150 iterations, seeds 0 and 1; source segmenter alone: target Dice 0.50 / 0.51):
-  lr 2e-3 gave 0.71 / 0.74, CycleGAN's 2e-4 gave 0.14 / 0.69 (its generators are still half-trained after 150
-  iterations). ``lr: 0.0002`` is CycleGAN's value.
+  sets; set in ``prepare``, without it no decay). On a short schedule (the toy target of ``tests/test_sifa.py``)
+  CycleGAN's 2e-4 left the generators half-trained where the text's 2e-3 adapted. ``lr: 0.0002`` is CycleGAN's value.
 - The semantic discriminator sees the softmax probabilities of f_s (the paper: "the predicted lung mask") and
   one-hot ground-truth masks, K channels each (a hard argmax mask would carry no gradient to G_t->s). Its fakes
   also go through a 50-mask pool ("the discriminator loss was calculated using one image from a collection of fifty
