@@ -41,11 +41,11 @@ Where the papers are silent or ambiguous (choices, all options):
   feeds a later loss: x^{s->t} from the updated G_t for E's losses, E's updated features for U and D_p). E and C_i
   take one step on one gradient (they minimise the same terms; the public code has one optimizer for both).
   ``update_order: simultaneous`` (default) runs the generator side once per iteration and takes the gradients of
-  G_t, E∘C_i and U from that one forward pass (each module only its own terms above, via ``backward(inputs=...)``),
-  then steps them and the discriminators in the papers' order; the discriminators learn on the fakes of that pass
+  G_t, E∘C_i and U from that one forward pass (each module the gradient of its own objective above and nothing
+  else: :meth:`SIFA._module_backward`), then steps them and the discriminators in the papers' order; the discriminators learn on the fakes of that pass
   (through the pools). Same objectives, same per-module terms; it differs from ``sequential`` only in that E and U
   see G_t's (and U sees E's) parameters from the start of the iteration rather than one Adam step later. It needs
-  2 encoder and 2 generator forward passes per iteration instead of 6 and 5 (measured speed: benchmarks/bench_train.py).
+  2 encoder and 2 generator forward passes per iteration instead of 6 and 5 (speed: benchmarks/bench_train.py).
 - Training strategy. TMI: Adam lr 2e-4 for every module (beta1 0.5 for G_t, U and discriminators as in the public
   code; 0.9 for E, C_i), constant. AAAI (prior SIFA): E, C with initial lr 1e-3, decayed by 0.9 every 2 epochs; the
   adversarial parts 2e-4. ``seg_lr`` / ``seg_lr_decay`` default to the version chosen by ``deep_supervision``; an
@@ -56,18 +56,16 @@ Where the papers are silent or ambiguous (choices, all options):
 - D_s's aux head learns on the same pooled x^{t->s} as its main head (fake) and the current U(E(x^{s->t})) (real).
 - G_t with 32 base channels and zero padding (public code). No residual skip ``tanh(out + input)`` in G_t and U
   (the papers' text; the public code enables it: ``skip: true``). The skip starts both generators near the identity,
-  which is the wrong prior when intensities are remapped non-monotonically across sites (MR <-> CT): on the learning
-  test's remapped target, SIFA beat no-adaptation by 0.15-0.39 Dice without the skip over 4 seeds and by 0.06-0.32
-  with it (150 iterations, 32 px). G_t has the papers' 9 residual blocks at 256 px; below 256 px (the CPU
-  quick profile) 6, CycleGAN's own rule for its 128-px generator (``generator_blocks`` sets it). Image pools of 50 per discriminator (D_t, D_s), seeded from the engine's RNG
-  at the first iteration and saved in ``extra_state`` for exact resume.
+  which is the wrong prior when intensities are remapped non-monotonically across sites (MR <-> CT); on the learning
+  test's remapped target SIFA gained less over no adaptation with the skip than without it. G_t has the papers' 9 residual blocks at 256 px; below 256 px (the CPU
+  quick profile) 6, CycleGAN's own rule for its 128-px generator (``generator_blocks`` sets it). Image pools of 50
+  per discriminator (D_t, D_s), seeded from the engine's RNG at the first iteration and saved in ``extra_state`` for exact resume.
 - Feature-alignment weights constant from the first iteration (the papers). ``alignment_schedule: dann`` multiplies
   E's feature-alignment terms (λp1, λp2, λs~; not the image-alignment ones) by DANN's 2/(1+exp(-10p))-1, p =
-  progress, since DANN here fell below no adaptation with a constant weight (alignment before the encoder segments
-  anything) and gained 11 points with the schedule. Measured on the synthetic cardiac sites (quick profile, 3000
-  iterations, seed 0, one environment): MR->CT 72.9 -> 75.9% Dice, CT->MR 65.2 -> 75.8% (CycleGAN 76.5 / 76.3%);
-  seed 1 MR->CT 73.2% (CycleGAN 78.9%). Two paired seeds are too few to leave the papers' setting: off by default
-  (``sifa_ramp`` in params.yaml).
+  progress: with a constant weight, alignment acts before the encoder segments anything (DANN's own motivation for
+  the schedule). The papers' setting is the default; ``sifa_ramp`` in params.yaml is the variant.
+- ``init_from_source: true`` starts E and C1 from the trained source segmenter (the papers train from scratch, with
+  20k iterations; a warm start is this project's choice for short CPU schedules).
 
 Ablations as flags (rows of AAAI Table 2 / TMI Fig. 5):
     prior SIFA (AAAI)            deep_supervision: false
