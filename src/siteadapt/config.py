@@ -199,6 +199,7 @@ class Train(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     threads: int | None = Field(None, gt=0)
+    channels_last: bool = Field(True, description="networks and batches in channels_last memory format (CPU too)")
 
 
 class Gates(_Strict):

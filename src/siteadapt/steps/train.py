@@ -104,7 +104,7 @@ def _train_config(settings: Settings, site: str, method: Method, seed: int | Non
     return TrainConfig(iterations=max(1, int(round(base * method.opts.iterations_factor))),
                        batch_size=prof.batch_size, seed=settings.seed if seed is None else seed,
                        checkpoint_every=t.checkpoint_every, log_every=t.log_every, device=t.device, amp=t.amp,
-                       threads=t.threads,
+                       threads=t.threads, channels_last=t.channels_last,
                        augment=(prof.augment.rotate_deg, prof.augment.scale, prof.augment.shear_deg)
                        if prof.augment.enabled else None)
 

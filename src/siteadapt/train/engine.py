@@ -9,7 +9,10 @@
 - Augmentation (the profile's ``augment``; off by default): each drawn slice, source image with its label map and
   target image alike, gets its own random rotation, scaling and shear (:func:`random_affine`), drawn from the same
   seeded generator, so resume stays exact. Every trained method sees the same augmentation.
-- On CUDA, automatic mixed precision runs in bfloat16 (no loss scaling needed) and convolutions use channels_last.
+- On CUDA, automatic mixed precision runs in bfloat16 (no loss scaling needed). Networks and batches use the
+  channels_last memory format on CUDA and on the CPU (``channels_last``, on by default): oneDNN's convolutions with
+  few channels (the generators' 1-4-channel 7x7 layers, the quick profile's narrow networks) run faster in it than
+  in the default layout (benchmarks/bench_train.py compares both). ``channels_last: false`` keeps the default.
 - A checkpoint made with other settings (method options, widths, batch size, seed, sites) or from other data (a
   hash of the slices and labels it trained on: a site preprocessed again with other settings) is not resumed: the
   run starts afresh (the iteration count may differ: a longer run continues a shorter one).
@@ -57,6 +60,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     threads: int | None = None  # torch CPU threads (None: leave as is)
+    channels_last: bool = True  # networks and batches in channels_last memory format (CPU and CUDA)
     augment: tuple[float, float, float] | None = None  # (rotate_deg, scale, shear_deg) of random_affine; None: off
 
 
@@ -139,8 +143,9 @@ def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainCon
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     method.to(device)
-    if device.type == "cuda":
+    if cfg.channels_last:
         method.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
         method.amp_dtype = torch.bfloat16 if cfg.amp else None
         torch.backends.cudnn.benchmark = True
     optims = method.attach_optimizers()
@@ -190,7 +195,7 @@ def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainCon
             sx, sy = random_affine(sx, sy, gen, *cfg.augment)
             if tx is not None:
                 tx, ty = random_affine(tx, ty, gen, *cfg.augment)
-        if device.type == "cuda":
+        if cfg.channels_last:
             sx = sx.contiguous(memory_format=torch.channels_last)
             tx = tx.contiguous(memory_format=torch.channels_last) if tx is not None else None
         losses = method.train_step(Batch(sx, sy, tx, ty))
