@@ -9,6 +9,14 @@ It prints ms/iteration, iterations/s, the ratio to the source segmenter measured
 hours for 20k iterations (the papers' schedule) or minutes for the quick profile's iterations.
 
     .venv/bin/python benchmarks/bench_train.py [--quick-only] [--paper-iters 2] [--threads N] [--iters 10]
+
+``--before-after`` instead compares, at the quick shapes, each method's train step in the engine's old CPU set-up
+(default memory layout) with the current one (channels_last networks and batches, ``train.channels_last``),
+interleaving the two so that a loaded machine slows both alike, and prints it/s (wall clock) and ms of CPU time per
+iteration for each, their ratio, and the cardiac demo's schedule before (3000 iterations from scratch) and after
+(``tasks.cardiac.method_options.sifa`` in params.yaml: warm start from the source segmenter, shorter schedule)::
+
+    .venv/bin/python benchmarks/bench_train.py --before-after [--threads 2] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -94,6 +102,51 @@ def run_block(title: str, size: int, batch: int, width: float, device: torch.dev
         del m
 
 
+def _interleaved(models: dict, rounds: int, per_round: int) -> dict:
+    """Median wall and CPU seconds per train_step of each (model, batch) in ``models``, timed in turns."""
+    wall: dict = {k: [] for k in models}
+    cpu: dict = {k: [] for k in models}
+    for r in range(rounds + 1):
+        for k, (m, b) in models.items():
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(per_round):
+                m.train_step(b)
+            if r:  # the first round warms up
+                wall[k].append((time.perf_counter() - t) / per_round)
+                cpu[k].append((time.process_time() - c) / per_round)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in models}
+
+
+def before_after(rounds: int, schedule_before: int, schedule_after: int) -> None:
+    """The engine's CPU set-up before (default layout) and after (channels_last) on the quick shapes."""
+    cpu = torch.device("cpu")
+    ctx = Context(n_classes=5, image_size=64, width=0.125)
+    print(f"quick shapes 64x64, batch 4, width 0.125, threads {torch.get_num_threads()}, load "
+          f"{os.getloadavg()[0]:.2f}")
+    print(f"{'method':20s} {'before it/s':>11s} {'after it/s':>10s} {'x':>5s} {'before cpu ms':>13s} "
+          f"{'after cpu ms':>12s} {'x':>5s}")
+    proj = {}
+    for label, name, opts in [CANDIDATES[0], CANDIDATES[1], CANDIDATES[4]]:
+        models = {}
+        for layout in ("before", "after"):
+            m = make(name, ctx, opts, cpu, False)
+            b = data(ctx, 4, cpu)
+            if layout == "after":
+                m.to(memory_format=torch.channels_last)
+                b = Batch(b.src_x.contiguous(memory_format=torch.channels_last), b.src_y,
+                          b.tgt_x.contiguous(memory_format=torch.channels_last))
+            models[layout] = (m, b)
+        res = _interleaved(models, rounds, 3)
+        (wb, cb), (wa, ca) = res["before"], res["after"]
+        print(f"{label:20s} {1 / wb:11.2f} {1 / wa:10.2f} {wb / wa:5.2f} {cb * 1000:13.1f} {ca * 1000:12.1f} "
+              f"{cb / ca:5.2f}", flush=True)
+        proj[name] = (wb, wa)
+    wb, wa = proj["sifa"]
+    print(f"\nSIFA per cardiac direction: before {schedule_before} it x {wb * 1000:.0f} ms = "
+          f"{schedule_before * wb / 60:.1f} min; after {schedule_after} it x {wa * 1000:.0f} ms = "
+          f"{schedule_after * wa / 60:.1f} min ({schedule_before * wb / (schedule_after * wa):.1f}x)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=10, help="timed iterations at the quick shapes")
@@ -101,9 +154,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quick-only", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick-iterations", type=int, default=600, help="quick-profile schedule to project")
+    ap.add_argument("--before-after", action="store_true", help="the engine's CPU set-up before/after (see above)")
+    ap.add_argument("--rounds", type=int, default=6, help="--before-after: timed rounds of 3 steps per set-up")
+    ap.add_argument("--schedule-before", type=int, default=3000)
+    ap.add_argument("--schedule-after", type=int, default=1200)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.before_after:
+        before_after(args.rounds, args.schedule_before, args.schedule_after)
+        return 0
     cpu = torch.device("cpu")
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}", file=sys.stderr)
     for w in (0.25, 0.125):
