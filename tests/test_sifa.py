@@ -232,6 +232,21 @@ def test_init_from_source_copies_the_source_segmenter():
         assert torch.equal(m.predict(x), source.predict(x))
 
 
+def test_cyclegan_init_from_source_copies_the_source_segmenter():
+    m = build("cyclegan", {"init_from_source": True})
+    assert m.needs_source_model and not build("cyclegan").needs_source_model
+    source = get_method("source")(CTX)
+    with pytest.raises(ValueError, match="source segmenter"):
+        m.prepare(None, None)
+    m.prepare(None, None, source_model=source)
+    assert all(torch.equal(a, b) for a, b in zip(m.seg.state_dict().values(), source.net.state_dict().values()))
+    assert getattr(m, "source_model", None) is None  # weights copied, the source model is not kept
+    x = torch.rand(2, 1, 32, 32)
+    m.eval(), source.eval()
+    with torch.no_grad():
+        assert torch.equal(m.predict(x), source.predict(x))
+
+
 def test_bad_option_names_key():
     with pytest.raises(Exception, match="methods.sifa.lambda_adv_q: unknown key"):
         get_method("sifa").parse_options({"lambda_adv_q": 1}, "methods.sifa")

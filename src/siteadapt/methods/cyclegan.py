@@ -17,7 +17,9 @@ Choices (the papers name the baseline, not its training):
 - The segmenter's gradient does not reach the generator (``seg_through_generator: false``): this row is image
   alignment only. With ``true`` the segmentation loss also shapes G_st (a task-driven translation, a step towards
   CyCADA/SeUDA-like methods, not the papers' CycleGAN row).
-- The segmenter starts from scratch (the papers' CycleGAN row trains a segmenter on translated images).
+- The segmenter starts from scratch (the papers' CycleGAN row trains a segmenter on translated images);
+  ``init_from_source: true`` starts it from the trained source segmenter instead, as SIFA's option of the same name
+  does for E and C1, so that a short CPU schedule compares the two methods from the same start.
 - Generators: CycleGAN's ResNet generator with reflection padding and no skip, but SIFA's G_t width (32 base channels
   rather than CycleGAN's 64, so a table compares methods, not generator sizes) and CycleGAN's block rule: 9 residual
   blocks for images of 256 px and more, 6 below (``generator_blocks``). ``generator_skip: true`` returns
@@ -68,6 +70,8 @@ class CycleGANOptions(MethodOptions):
     disc_layers: int | None = Field(None, ge=1, description="PatchGAN stride-2 layers; None: 3 (70x70 patches)")
     generator_skip: bool = Field(False, description="tanh(G(x) + x): generators start near the identity (a fit "
                                  "for same-modality sites; wrong for MR <-> CT)")
+    init_from_source: bool = Field(False, description="segmentation: start the segmenter from the trained source "
+                                   "segmenter")
 
 
 class CycleGAN(Method):
@@ -92,7 +96,7 @@ class CycleGAN(Method):
         self.seg = None if self.classify else SegmenterNet(ctx)
         self.seg_loss = None if self.classify else WeightedCrossEntropyDiceLoss(
             ctx.n_classes, class_weights=o.class_weights, dice_weight=o.dice_weight)
-        self.needs_source_model = self.classify
+        self.needs_source_model = self.classify or o.init_from_source
         self.cyc_loss = CycleConsistencyLoss()
         self.gen_loss = LSGANGeneratorLoss()
         self.disc_loss = LSGANDiscriminatorLoss()
@@ -110,6 +114,11 @@ class CycleGAN(Method):
         return opt
 
     def prepare(self, source, target, source_model=None) -> None:
+        if self.seg is not None and self.opts.init_from_source:
+            if source_model is None:
+                raise ValueError("cyclegan with init_from_source: true needs the trained source segmenter")
+            self.seg.load_state_dict(source_model.net.state_dict())  # segmenter.SegmenterNet: the same E∘C1
+            return
         if self.classify:
             if source_model is None:
                 raise ValueError("cyclegan on a classification task needs the trained source classifier")
