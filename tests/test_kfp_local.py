@@ -122,6 +122,8 @@ def test_component_steps_in_process_on_an_unlabeled_s3_site(tmp_path, monkeypatc
     cand = R.run_register(tgt, [json.dumps(summary)], [art / d for d in ("ing_src", "ing_tgt", "prep_src",
                                                                          "prep_tgt", "src_model", "model", "eval")])
     assert cand["registered"]["name"] == "siteadapt-chestxray-new_site" and cand["registered"]["alias"] == "candidate"
+    assert cand["selection"]["rule"] == "label_free" and cand["selection"]["labeled_best"] is None  # no labels
+    assert [c["method"] for c in cand["compared"]] == ["noadapt"]
     lenient = replace(tgt, gates={"max_source_dice_drop": 1.0, "max_empty_fraction": 1.0,
                                   "max_fragmented_fraction": 1.0})
     res = R.check_gates(lenient, cand)
@@ -168,11 +170,15 @@ def test_component_steps_in_process_on_a_classification_site(tmp_path, monkeypat
     R.run_adapt(tgt, "noadapt", art / "prep_src", art / "prep_tgt", art / "src_model", art / "model")
     summary = R.run_evaluate(tgt, "noadapt", art / "ing_tgt", art / "prep_tgt", art / "src_model", art / "model",
                              art / "eval")
-    assert summary["labeled"] and summary["kind"] == "classification" and summary["score"] == summary["auc"]
+    assert summary["labeled"] and summary["kind"] == "classification" and summary["score"] == summary["consistency"]
+    assert 0 <= summary["entropy"] <= 1 and 0 <= summary["consistency"] <= 1  # label-free scores of the selection
     assert "dice_mean" not in summary
     cand = R.run_register(tgt, [json.dumps(summary)], [art / d for d in ("ing_src", "ing_tgt", "prep_src",
                                                                          "prep_tgt", "src_model", "model", "eval")])
     assert cand["registered"]["name"] == "siteadapt-pneumonia-children"
+    sel = cand["selection"]  # chosen by steps/select.py: label-free by default, the labels' choice recorded
+    assert sel["rule"] == "label_free" and sel["winner"] == "noadapt" and sel["labeled_best"] == "noadapt"
+    assert sel["methods"][0]["model"] == "models/pneumonia/children/noadapt/model.pt"  # not the temporary folder
     res = R.check_gates(replace(tgt, gates={"min_target_auc": 0.0}), cand)
     assert res["passed"] and [g["name"] for g in res["gates"]] == ["min_target_auc"]  # no segmentation gate
     strict = R.check_gates(replace(tgt, gates={"min_target_auc": 0.0, "max_source_auc_drop": -0.5,

@@ -193,6 +193,45 @@ def cmd_register(args) -> int:
     return 0
 
 
+def cmd_select(args) -> int:
+    """Rank the target's adapted models (label-free by default), write registry/<task>/<site>/selection.json and,
+    with --register, register the winner as the site's candidate with the selection tags."""
+    from .steps.register import register_model
+    from .steps.select import MEASURE, select, selection_tags, write_selection
+
+    s = _settings(args)
+    methods = [m for m in args.methods.split(",") if m] if args.methods else None
+    res = select(s, args.site, methods=methods, selection=args.selection)
+    measure = MEASURE[res["kind"]]
+    print(f"{args.site}: rule {res['rule']} ({res['rule_text']})")
+    for r in res["methods"]:
+        drop = r.get(f"source_{measure}_drop")
+        gates = "passed" if r["gates_passed"] else "FAILED " + ",".join(g["name"] for g in r["gates"]
+                                                                         if not g["passed"])
+        labeled = r.get(f"target_{measure}")
+        print(f"  {r['rank']}. {r['method']:24s} score {_fmt(r['score'])}  entropy {_fmt(r.get('entropy'))}  "
+              f"consistency {_fmt(r.get('consistency'))}  source {measure} drop {_fmt(drop)}  gates {gates}"
+              + (f"  (target {measure} {_fmt(labeled)})" if labeled is not None else ""))
+    for e in res["excluded"]:
+        print(f"  -  {e['method']:24s} excluded: {e['reason']}")
+    if res.get("labeled_best"):
+        print(f"labels would pick {res['labeled_best']}; regret of the choice: "
+              f"{_fmt(res[f'regret_{measure}'])} {measure}")
+    path = write_selection(s, args.site, res)
+    if args.register:
+        reg = register_model(s, args.site, res["winner"], extra_tags=selection_tags(res))
+        res["registered"] = {k: reg.get(k) for k in ("name", "version", "alias", "run_id")}
+        write_selection(s, args.site, res)
+        print(f"{reg['name']} version {reg['version']} (alias {reg['alias']}): {res['winner']}")
+    print(f"candidate: {res['winner']}" + (" (no method passed the label-free gates)" if res["fallback"] else "")
+          + f" -> {path}")
+    return 0
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 def cmd_promote(args) -> int:
     from .steps.register import format_gate, promote
 
@@ -245,7 +284,8 @@ def cmd_summary(args) -> int:
     print(f"figures:   {s.paths.reports}/<task>/figures/ (curves, translations, overlays side by side) and "
           f"{s.paths.reports}/<task>/overlays/")
     print(f"metrics:   {s.paths.metrics}/<task>/<site>/<method>.json   (dvc metrics show)")
-    print(f"registry:  {s.paths.registry}/<task>/<site>/<method>.json; promote with `siteadapt promote --site SITE`")
+    print(f"registry:  {s.paths.registry}/<task>/<site>/<method>.json, the candidate choice in "
+          f"{s.paths.registry}/<task>/<site>/selection.json; promote with `siteadapt promote --site SITE`")
     print(f"MLflow:    {ui_command()}   (then http://127.0.0.1:5000)")
     if not tables:
         print("no tables yet: run `dvc repro` (or `make demo`)")
@@ -354,6 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--method", required=True)
     sp.add_argument("--seed", type=int, default=None)
     sp.set_defaults(func=cmd_register)
+
+    sp = sub.add_parser("select", help="rank a target's adapted models and pick its candidate (label-free by "
+                                       "default); --register registers it")
+    sp.add_argument("--site", required=True, help="target site")
+    sp.add_argument("--methods", default=None, help="comma-separated methods or variants (default: the task's "
+                                                    "methods; label-trained references are never candidates)")
+    sp.add_argument("--selection", choices=("label_free", "labels", "auto"), default=None,
+                    help="rule (default: params registry.selection)")
+    sp.add_argument("--register", action="store_true", help="register the winner (alias 'candidate') with the "
+                                                            "selection as tags")
+    sp.set_defaults(func=cmd_select)
 
     sp = sub.add_parser("promote", help="move alias 'champion' to the site's candidate if the gates pass")
     sp.add_argument("--site", required=True)

@@ -227,6 +227,10 @@ class Gates(_Strict):
 
 class Registry(_Strict):
     gates: Gates = Gates()
+    selection: Literal["label_free", "labels", "auto"] = Field(
+        "label_free", description="how `siteadapt select` picks a target's candidate: label_free (the label-free "
+                                  "gates, then consistency under a shift of the target's images), labels (target "
+                                  "Dice / AUC) or auto (labels when every method has a labeled evaluation)")
 
 
 class Pipeline(_Strict):

@@ -285,9 +285,12 @@ def run_evaluate(job: Job, method: str, ingested_target: str | Path, prepared_ta
                  source_model: str | Path, model: str | Path, out_dir: str | Path) -> dict:
     """Predict the target's test subjects and evaluate them (the tracked step: metrics into the model's MLflow run):
     Dice etc. against labels when the site has labeled test subjects, the label-free checks always; classification:
-    AUC etc. on labeled test images (``metrics/<task>/<site>/<method>.json``). Returns the summary the registration
-    step ranks methods by."""
+    AUC etc. on labeled test images (``metrics/<task>/<site>/<method>.json``). Returns a summary of the evaluation
+    with the method's label-free scores on the target's test images (``entropy``, ``consistency``;
+    :mod:`siteadapt.steps.select`); the registration step measures the rest of the evidence and ranks the methods."""
     from ..steps.evaluate import metrics_path
+    from ..steps.select import target_images, unsupervised_scores
+    from ..steps.train import load_for_prediction
     from ..tracking import evaluate
 
     out_dir = Path(out_dir)
@@ -297,6 +300,10 @@ def run_evaluate(job: Job, method: str, ingested_target: str | Path, prepared_ta
         s = settings_for(job, ws.root)
         m = json.loads(evaluate(s, job.site, method, predict=True).read_text())
         rel = metrics_path(s, job.site, method).relative_to(ws.root)
+        task = s.tasks[job.task]
+        ids = sorted(task.structures.values()) if task.kind == "segmentation" else ()
+        scores = unsupervised_scores(load_for_prediction(s, job.site, method), *target_images(s, job.site),
+                                     task.kind, ids)
     summary = {"method": method, "site": job.site, "task": job.task, "metrics_file": str(rel)}
     if m.get("kind") == "classification":
         labeled = bool(m.get("labeled", True) and m.get("auc") is not None)
@@ -307,50 +314,24 @@ def run_evaluate(job: Job, method: str, ingested_target: str | Path, prepared_ta
         summary.update(labeled=labeled, dice_mean=m["dice"]["mean"] if labeled else None,
                        assd_mean=(m.get("assd") or {}).get("mean") if labeled else None,
                        empty_fraction=pl.get("empty_fraction"), fragmented_fraction=pl.get("fragmented_fraction"))
+    summary.update(scores)
     summary["score"] = score(summary)
     write_json_file(out_dir / "summary" / f"{method}.json", summary)
     return summary
 
 
 def score(summary: dict) -> float | None:
-    """How methods are ranked for registration: mean Dice on labeled test subjects when the site has them; otherwise
-    the label-free plausibility, 1 - (empty + fragmented fractions) / 2 (a weak ranking: no labels, no truth).
-    Classification: AUC on labeled test images; without labels there is no label-free ranking of classifiers, so
-    every method scores 0 and the order of ``methods`` decides (the registry's source-AUC gate still applies)."""
-    if summary.get("kind") == "classification":
-        return float(summary["auc"]) if summary.get("auc") is not None else 0.0
-    if summary.get("dice_mean") is not None:
-        return float(summary["dice_mean"])
-    e, f = summary.get("empty_fraction"), summary.get("fragmented_fraction")
-    if e is None:
-        return None
-    return 1.0 - (float(e) + float(f if f is not None else 1.0)) / 2.0
+    """The label-free score of one evaluated method that :func:`siteadapt.steps.select.rank` orders the methods
+    passing the label-free gates by (its shift consistency on the target's test images); shown per method in the
+    Kubeflow UI. The candidate is chosen by :func:`run_register` (:func:`siteadapt.steps.select.select`)."""
+    v = summary.get("consistency")
+    return None if v is None else float(v)
 
 
 def write_json_file(path: Path, obj) -> None:
     from ..io.atomic import write_json
 
     write_json(path, obj)
-
-
-def select_candidate(summaries: list[dict], methods: list[str] | tuple[str, ...] = ()) -> dict:
-    """The method to register: the highest score (ties: earlier in ``methods``); methods that train on the target's
-    labels (the ``supervised`` upper bound) are references, never candidates."""
-    from ..methods import get_method
-
-    order = {m: i for i, m in enumerate(methods)}
-
-    def eligible(s: dict) -> bool:
-        try:
-            return not get_method(s["method"]).trains_on_target_labels
-        except ConfigError:  # a named variant: params decide its method; assume adaptation
-            return True
-
-    pool = [s for s in summaries if eligible(s) and s.get("score") is not None]
-    if not pool:
-        raise InputError(None, "no adapted method to register (every method was a label-trained reference or "
-                               "failed to produce a score)")
-    return max(pool, key=lambda s: (s["score"], -order.get(s["method"], len(order))))
 
 
 def check_gates(job: Job, candidate: dict) -> dict:
@@ -367,23 +348,36 @@ def check_gates(job: Job, candidate: dict) -> dict:
 
 
 def run_register(job: Job, summaries: list[str | dict], inputs: list[str | Path]) -> dict:
-    """Pick the best method of the run and register it (registry alias ``candidate``) via the registry step.
+    """Choose the run's candidate with the select step (:func:`siteadapt.steps.select.select`: label-trained
+    references excluded, the label-free gates, then shift consistency; or the labels, as ``registry.selection``
+    says) and register it (registry alias ``candidate``) with the selection as ``selection.*`` tags.
 
-    ``inputs`` are the artifacts the registry step may read (both sites' ingested and prepared data, the source
-    segmenter, every method's model and evaluation): registration measures the model on them and records their
-    hashes."""
+    ``inputs`` are the artifacts the select and registry steps read (both sites' ingested and prepared data, the
+    source segmenter, every method's model and evaluation): they measure the models on them and the registry records
+    their hashes. Returns the winner's evaluation summary with ``registered``, ``compared`` (per method: ``score``,
+    ``rank``, ``gates_passed``) and ``selection`` (the record ``siteadapt select`` writes to selection.json)."""
     from ..steps.register import register_model
+    from ..steps.select import select, selection_tags
 
     parsed = [json.loads(s) if isinstance(s, str) else s for s in summaries]
-    best = select_candidate(parsed, job.methods)
+    evaluated = [p["method"] for p in parsed]
+    methods = [m for m in job.methods if m in evaluated] + [m for m in evaluated if m not in job.methods]
     with tempfile.TemporaryDirectory(prefix="siteadapt-register-") as tmp, Workspace(tmp) as ws:
         for a in inputs:  # models are copied: MLflow logs them as the registered model's files
             ws.add(a, copy=(Path(a) / "models").is_dir())
         s = settings_for(job, ws.root)
-        reg = register_model(s, job.site, best["method"])
-    out = {**best, "registered": {k: reg.get(k) for k in ("name", "version", "alias", "run_id")},
-           "compared": [{"method": p["method"], "score": p["score"]} for p in parsed]}
-    log.info("registered %s for %s: %s", best["method"], job.site, out["registered"])
+        sel = select(s, job.site, methods=methods)
+        reg = register_model(s, job.site, sel["winner"], extra_tags=selection_tags(sel))
+        root = f"{ws.root}{os.sep}"
+        for r in sel["methods"]:  # paths in the record: relative to the project layout, not this temporary folder
+            for k in ("model", "metrics"):
+                r[k] = str(r[k]).removeprefix(root)
+    best = next(p for p in parsed if p["method"] == sel["winner"])
+    sel["registered"] = {k: reg.get(k) for k in ("name", "version", "alias", "run_id")}
+    out = {**best, "registered": sel["registered"], "selection": sel,
+           "compared": [{"method": r["method"], "score": r["score"], "rank": r["rank"],
+                         "gates_passed": r["gates_passed"]} for r in sel["methods"]]}
+    log.info("registered %s for %s (selection %s): %s", sel["winner"], job.site, sel["rule"], out["registered"])
     return out
 
 

@@ -283,9 +283,11 @@ def _float_tag(v: str | None) -> float | None:
         return None
 
 
-def register_model(settings: Settings, site: str, method: str, seed: int | None = None) -> dict:
+def register_model(settings: Settings, site: str, method: str, seed: int | None = None,
+                   extra_tags: dict[str, str] | None = None) -> dict:
     """Register the model of ``method`` adapted to ``site`` as a new version of ``siteadapt-<task>-<site>`` with alias
-    ``candidate``. Returns ``{"name", "version", "alias": "candidate", "run_id"}``."""
+    ``candidate``. ``extra_tags`` are set on the version as well (``siteadapt select`` records why the method won:
+    :func:`siteadapt.steps.select.selection_tags`). Returns ``{"name", "version", "alias": "candidate", "run_id"}``."""
     import torch
 
     from .. import tracking
@@ -319,6 +321,8 @@ def register_model(settings: Settings, site: str, method: str, seed: int | None 
             for k, v in values.items():  # the evaluation may have changed (e.g. post-processing): fresh measurements
                 client.set_model_version_tag(name, mv.version, f"gate.{k}", _tag_value(v))
             client.set_model_version_tag(name, mv.version, "kind", kind)
+            for k, v in (extra_tags or {}).items():
+                client.set_model_version_tag(name, mv.version, k, _tag_value(v))
             client.set_registered_model_alias(name, CANDIDATE, mv.version)
             log.info("%s: same weights as version %s; alias %s moved to it", name, mv.version, CANDIDATE)
             return {"name": name, "version": str(mv.version), "alias": CANDIDATE, "run_id": mv.run_id}
@@ -357,7 +361,7 @@ def register_model(settings: Settings, site: str, method: str, seed: int | None 
         "source_site": source, "target_site": site, "seed": payload.get("seed", settings.seed),
         "profile": settings.profile, "params": json.dumps(payload["options"], sort_keys=True, default=str),
         "model_sha256": sha, "uses_target_labels": str(cls.trains_on_target_labels).lower(), **git, **hashes,
-        **{f"gate.{k}": v for k, v in values.items()},
+        **{f"gate.{k}": v for k, v in values.items()}, **(extra_tags or {}),
     }
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, _tag_value(v))
