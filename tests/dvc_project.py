@@ -1,6 +1,7 @@
 """A tiny siteadapt project (git + DVC) for pipeline tests: the repository's params.yaml with a ``test`` profile
 (32 px, a few iterations, few images), the chest X-ray task only, and the stages' ``siteadapt`` command resolving to
-this checkout's code (PATH gets the interpreter's bin folder, PYTHONPATH this checkout's src)."""
+the project's own copy of the code, committed in its src/ (as in the repository, so the stages depend on the code files
+they import), or to this checkout's src in a folder without one (PATH gets the interpreter's bin folder)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ TEST_PROFILE = {"image_size": 32, "batch_size": 2, "iterations": 4, "width": 0.2
                 "synth_subjects": 4, "synth_images": 10, "slice_spacing_mm": 9.0}
 
 
-def env(extra: dict | None = None) -> dict:
+def env(extra: dict | None = None, cwd: Path | None = None) -> dict:
     e = dict(os.environ)
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
-    e["PYTHONPATH"] = f"{REPO / 'src'}{os.pathsep}{e.get('PYTHONPATH', '')}".rstrip(os.pathsep)
+    src = Path(cwd) / "src" if cwd is not None and (Path(cwd) / "src/siteadapt/__init__.py").is_file() else REPO / "src"
+    e["PYTHONPATH"] = f"{src}{os.pathsep}{e.get('PYTHONPATH', '')}".rstrip(os.pathsep)
     e["OMP_NUM_THREADS"] = "1"
     e["SITEADAPT_DEID_KEY"] = "test-key-not-secret"
     e.setdefault("GIT_AUTHOR_NAME", "test")
@@ -36,7 +38,7 @@ def env(extra: dict | None = None) -> dict:
 
 def run(cmd: list[str] | str, cwd: Path, extra_env: dict | None = None, check: bool = True,
         timeout: int = 600) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=str(cwd), env=env(extra_env), capture_output=True, text=True, timeout=timeout,
+    res = subprocess.run(cmd, cwd=str(cwd), env=env(extra_env, cwd), capture_output=True, text=True, timeout=timeout,
                          shell=isinstance(cmd, str))
     if check and res.returncode != 0:
         raise AssertionError(f"{cmd} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}")
@@ -76,12 +78,19 @@ def write_params(root: Path, params: dict) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def copy_source(root: Path) -> None:
+    """This checkout's src/siteadapt as the project's src/siteadapt (tests edit the copy, never the checkout)."""
+    shutil.copytree(REPO / "src" / "siteadapt", root / "src" / "siteadapt",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
 def make_project(root: Path, params: dict | None = None) -> Path:
-    """git init + dvc init + params.yaml + generated dvc.yaml, committed."""
+    """git init + dvc init + params.yaml + a copy of the code (src/siteadapt) + generated dvc.yaml, committed."""
     root.mkdir(parents=True, exist_ok=True)
     run(["git", "init", "-q", "-b", "main"], root)
     git_identity(root)
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    copy_source(root)
     write_params(root, params or tiny_params())
     dvc("init", "-q", cwd=root)
     dvc("config", "core.analytics", "false", cwd=root)

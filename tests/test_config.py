@@ -22,19 +22,6 @@ def test_duplicate_key_is_refused_with_its_name(tmp_path):
         load_settings(p)
 
 
-def test_dvc_gen_names_the_projects_copy_of_a_method_file(tmp_path):
-    """dvc.yaml must not depend on where the package is imported from (editable install, wheel, PYTHONPATH): a
-    method's code dependency is the project's src/ copy when the project has one."""
-    from siteadapt.dvcgen import _code_file
-    from siteadapt.methods import get_method
-
-    sifa = get_method("sifa")
-    assert _code_file(sifa, tmp_path) is None  # the imported file is not under this folder, nor a copy of it
-    (tmp_path / "src/siteadapt/methods").mkdir(parents=True)
-    (tmp_path / "src/siteadapt/methods/sifa.py").write_text("# the project's copy\n")
-    assert _code_file(sifa, tmp_path) == "src/siteadapt/methods/sifa.py"
-
-
 def _project_raw() -> dict:
     import yaml
 
@@ -79,20 +66,3 @@ def test_dvc_stages_of_a_task_with_own_sizes_list_them():
         items = stages[group]["foreach"]
         own = {k for k, it in items.items() if "tasks.pneumonia.profiles" in [it[f] for f in fields]}
         assert own == {k for k, it in items.items() if it["task"] == "pneumonia"} and own, group
-
-
-def test_dvc_synth_stages_depend_on_the_generators(tmp_path):
-    """A new generator version (synthetic sites drawn differently) must re-make the sites in an existing workspace:
-    the synth stages depend on the project's copies of the generator modules they use; a project without them (the
-    package installed elsewhere) gets no such dependency."""
-    from siteadapt.config import parse_settings
-    from siteadapt.dvcgen import build
-
-    raw = _project_raw()
-    raw["pipeline"]["tasks"] = ["cardiac", "pneumonia"]
-    do = build(parse_settings(raw), raw, ROOT)["stages"]["synth"]["do"]
-    assert do["deps"] == ["src/siteadapt/data/synth.py", "src/siteadapt/data/synth_pneumonia.py"]
-    assert all((ROOT / d).is_file() for d in do["deps"])
-    raw["pipeline"]["tasks"] = ["cardiac", "chestxray"]  # without pneumonia, its generator is no dependency
-    assert build(parse_settings(raw), raw, ROOT)["stages"]["synth"]["do"]["deps"] == ["src/siteadapt/data/synth.py"]
-    assert "deps" not in build(parse_settings(raw), raw, tmp_path)["stages"]["synth"]["do"]

@@ -241,6 +241,33 @@ def test_adding_the_classification_task_changes_only_its_stages(pipeline, tmp_pa
     assert set(dp.status_stages(status)) == new | {"report"}, status
 
 
+def test_code_edits_change_the_stages_that_import_the_code(pipeline, tmp_path):
+    """The project commits its copy of the code (src/siteadapt) and each stage depends on the files of the modules
+    it imports (siteadapt.dvcgen): an edit in metrics/ changes the evaluate stages, and the register stages, whose
+    classification gate computes the source AUC with metrics.auc; an edit of the training loop changes the training
+    stages (their new models then re-run what reads them); an edit of code no stage imports changes none."""
+    repo = clone(pipeline.root, tmp_path / "clone")
+    assert "up to date" in dp.dvc("status", cwd=repo).stdout
+
+    def changed_by_editing(rel: str) -> set[str]:
+        f = repo / "src/siteadapt" / rel
+        f.write_text(f.read_text() + "\n# an edit of the code's bytes only\n")
+        try:
+            return set(dp.status_stages(dp.dvc("status", cwd=repo).stdout))
+        finally:
+            dp.run(["git", "checkout", "--", str(f)], repo)
+
+    methods = ("noadapt", "histmatch")
+    assert changed_by_editing("metrics/segmentation.py") == \
+        {f"{st}@cxr_b-{m}" for st in ("evaluate", "register") for m in methods}
+    assert changed_by_editing("train/engine.py") == {"train_source@cxr_a"} | {f"adapt@cxr_b-{m}" for m in methods}
+    assert changed_by_editing("methods/histmatch.py") == \
+        {f"{st}@cxr_b-histmatch" for st in ("adapt", "evaluate", "register")} | {"report"}  # ablation: its options
+    assert changed_by_editing("io/dicom.py") == {"ingest@cxr_a", "ingest@cxr_b"}
+    assert changed_by_editing("cli.py") == set()  # holds every command: no stage lists it (see dvcgen)
+    assert "up to date" in dp.dvc("status", cwd=repo).stdout
+
+
 def test_exp_run_reruns_only_the_changed_method_and_reports_the_ablation(pipeline, tmp_path):
     repo = clone(pipeline.root, tmp_path / "clone")
     r = dp.dvc("exp", "run", "-n", "hm-q16", "-S", "methods.histmatch.n_quantiles=16", cwd=repo,

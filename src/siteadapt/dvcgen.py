@@ -30,11 +30,34 @@ all items share is written literally, which keeps dvc.yaml unchanged for pipelin
 Methods that learn from unlabeled target images (the GANs) also list ``profiles.${profile}.adapt_iterations``, their
 schedule, so every profile needs that key once such a method is in the pipeline. A task with its own training sizes
 (``tasks.<task>.profiles``) has that entry listed by its train_source and adapt stages.
+
+Code dependencies are derived from imports, so that a change in the code re-runs the stages that run it. A stage lists
+the project's files (``src/siteadapt/...``, from the project root) of the modules that :func:`code_closure` finds from
+the functions its command calls (:data:`STAGE_ENTRIES`, e.g. :func:`siteadapt.tracking.evaluate`) and the settings
+loader every command calls: a static scan of ``import`` and ``from ... import`` statements (relative ones resolved) in
+the module-level code of each module reached, in the bodies of the functions and classes taken from it (and of the
+module's own functions they call), and in the ``__init__.py`` of every package above a module, which Python runs
+first. An import inside a function counts only where that function is called: :mod:`siteadapt.steps.train` imports
+the training loop (``train/engine.py``) inside its training functions, so evaluate and register, which only predict
+with it, do not list the loop. Third-party packages are no dependencies, and a project without a copy of the package
+(installed elsewhere) gets no code dependencies. :func:`siteadapt.methods.get_method` imports methods by name
+(``importlib``, which a scan cannot follow), so each adapt, evaluate and register stage has its method's class (and
+the source segmenter's, when the stage loads the source model) as entries of its own, train_source the source
+segmenter, and the report every reported method's (its ablation table reads their options). Files all items of a
+stage group list are written literally; DVC renders one deps template per group, so the others (a method's module and
+what only it imports) are item fields ``${item.code}`` (``code0``, ``code1``, ... when an item has more than one; an
+item with fewer repeats one of its files). ``synthesize`` hands the pneumonia task to ``synth_pneumonia`` and writes
+the other tasks' sites with ``_write_site``, the entries of their synth stages. So an edit in ``metrics/`` re-runs the
+evaluate stages and the register stages (whose classification gate computes the source AUC with ``metrics.auc``), one
+in ``train/engine.py`` the train_source and adapt stages, one in ``config.py`` (imported by every command) all stages.
+Not listed: ``cli.py``, which holds every command (listing it would re-run the whole pipeline after an edit of any
+command; its commands only parse arguments and call the entries), and files read rather than imported (the pyfunc
+wrapper file that register logs with a model).
 """
 
 from __future__ import annotations
 
-import inspect
+import ast
 from pathlib import Path
 
 import yaml
@@ -72,33 +95,176 @@ def _rel(p: Path | str) -> str:
     return s if "://" in s else Path(s).as_posix()
 
 
-def _code_file(cls, root: Path) -> str | None:
-    """The method's own file relative to the project (a dependency of its stages), or None when it lives elsewhere.
-    The project's copy (``src/<module path>.py``) is named whatever copy of the package is imported (an installed
-    wheel, another checkout on PYTHONPATH), so dvc.yaml does not depend on how the package was installed."""
-    rel = Path("src", *cls.__module__.split(".")).with_suffix(".py")
-    if (root / rel).is_file():
-        return rel.as_posix()
-    try:
-        f = Path(inspect.getsourcefile(cls)).resolve()
-        return f.relative_to(root.resolve()).as_posix()
-    except (TypeError, ValueError, OSError):
-        return None
+# ---- code dependencies: the project's modules a stage runs -----------------------------------------------------------
+# What each stage's command (siteadapt.cli.cmd_<stage>) calls, as "module:name" (a bare "module": importing it). Every
+# command also loads the settings (cli._settings). cli.py itself is no dependency: see the module docstring.
+SETTINGS_ENTRY = "siteadapt.config:load_settings"
+STAGE_ENTRIES = {
+    "ingest": ("siteadapt.steps.ingest:ingest", "siteadapt.storage:materialize"),
+    "preprocess": ("siteadapt.steps.preprocess:preprocess",),
+    "train_source": ("siteadapt.tracking:train_source",),
+    "adapt": ("siteadapt.tracking:adapt",),
+    "evaluate": ("siteadapt.tracking:evaluate",),
+    "register": ("siteadapt.steps.register:register_model", "siteadapt.steps.register:version_gates",
+                 "siteadapt.steps.train:run_name", "siteadapt.io.atomic:write_json"),
+    "report": ("siteadapt.steps.report:report",),
+}
+# synth: data.synth.synthesize() hands the pneumonia task to synth_pneumonia and writes the other tasks' sites with
+# _write_site (the one branch it takes; its own lines are in synth.py, which every synth stage lists)
+SYNTH_ENTRIES = {"pneumonia": ("siteadapt.data.synth_pneumonia:synthesize_pneumonia",)}
+SYNTH_DEFAULT = ("siteadapt.data.synth:_write_site",)
+_PACKAGE = __name__.partition(".")[0]
 
 
-def _generator_files(root: Path, tasks) -> list[str]:
-    """The synthetic-data generators of the synth stages of ``tasks``, named as :func:`_code_file` names a method's
-    file: :mod:`siteadapt.data.synth` always (the pneumonia sites reuse its chest phantom), ``synth_pneumonia`` when
-    the pneumonia task is synthesised. The foreach shares one deps list, so with pneumonia on, an edit of
-    ``synth_pneumonia.py`` also re-runs the other tasks' synth stages (same bytes out: nothing downstream re-runs)."""
-    from .data import synth, synth_pneumonia
+def _module_file(module: str, src: Path) -> Path | None:
+    p = src.joinpath(*module.split("."))
+    for f in (p / "__init__.py", p.with_suffix(".py")):
+        if f.is_file():
+            return f
+    return None
 
-    files = []
-    for mod in (synth, *([synth_pneumonia] if "pneumonia" in tasks else [])):
-        rel = Path("src", *mod.__name__.split(".")).with_suffix(".py")
-        if (root / rel).is_file():
-            files.append(rel.as_posix())
-    return files
+
+class _Module:
+    """A parsed module: the imports its module-level code runs (``top``) and, per module-level function or class,
+    the imports its body runs (a class: all its methods); with each, the names it uses (to follow calls of the
+    module's own functions). An import is ``(module, name)``: name None = the module's own code (importing it),
+    "*" = all of it, else the function, class or other name taken from it."""
+
+    def __init__(self, name: str, file: Path, src: Path):
+        self.name, self.src = name, src
+        self.package = name if file.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(file.read_text(), str(file))
+        defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+        self.defs = {st.name: self._scan([st]) for st in tree.body if isinstance(st, defs)}
+        # a module bound to a name at module level is used by the functions too: its attributes in the whole file
+        self.top = self._scan([st for st in tree.body if not isinstance(st, defs)], attrs=self._attrs([tree]))
+
+    def _absolute(self, module: str | None, level: int) -> str:
+        if not level:
+            return module or ""
+        parts = self.package.split(".")
+        return ".".join(parts[:len(parts) - level + 1] + ([module] if module else []))
+
+    @staticmethod
+    def _attrs(nodes: list) -> dict[str, set[str]]:
+        """name -> the attributes read on it (``tracking.connect`` -> {"tracking": {"connect"}})."""
+        out: dict[str, set[str]] = {}
+        for n in (n for root in nodes for n in ast.walk(root)):
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name):
+                out.setdefault(n.value.id, set()).add(n.attr)
+        return out
+
+    def _scan(self, nodes: list, attrs: dict | None = None) -> tuple[set, set]:
+        """(imports, names used) of ``nodes``. A module bound to a name (``from .. import tracking``, ``import a.b as
+        c``) is imported as the attributes read on that name (in ``attrs``, default: in ``nodes``), or whole."""
+        imports, names, bound = set(), set(), {}
+        for n in (n for root in nodes for n in ast.walk(root)):
+            if isinstance(n, ast.Name):
+                names.add(n.id)
+            elif isinstance(n, ast.Import):
+                for a in n.names:
+                    if a.asname:
+                        bound[a.asname] = a.name
+                    else:
+                        imports.add((a.name, "*"))
+            elif isinstance(n, ast.ImportFrom):
+                base = self._absolute(n.module, n.level)
+                for a in n.names:
+                    sub = f"{base}.{a.name}"
+                    if base.partition(".")[0] == _PACKAGE and (
+                            _module_file(sub, self.src) or self.src.joinpath(*sub.split(".")).is_dir()):
+                        bound[a.asname or a.name] = sub
+                    else:
+                        imports.add((base, a.name))
+        if bound:
+            attrs = self._attrs(nodes) if attrs is None else attrs
+            for alias, module in bound.items():
+                used = attrs.get(alias)
+                imports |= {(module, a) for a in used} if used else {(module, "*")}
+        return imports, names
+
+
+def code_closure(entries, src: Path, _cache: dict | None = None) -> set[str]:
+    """The project's modules (``siteadapt.*``) that running ``entries`` ("module:name" or "module") imports: a
+    static scan of ``import`` and ``from ... import`` statements (relative ones resolved) in the module-level code of
+    every module reached, in the body of every function or class called (taken by a ``from`` import, or called
+    within its module), and in the packages' ``__init__.py`` above each module (Python runs them first). Imports by
+    a computed name (``importlib``) are not seen: :func:`siteadapt.methods.get_method` finds methods that way, so a
+    stage's method modules are entries of their own."""
+    cache = {} if _cache is None else _cache
+    todo = [(e.partition(":")[0], e.partition(":")[2] or None) for e in entries]
+    seen, out = set(), set()
+    while todo:
+        node = todo.pop()
+        if node in seen or node[0].partition(".")[0] != _PACKAGE:
+            continue
+        seen.add(node)
+        name, what = node
+        parts = name.split(".")
+        todo += [(".".join(parts[:i]), None) for i in range(1, len(parts))]
+        if name not in cache:
+            f = _module_file(name, src)
+            cache[name] = _Module(name, f, src) if f else None
+        m = cache[name]
+        if m is None:  # a folder without __init__.py (namespace package)
+            continue
+        out.add(name)
+        if what is None:
+            body = [m.top]
+        else:  # a function or class runs in its module, after the module-level code
+            todo.append((name, None))
+            if what not in m.defs and _module_file(f"{name}.{what}", src):  # pkg.sub read as an attribute
+                todo.append((f"{name}.{what}", "*"))
+            body = list(m.defs.values()) if what == "*" else [m.defs[what]] if what in m.defs else []
+        for imports, names in body:
+            todo += list(imports) + [(name, d) for d in names if d in m.defs]
+    return out
+
+
+class _Code:
+    """The code dependencies of stages, named relative to the project ``root``: the files of the package copy in
+    ``root/src`` (the copy the project's commits version), else of the imported package when it lies under ``root``;
+    none when neither (the package installed elsewhere: dvc.yaml does not depend on how it was installed)."""
+
+    def __init__(self, root: Path):
+        self.root, self.src = root.absolute(), root.absolute() / "src"
+        if not (self.src / _PACKAGE / "__init__.py").is_file():
+            self.root, self.src = root.resolve(), Path(__file__).resolve().parents[1]
+            self.src = self.src if self.src.is_relative_to(self.root) else None
+        self._cache: dict = {}
+
+    def name(self, module: str) -> str:
+        return _module_file(module, self.src).relative_to(self.root).as_posix()
+
+    def files(self, *entries: str) -> list[str]:
+        """The files of :func:`code_closure` of ``entries`` and the settings loader (every command runs it), but
+        empty ones (an empty ``__init__.py`` runs nothing; DVC warns about empty dependencies at every run; once it
+        gets code, dvc.yaml is stale and ``dvc-gen --check`` says so)."""
+        if self.src is None:
+            return []
+        modules = code_closure((SETTINGS_ENTRY, *entries), self.src, self._cache)
+        return sorted(self.name(m) for m in modules if _module_file(m, self.src).stat().st_size)  # empty: no code
+
+    def method(self, cls) -> str:
+        return f"{cls.__module__}:{cls.__name__}"
+
+
+def _code_deps(group: dict[str, dict], files: dict[str, list[str]], first: dict[str, str] | None = None) -> list[str]:
+    """The code dependencies of a ``foreach`` group, whose items share one deps template: the files every item has
+    are listed literally, the others are item fields, ``${item.code}`` (``code0``, ``code1``, ... when an item has
+    several; ``first[item]`` first); an item with fewer repeats one of its files (DVC records a path once)."""
+    if not files or not any(files.values()):
+        return []
+    common = set.intersection(*(set(v) for v in files.values()))
+    first = first or {}
+    extra = {k: sorted(set(v) - common, key=lambda f, k=k: (f != first.get(k), f)) for k, v in files.items()}
+    n = max(len(v) for v in extra.values())
+    fields = ["code"] if n == 1 else [f"code{i}" for i in range(n)]
+    for k, ex in extra.items():
+        fill = ex[0] if ex else first.get(k, min(common))
+        for i, field in enumerate(fields):
+            group[k][field] = ex[i] if i < len(ex) else fill
+    return sorted(common) + [f"${{item.{f}}}" for f in fields]
 
 
 def _has_key(raw: dict, dotted: str) -> bool:
@@ -144,6 +310,10 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
 
     s, root = settings, Path(root)
     P = s.paths
+    code = _Code(root)
+    code_files: dict[str, dict[str, list[str]]] = {g: {} for g in ("synth", "adapt", "evaluate", "register")}
+    method_file: dict[str, str] = {}  # (target, method) -> the method's own module, its items' first code field
+    report_methods: list[str] = []
     missing: list[str] = []
 
     def need(*keys: str) -> None:
@@ -172,6 +342,7 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
                 "synth_images_classification" if t in s.tasks and s.tasks[t].kind == "classification"
                 else "synth_images")
             synth[t] = _Flow(count=count)
+            code_files["synth"][t] = code.files(*SYNTH_ENTRIES.get(t, SYNTH_DEFAULT))
             need_profiles(count)
     # ---- ingest / preprocess: one stage per site ---------------------------------------------------------------------
     ingest, prep = {}, {}
@@ -195,7 +366,7 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
     schedule: dict[str, str] = {}
     seen_targets: dict[str, str] = {}
     plots: list = []
-    src_code = _code_file(get_method("source"), root)
+    src_cls = get_method("source")
     for t in tasks:
         task = s.tasks[t]
         own_sizes = [f"tasks.{t}.profiles"] if task.profiles else []  # the task's own training sizes
@@ -207,7 +378,7 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
             seen_targets[d.target] = d.source
             src_model = _rel(P.models / t / d.source / "source")
             if d.source not in train_src:
-                train_src[d.source] = _Flow(task=t, code=src_code or _rel(P.prepared / d.source))
+                train_src[d.source] = _Flow(task=t)
                 src_extra[d.source] = method_options(s, "source", d.source)[2][1:]  # the task's method_options
                 src_extra[d.source] += own_sizes
                 need("methods.source", *src_extra[d.source])
@@ -216,11 +387,17 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
                 method = build_method(s, m, d.target)  # validates the options; tells what the method needs
                 key = f"{d.target}-{m}"
                 uses_source = bool(method.needs_source_model)
-                code = _code_file(type(method), root)
                 prepared_t = _rel(P.prepared / d.target)
                 adapt[key] = _Flow(task=t, target=d.target, source=d.source, method=m,
-                                   source_model=src_model if uses_source else prepared_t,
-                                   code=code or prepared_t)
+                                   source_model=src_model if uses_source else prepared_t)
+                # the method's module (and the source segmenter's, when the stage loads it): found by name at run
+                # time (get_method), so entries of their own
+                runs = [code.method(type(method))] + ([code.method(src_cls)] if uses_source else [])
+                report_methods.append(code.method(type(method)))
+                if code.src is not None:
+                    method_file[key] = code.name(type(method).__module__)
+                for g in ("adapt", "evaluate", "register"):
+                    code_files[g][key] = code.files(*STAGE_ENTRIES[g], *runs)
                 adapt_extra[key] = method_options(s, m, d.target)[2][1:] + own_sizes
                 # methods that learn from unlabeled target images train on the profile's adaptation schedule
                 schedule[key] = ("adapt_iterations" if method.trains and method.needs_target_images
@@ -231,6 +408,8 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
                                       source_model=src_model if uses_source else prepared_t)
                 if not method.trains_on_target_labels:  # upper-bound references are never registered
                     register[key] = _Flow(task=t, target=d.target, source=d.source, method=m)
+                else:
+                    del code_files["register"][key]
                 need(f"methods.{m}", *adapt_extra[key])
                 if method.trains:
                     plots.append({_rel(P.models / t / d.target / m / "losses.csv"): {"x": "iteration"}})
@@ -244,7 +423,7 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
 
     stages: dict = {}
     if synth:
-        gen = _generator_files(root, synth)  # a new generator version re-makes the sites (same bytes: no more)
+        gen = _code_deps(synth, code_files["synth"])  # a new generator version re-makes the sites
         stages["synth"] = {"foreach": synth, "do": {
             "cmd": "siteadapt synth --task ${key}",
             **({"deps": gen} if gen else {}),
@@ -253,13 +432,13 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
             "outs": [_rel(P.raw) + "/${key}"]}}
     stages["ingest"] = {"foreach": ingest, "do": {
         "cmd": "siteadapt ingest --site ${key}",
-        "deps": ["${item.images}", "${item.labels}"],
+        "deps": ["${item.images}", "${item.labels}", *code.files(*STAGE_ENTRIES["ingest"])],
         "params": _FlowList(["sites.${key}", *_extras(ingest, "p", ingest_extra,
                                                       {n: f"sites.{n}" for n in ingest})]),
         "outs": [_rel(P.ingested) + "/${key}"]}}
     stages["preprocess"] = {"foreach": prep, "do": {
         "cmd": "siteadapt preprocess --site ${key} --roi-rule ${item.roi_rule}",
-        "deps": [_rel(P.ingested) + "/${key}"],
+        "deps": [_rel(P.ingested) + "/${key}", *code.files(*STAGE_ENTRIES["preprocess"])],
         "params": _FlowList(["seed", "sites.${key}", "tasks.${item.task}.dims", labels(prep),
                              "tasks.${item.task}.preprocess", "profile", "profiles.${profile}.image_size",
                              "profiles.${profile}.slice_spacing_mm"]),
@@ -268,7 +447,8 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
         extra = _extras(train_src, "p", src_extra, {n: "methods.source" for n in train_src})
         stages["train_source"] = {"foreach": train_src, "do": {
             "cmd": "siteadapt train-source --site ${key}",
-            "deps": [_rel(P.prepared) + "/${key}", "${item.code}"],
+            "deps": [_rel(P.prepared) + "/${key}",
+                     *code.files(*STAGE_ENTRIES["train_source"], code.method(src_cls))],
             "params": _FlowList(["seed", "train", "methods.source", *extra, "tasks.${item.task}.kind",
                                  labels(train_src), *prof]),
             "outs": [_rel(P.models) + "/${item.task}/${key}/source"]}}
@@ -278,7 +458,7 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
         stages["adapt"] = {"foreach": adapt, "do": {
             "cmd": "siteadapt adapt --site ${item.target} --method ${item.method} --source ${item.source}",
             "deps": [_rel(P.prepared) + "/${item.source}", _rel(P.prepared) + "/${item.target}",
-                     "${item.source_model}", "${item.code}"],
+                     "${item.source_model}", *_code_deps(adapt, code_files["adapt"], method_file)],
             "params": _FlowList(["seed", "train", "methods.${item.method}", *extra, "tasks.${item.task}.kind",
                                  labels(adapt), *prof] + ([f"profiles.${{profile}}.{sched}"] if sched else [])),
             "outs": [_rel(P.models) + "/${item.task}/${item.target}/${item.method}"]}}
@@ -289,7 +469,7 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
             "cmd": "siteadapt evaluate --site ${item.target} --method ${item.method} --predict",
             "deps": [_rel(P.models) + "/${item.task}/${item.target}/${item.method}",
                      _rel(P.prepared) + "/${item.target}", _rel(P.ingested) + "/${item.target}",
-                     "${item.source_model}"],
+                     "${item.source_model}", *_code_deps(evaluate, code_files["evaluate"], method_file)],
             "params": _FlowList(["seed", labels(evaluate), "tasks.${item.task}." + ev_key]),
             "outs": [_rel(P.predictions) + "/${item.target}/${item.method}",
                      _rel(P.reports) + "/${item.task}/overlays/${item.target}/${item.method}"],
@@ -299,7 +479,8 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
             "cmd": "siteadapt register --site ${item.target} --method ${item.method}",
             "deps": [_rel(P.models) + "/${item.task}/${item.target}/${item.method}",
                      _rel(P.metrics) + "/${item.task}/${item.target}/${item.method}.json",
-                     _rel(P.prepared) + "/${item.source}", _rel(P.models) + "/${item.task}/${item.source}/source"],
+                     _rel(P.prepared) + "/${item.source}", _rel(P.models) + "/${item.task}/${item.source}/source",
+                     *_code_deps(register, code_files["register"], method_file)],
             "params": _FlowList(["seed"]),
             "outs": [{_rel(P.registry) + "/${item.task}/${item.target}/${item.method}.json": {"cache": False}}]}}
     report_tasks = [t for t in tasks if s.tasks[t].directions and s.tasks[t].methods]
@@ -311,6 +492,8 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
             deps.append(_rel(P.reports / it["task"] / "overlays" / it["target"] / it["method"]))
         for src, it in train_src.items():
             deps.append(_rel(P.models / it["task"] / src / "source"))
+        # the ablation table reads each reported method's options and defaults (get_method: its module by name)
+        deps += code.files(*STAGE_ENTRIES["report"], *dict.fromkeys(report_methods))
         outs = []
         for t in report_tasks:
             base = _rel(P.reports / t)

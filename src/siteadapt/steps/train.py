@@ -31,7 +31,6 @@ from ..io.atomic import atomic_path, write_json
 from ..io.volume import save_nifti
 from ..methods import get_method
 from ..methods.base import Context, Method
-from ..train.engine import TrainConfig, fit
 
 log = logging.getLogger("siteadapt.steps")
 
@@ -97,6 +96,8 @@ def build_method(settings: Settings, name: str, site: str, seed: int | None = No
 
 
 def _train_config(settings: Settings, site: str, method: Method, seed: int | None = None) -> TrainConfig:
+    from ..train.engine import TrainConfig  # the training loop: not imported by prediction (evaluate, register)
+
     t, prof = settings.train, settings.profile_for(settings.site(site).task)
     base = prof.iterations
     if method.needs_target_images and not method.trains_on_target_labels and prof.adapt_iterations:
@@ -132,6 +133,8 @@ def load_model(path: Path, device: str = "cpu") -> tuple[Method, dict]:
 
 
 def train_source(settings: Settings, site: str, tracker=None, seed: int | None = None) -> Path:
+    from ..train.engine import fit
+
     method = build_method(settings, "source", site, seed)
     data = load_slices(settings.paths.prepared, site, "train", labels=True)
     out = model_dir(settings, site, "source", seed)  # another seed: source.seed<k>, beside the pipeline's model
@@ -146,6 +149,8 @@ def train_source(settings: Settings, site: str, tracker=None, seed: int | None =
 
 def adapt(settings: Settings, target: str, method_name: str, *, source: str | None = None, tracker=None,
           seed: int | None = None) -> Path:
+    from ..train.engine import fit
+
     d = settings.direction_to(target, source)
     method = build_method(settings, method_name, target, seed)
     src_model = None
