@@ -79,10 +79,19 @@ def test_every_stage_lists_the_import_closure_of_what_its_command_runs(stages):
     for task in stages["synth"]["foreach"]:
         entries = dvcgen.SYNTH_ENTRIES.get(task, dvcgen.SYNTH_DEFAULT)
         assert code_of(stages["synth"], task) == closure(*entries), task
-    for group in ("adapt", "evaluate", "register"):
+    for group in ("adapt", "evaluate"):
         for key, item in stages[group]["foreach"].items():
             want = closure(*dvcgen.STAGE_ENTRIES[group], *_method_entries(settings, stages["adapt"]["foreach"][key]))
             assert code_of(stages[group], key) == want, (group, key)
+    from siteadapt.methods import get_method
+    from siteadapt.steps.train import method_options
+
+    for target in stages["select"]["foreach"]:  # every competing method's class and the source segmenter's
+        items = [it for it in stages["adapt"]["foreach"].values() if it["target"] == target]
+        classes = [method_options(settings, it["method"], target)[0] for it in items]
+        classes = [c for c in classes if not c.trains_on_target_labels] + [get_method("source")]
+        want = closure(*dvcgen.STAGE_ENTRIES["select"], *(f"{c.__module__}:{c.__name__}" for c in classes))
+        assert code_of(stages["select"], target) == want, target
 
 
 def test_stage_code_deps_spot_checks(stages):

@@ -104,7 +104,7 @@ def test_repro_runs_every_stage_and_tracks_runs(pipeline):
     root = pipeline.root
     ran = dp.ran_stages(pipeline.repro)
     for st in ("train_source@cxr_a", "adapt@cxr_b-noadapt", "adapt@cxr_b-histmatch", "evaluate@cxr_b-histmatch",
-               "register@cxr_b-noadapt", "register@cxr_b-histmatch", "report"):
+               "select@cxr_b", "report"):
         assert st in ran
     assert "up to date" in dp.dvc("status", cwd=root).stdout
     assert (root / "reports/chestxray/table.md").is_file() and (root / "reports/chestxray/ablation.md").is_file()
@@ -145,14 +145,23 @@ def test_registry_two_versions_promote_one_refuse_one(pipeline, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     c = MlflowClient(url, registry_uri=url)  # other in-process tests may have set a global registry URI
     name = "siteadapt-chestxray-cxr_b"
+    # the select stage registered one model, its label-free choice, as the candidate, with the evidence as tags
+    sel = json.loads((root / "registry/chestxray/cxr_b/selection.json").read_text())
+    registered = {v.tags["method"]: v for v in c.search_model_versions(f"name='{name}'")}
+    assert set(registered) == {sel["winner"]} and sel["rule"] == "label_free"
+    assert sel["registered"]["name"] == name and sel["registered"]["alias"] == "candidate"
+    cand = c.get_model_version_by_alias(name, "candidate")
+    assert cand.version == sel["registered"]["version"] and cand.tags["selection.rule"] == "label_free"
+    # the other method registered by hand (`siteadapt register`): two versions
+    s = load_settings("params.yaml")
+    for m in {"noadapt", "histmatch"} - set(registered):
+        register_model(s, "cxr_b", m)
     by_method = {v.tags["method"]: v for v in c.search_model_versions(f"name='{name}'")}
-    assert {"noadapt", "histmatch"} <= set(by_method)
+    assert {"noadapt", "histmatch"} == set(by_method)
     for method, v in by_method.items():  # tags: method, sites, data hashes, params, gate measurements
         assert v.tags["source_site"] == "cxr_a" and v.tags["target_site"] == "cxr_b"
         assert v.tags["data.target.manifest_sha256"] == sha256_file(root / "data/ingested/cxr_b/manifest.json")
         assert "gate.target_dice" in v.tags and json.loads(v.tags["params"]) is not None
-    rec = json.loads((root / "registry/chestxray/cxr_b/histmatch.json").read_text())
-    assert rec["name"] == name and rec["alias"] == "candidate"
 
     # the registered model loads through mlflow.pyfunc and segments preprocessed slices
     mlflow.set_tracking_uri(url)
@@ -162,7 +171,6 @@ def test_registry_two_versions_promote_one_refuse_one(pipeline, monkeypatch):
     assert model.predict(x).shape == x[:, 0].shape
 
     # make histmatch the candidate (same weights: its version is re-used, only the alias moves)
-    s = load_settings("params.yaml")
     got = register_model(s, "cxr_b", "histmatch")
     assert got == {"name": name, "version": by_method["histmatch"].version, "alias": "candidate",
                    "run_id": by_method["histmatch"].run_id}
@@ -210,7 +218,7 @@ def test_adding_a_site_runs_only_its_stages(pipeline, tmp_path):
     # DVC's own view: the stages that changed are the new site's and the report (which reads every metrics file)
     status = dp.dvc("status", cwd=repo).stdout
     new = {"ingest@cxr_c", "preprocess@cxr_c", "adapt@cxr_c-noadapt", "adapt@cxr_c-histmatch",
-           "evaluate@cxr_c-noadapt", "evaluate@cxr_c-histmatch", "register@cxr_c-noadapt", "register@cxr_c-histmatch"}
+           "evaluate@cxr_c-noadapt", "evaluate@cxr_c-histmatch", "select@cxr_c"}
     assert set(dp.status_stages(status)) == new | {"report"}, status
     # and DVC runs them alone: the new site's data stages, every other stage is skipped as unchanged
     out = dp.dvc("repro", "preprocess", cwd=repo, extra_env=pipeline.env).stdout
@@ -237,14 +245,14 @@ def test_adding_the_classification_task_changes_only_its_stages(pipeline, tmp_pa
     methods = full["tasks"]["pneumonia"]["methods"]
     new = {"synth@pneumonia", "ingest@adult", "ingest@pediatric", "preprocess@adult", "preprocess@pediatric",
            "train_source@adult"} | {f"{st}@pediatric-{m}" for st in ("adapt", "evaluate") for m in methods} \
-        | {f"register@pediatric-{m}" for m in methods if m != "supervised"}
+        | {"select@pediatric"}
     assert set(dp.status_stages(status)) == new | {"report"}, status
 
 
 def test_code_edits_change_the_stages_that_import_the_code(pipeline, tmp_path):
     """The project commits its copy of the code (src/siteadapt) and each stage depends on the files of the modules
-    it imports (siteadapt.dvcgen): an edit in metrics/ changes the evaluate stages, and the register stages, whose
-    classification gate computes the source AUC with metrics.auc; an edit of the training loop changes the training
+    it imports (siteadapt.dvcgen): an edit in metrics/ changes the evaluate stages, and the target's select stage,
+    whose classification evidence computes the source AUC with metrics.auc; an edit of the training loop changes the training
     stages (their new models then re-run what reads them); an edit of code no stage imports changes none."""
     repo = clone(pipeline.root, tmp_path / "clone")
     assert "up to date" in dp.dvc("status", cwd=repo).stdout
@@ -259,10 +267,10 @@ def test_code_edits_change_the_stages_that_import_the_code(pipeline, tmp_path):
 
     methods = ("noadapt", "histmatch")
     assert changed_by_editing("metrics/segmentation.py") == \
-        {f"{st}@cxr_b-{m}" for st in ("evaluate", "register") for m in methods}
+        {f"evaluate@cxr_b-{m}" for m in methods} | {"select@cxr_b"}
     assert changed_by_editing("train/engine.py") == {"train_source@cxr_a"} | {f"adapt@cxr_b-{m}" for m in methods}
     assert changed_by_editing("methods/histmatch.py") == \
-        {f"{st}@cxr_b-histmatch" for st in ("adapt", "evaluate", "register")} | {"report"}  # ablation: its options
+        {"adapt@cxr_b-histmatch", "evaluate@cxr_b-histmatch", "select@cxr_b", "report"}  # report: its options
     assert changed_by_editing("io/dicom.py") == {"ingest@cxr_a", "ingest@cxr_b"}
     assert changed_by_editing("cli.py") == set()  # holds every command: no stage lists it (see dvcgen)
     assert "up to date" in dp.dvc("status", cwd=repo).stdout
@@ -273,7 +281,7 @@ def test_exp_run_reruns_only_the_changed_method_and_reports_the_ablation(pipelin
     r = dp.dvc("exp", "run", "-n", "hm-q16", "-S", "methods.histmatch.n_quantiles=16", cwd=repo,
                extra_env=pipeline.env)
     assert sorted(dp.ran_stages(r.stdout + r.stderr)) == sorted(
-        ["adapt@cxr_b-histmatch", "evaluate@cxr_b-histmatch", "register@cxr_b-histmatch", "report"])
+        ["adapt@cxr_b-histmatch", "evaluate@cxr_b-histmatch", "select@cxr_b", "report"])
     dp.siteadapt("report", "--experiments", cwd=repo, extra_env=pipeline.env)
     table = (repo / "reports/chestxray/experiments.md").read_text()
     row = [ln for ln in table.splitlines() if ln.startswith("| hm-q16 ")]

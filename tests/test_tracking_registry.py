@@ -40,9 +40,15 @@ def test_stage_params_are_narrow_and_topology_is_resolved():
     assert st["preprocess"]["foreach"]["cxr_b"]["roi_rule"] == "foreground"  # a target never does
     assert st["adapt"]["foreach"]["cxr_b-histmatch"]["source_model"] == "models/chestxray/cxr_a/source"
     assert st["adapt"]["foreach"]["cxr_b-supervised"]["source_model"] == "data/prepared/cxr_b"  # not needed
-    assert "cxr_b-supervised" not in st["register"]["foreach"]  # upper bounds are never registered
-    assert set(st["adapt"]["foreach"]) == {f"{t}-{m}" for t in ("cardiac_ct", "cardiac_mr", "cxr_b")
-                                           for m in ("supervised", "noadapt", "histmatch")}
+    # one candidate choice per target; upper bounds never compete
+    assert set(st["select"]["foreach"]) == {"cardiac_ct", "cardiac_mr", "cxr_b"}
+    assert not any("supervised" in str(v) for v in st["select"]["foreach"]["cxr_b"].values())
+    assert {v for k, v in st["select"]["foreach"]["cxr_b"].items() if k.startswith("c") and k[1:].isdigit()} == {
+        f"{d}/chestxray/cxr_b/{m}{x}" for m in ("noadapt", "histmatch", "seuda")
+        for d, x in (("models", ""), ("metrics", ".json"))}
+    assert set(st["adapt"]["foreach"]) == {f"{t}-{m}" for t in ("cardiac_ct", "cardiac_mr") for m in (
+        "supervised", "noadapt", "histmatch", "sifa")} | {f"cxr_b-{m}" for m in ("supervised", "noadapt",
+                                                                                "histmatch", "seuda")}
     # every listed key must exist in params.yaml (DVC refuses missing ones): the generator names what is missing
     del raw["methods"]["histmatch"]
     with pytest.raises(ConfigError, match="methods.histmatch"):
@@ -75,7 +81,7 @@ def test_classification_task_is_opt_in_and_leaves_the_other_stages_alone():
 
     raw_all = {**raw, "pipeline": {"tasks": ["cardiac", "chestxray", "pneumonia"]}}
     st = dvcgen.build(parse_settings(raw_all), raw_all, REPO)["stages"]
-    for group in ("ingest", "preprocess", "train_source", "adapt", "evaluate", "register"):
+    for group in ("ingest", "preprocess", "train_source", "adapt", "evaluate", "select"):
         old, new = _rendered(default[group]), _rendered(st[group])
         assert {k: new[k] for k in old} == old, group  # the segmentation stages are what they were
     r = _rendered(st["adapt"])
@@ -87,7 +93,8 @@ def test_classification_task_is_opt_in_and_leaves_the_other_stages_alone():
     assert "tasks.pneumonia.method_options.source" in _rendered(st["train_source"])["adult"]
     assert "tasks.pneumonia.classes" in _rendered(st["ingest"])["pediatric"]
     assert _rendered(st["evaluate"])["pediatric-noadapt"] == {"seed", "tasks.pneumonia.classes", "tasks.pneumonia.kind"}
-    assert "pediatric-supervised" not in st["register"]["foreach"]
+    assert "pediatric" in st["select"]["foreach"]
+    assert not any("supervised" in str(v) for v in st["select"]["foreach"]["pediatric"].values())
     assert st["synth"]["foreach"]["pneumonia"]["count"] == "synth_images_classification"
     assert "reports/pneumonia/table.md" in st["report"]["outs"]
 

@@ -38,21 +38,27 @@ loader every command calls: a static scan of ``import`` and ``from ... import`` 
 the module-level code of each module reached, in the bodies of the functions and classes taken from it (and of the
 module's own functions they call), and in the ``__init__.py`` of every package above a module, which Python runs
 first. An import inside a function counts only where that function is called: :mod:`siteadapt.steps.train` imports
-the training loop (``train/engine.py``) inside its training functions, so evaluate and register, which only predict
+the training loop (``train/engine.py``) inside its training functions, so evaluate and select, which only predict
 with it, do not list the loop. Third-party packages are no dependencies, and a project without a copy of the package
 (installed elsewhere) gets no code dependencies. :func:`siteadapt.methods.get_method` imports methods by name
-(``importlib``, which a scan cannot follow), so each adapt, evaluate and register stage has its method's class (and
-the source segmenter's, when the stage loads the source model) as entries of its own, train_source the source
-segmenter, and the report every reported method's (its ablation table reads their options). Files all items of a
+(``importlib``, which a scan cannot follow), so each adapt and evaluate stage has its method's class (and the source
+segmenter's, when the stage loads the source model) as entries of its own, a target's select stage every competing
+method's and the source segmenter's, train_source the source segmenter, and the report every reported method's (its ablation table reads their options). Files all items of a
 stage group list are written literally; DVC renders one deps template per group, so the others (a method's module and
 what only it imports) are item fields ``${item.code}`` (``code0``, ``code1``, ... when an item has more than one; an
 item with fewer repeats one of its files). ``synthesize`` hands the pneumonia task to ``synth_pneumonia`` and writes
 the other tasks' sites with ``_write_site``, the entries of their synth stages. So an edit in ``metrics/`` re-runs the
-evaluate stages and the register stages (whose classification gate computes the source AUC with ``metrics.auc``), one
+evaluate stages and the select stages (whose classification evidence computes the source AUC with ``metrics.auc``), one
 in ``train/engine.py`` the train_source and adapt stages, one in ``config.py`` (imported by every command) all stages.
 Not listed: ``cli.py``, which holds every command (listing it would re-run the whole pipeline after an edit of any
 command; its commands only parse arguments and call the entries), and files read rather than imported (the pyfunc
-wrapper file that register logs with a model).
+wrapper file that registration logs with a model).
+
+Registration: one ``select`` stage per target site (``siteadapt select --site T --register``, :mod:`siteadapt.steps.
+select`) ranks every candidate method of the target (not the label-trained references) and registers the winner as the
+site's ``candidate``, so the alias does not depend on which stage ran last. Its deps are the candidates' models and
+evaluations (``${item.c0}``, ``${item.c1}``, ...: the number of candidates differs between targets), its params the
+``registry`` section (gates and selection rule).
 """
 
 from __future__ import annotations
@@ -105,8 +111,9 @@ STAGE_ENTRIES = {
     "train_source": ("siteadapt.tracking:train_source",),
     "adapt": ("siteadapt.tracking:adapt",),
     "evaluate": ("siteadapt.tracking:evaluate",),
-    "register": ("siteadapt.steps.register:register_model", "siteadapt.steps.register:version_gates",
-                 "siteadapt.steps.train:run_name", "siteadapt.io.atomic:write_json"),
+    "select": ("siteadapt.steps.register:register_model", "siteadapt.steps.select:MEASURE",
+               "siteadapt.steps.select:select", "siteadapt.steps.select:selection_tags",
+               "siteadapt.steps.select:write_selection"),
     "report": ("siteadapt.steps.report:report",),
 }
 # synth: data.synth.synthesize() hands the pneumonia task to synth_pneumonia and writes the other tasks' sites with
@@ -267,6 +274,18 @@ def _code_deps(group: dict[str, dict], files: dict[str, list[str]], first: dict[
     return sorted(common) + [f"${{item.{f}}}" for f in fields]
 
 
+def _item_paths(group: dict[str, dict], field: str, paths: dict[str, list[str]]) -> list[str]:
+    """Dependencies whose number differs between the items of a ``foreach`` group (a target's candidates):
+    ``${item.<field>0}``, ``${item.<field>1}``, ...; an item with fewer repeats its first path (DVC records a path
+    once)."""
+    n = max((len(v) for v in paths.values()), default=0)
+    for key in group:
+        ps = paths.get(key, [])
+        for i in range(n):
+            group[key][f"{field}{i}"] = ps[i] if i < len(ps) else ps[0]
+    return [f"${{item.{field}{i}}}" for i in range(n)]
+
+
 def _has_key(raw: dict, dotted: str) -> bool:
     cur = raw
     for part in dotted.split("."):
@@ -311,7 +330,7 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
     s, root = settings, Path(root)
     P = s.paths
     code = _Code(root)
-    code_files: dict[str, dict[str, list[str]]] = {g: {} for g in ("synth", "adapt", "evaluate", "register")}
+    code_files: dict[str, dict[str, list[str]]] = {g: {} for g in ("synth", "adapt", "evaluate", "select")}
     method_file: dict[str, str] = {}  # (target, method) -> the method's own module, its items' first code field
     report_methods: list[str] = []
     missing: list[str] = []
@@ -359,8 +378,10 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
     for t in tasks:
         need(f"tasks.{t}.kind", f"tasks.{t}.dims", f"tasks.{t}.{labels_key[t]}", f"tasks.{t}.preprocess",
              f"tasks.{t}.{evaluation_key[t]}")
-    # ---- train_source: one per source site; adapt / evaluate / register: one per (target, method) -----------------
-    train_src, adapt, evaluate, register = {}, {}, {}, {}
+    # ---- train_source: one per source site; adapt / evaluate: one per (target, method); select: one per target ------
+    train_src, adapt, evaluate, select = {}, {}, {}, {}
+    select_paths: dict[str, list[str]] = {}  # per target: its candidates' models and metrics files
+    select_runs: dict[str, list[str]] = {}  # per target: the method classes select loads (and the source's)
     src_extra: dict[str, list[str]] = {}
     adapt_extra: dict[str, list[str]] = {}
     schedule: dict[str, str] = {}
@@ -396,7 +417,7 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
                 report_methods.append(code.method(type(method)))
                 if code.src is not None:
                     method_file[key] = code.name(type(method).__module__)
-                for g in ("adapt", "evaluate", "register"):
+                for g in ("adapt", "evaluate"):
                     code_files[g][key] = code.files(*STAGE_ENTRIES[g], *runs)
                 adapt_extra[key] = method_options(s, m, d.target)[2][1:] + own_sizes
                 # methods that learn from unlabeled target images train on the profile's adaptation schedule
@@ -406,10 +427,11 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
                     need_profiles("adapt_iterations")
                 evaluate[key] = _Flow(task=t, target=d.target, method=m,
                                       source_model=src_model if uses_source else prepared_t)
-                if not method.trains_on_target_labels:  # upper-bound references are never registered
-                    register[key] = _Flow(task=t, target=d.target, source=d.source, method=m)
-                else:
-                    del code_files["register"][key]
+                if not method.trains_on_target_labels:  # upper-bound references are never candidates
+                    select.setdefault(d.target, _Flow(task=t, source=d.source))
+                    select_paths.setdefault(d.target, []).extend(
+                        [_rel(P.models / t / d.target / m), _rel(P.metrics / t / d.target / f"{m}.json")])
+                    select_runs.setdefault(d.target, [code.method(src_cls)]).append(code.method(type(method)))
                 need(f"methods.{m}", *adapt_extra[key])
                 if method.trains:
                     plots.append({_rel(P.models / t / d.target / m / "losses.csv"): {"x": "iteration"}})
@@ -474,15 +496,18 @@ def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
             "outs": [_rel(P.predictions) + "/${item.target}/${item.method}",
                      _rel(P.reports) + "/${item.task}/overlays/${item.target}/${item.method}"],
             "metrics": [{_rel(P.metrics) + "/${item.task}/${item.target}/${item.method}.json": {"cache": False}}]}}
-    if register:
-        stages["register"] = {"foreach": register, "do": {
-            "cmd": "siteadapt register --site ${item.target} --method ${item.method}",
-            "deps": [_rel(P.models) + "/${item.task}/${item.target}/${item.method}",
-                     _rel(P.metrics) + "/${item.task}/${item.target}/${item.method}.json",
-                     _rel(P.prepared) + "/${item.source}", _rel(P.models) + "/${item.task}/${item.source}/source",
-                     *_code_deps(register, code_files["register"], method_file)],
-            "params": _FlowList(["seed"]),
-            "outs": [{_rel(P.registry) + "/${item.task}/${item.target}/${item.method}.json": {"cache": False}}]}}
+    if select:
+        # one candidate choice per target (steps/select.py): every adapted model and its evaluation compete; the
+        # winner is registered (alias candidate) with the evidence as tags
+        for target in select:
+            code_files["select"][target] = code.files(*STAGE_ENTRIES["select"], *dict.fromkeys(select_runs[target]))
+        stages["select"] = {"foreach": select, "do": {
+            "cmd": "siteadapt select --site ${key} --register",
+            "deps": [_rel(P.prepared) + "/${item.source}", _rel(P.prepared) + "/${key}",
+                     _rel(P.models) + "/${item.task}/${item.source}/source",
+                     *_item_paths(select, "c", select_paths), *_code_deps(select, code_files["select"])],
+            "params": _FlowList(["seed", "registry"]),
+            "outs": [{_rel(P.registry) + "/${item.task}/${key}/selection.json": {"cache": False}}]}}
     report_tasks = [t for t in tasks if s.tasks[t].directions and s.tasks[t].methods]
     if report_tasks:
         deps = []
