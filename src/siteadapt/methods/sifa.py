@@ -42,8 +42,8 @@ Where the papers are silent or ambiguous (choices, all options):
   take one step on one gradient (they minimise the same terms; the public code has one optimizer for both).
   ``update_order: simultaneous`` (default) runs the generator side once per iteration and takes the gradients of
   G_t, E∘C_i and U from that one forward pass (each module the gradient of its own objective above and nothing
-  else: :meth:`SIFA._module_backward`), then steps them and the discriminators in the papers' order; the discriminators learn on the fakes of that pass
-  (through the pools). Same objectives, same per-module terms; it differs from ``sequential`` only in that E and U
+  else), then steps them and the discriminators in the papers' order; the discriminators learn on the fakes of that
+  pass (through the pools). Same objectives, same per-module terms; it differs from ``sequential`` only in that E and U
   see G_t's (and U sees E's) parameters from the start of the iteration rather than one Adam step later. It needs
   2 encoder and 2 generator forward passes per iteration instead of 6 and 5 (speed: benchmarks/bench_train.py).
 - Training strategy. TMI: Adam lr 2e-4 for every module (beta1 0.5 for G_t, U and discriminators as in the public
@@ -57,9 +57,10 @@ Where the papers are silent or ambiguous (choices, all options):
 - G_t with 32 base channels and zero padding (public code). No residual skip ``tanh(out + input)`` in G_t and U
   (the papers' text; the public code enables it: ``skip: true``). The skip starts both generators near the identity,
   which is the wrong prior when intensities are remapped non-monotonically across sites (MR <-> CT); on the learning
-  test's remapped target SIFA gained less over no adaptation with the skip than without it. G_t has the papers' 9 residual blocks at 256 px; below 256 px (the CPU
-  quick profile) 6, CycleGAN's own rule for its 128-px generator (``generator_blocks`` sets it). Image pools of 50
-  per discriminator (D_t, D_s), seeded from the engine's RNG at the first iteration and saved in ``extra_state`` for exact resume.
+  test's remapped target SIFA gained less over no adaptation with the skip than without it. G_t has the papers' 9
+  residual blocks at 256 px; below 256 px (the CPU quick profile) 6, CycleGAN's own rule for its 128-px generator
+  (``generator_blocks`` sets it). Image pools of 50 per discriminator (D_t, D_s), seeded from the engine's RNG at the
+  first iteration and saved in ``extra_state`` for exact resume.
 - Feature-alignment weights constant from the first iteration (the papers). ``alignment_schedule: dann`` multiplies
   E's feature-alignment terms (λp1, λp2, λs~; not the image-alignment ones) by DANN's 2/(1+exp(-10p))-1, p =
   progress: with a constant weight, alignment acts before the encoder segments anything (DANN's own motivation for
@@ -310,7 +311,7 @@ class SIFA(Method):
 
     def _objective(self, terms: dict, module: str, weights: dict[str, float] | None = None):
         """Weighted sum of ``terms`` that ``module`` ("G_t", "U" or "E_C") minimises (see the module docstring);
-        ``weights`` replaces the module's own weights (a merged objective, :meth:`_module_backward`)."""
+        ``weights`` replaces the module's own weights (the union of G_t's and U's, :meth:`_simultaneous`)."""
         o = self.opts
         w = weights if weights is not None else self._weights(module)
         if module == "E_C" and o.alignment_schedule != "constant":
@@ -332,27 +333,6 @@ class SIFA(Method):
                     "adv_s_aux": o.lambda_adv_s_aux},
         }[module]
 
-    def _module_backward(self, terms: dict, modules: tuple[str, ...], retain_graph: bool = False) -> None:
-        """Each module in ``modules`` gets the gradient of its own objective (:meth:`_objective`) and nothing else.
-
-        Summing two modules' objectives and back-propagating the sum into both would hand each the other's terms
-        too: a term both minimise (the cycle loss of G_t and U) would reach each at twice its weight. One backward
-        pass of a merged objective is still exact when every term the modules share has the same weight in each
-        objective and every other term depends on one module only. For G_t and U that holds by construction:
-        L_cyc is the shared term (λcyc in both), L_adv^t = D_t(G_t(x^s)) does not pass through U and
-        L_adv^s = D_s(U(E(x^t))) does not pass through G_t. Otherwise (different weights on a shared term) each
-        module gets its own backward pass."""
-        merged: dict[str, float] = {}
-        exact = True
-        for m in modules:
-            for k, v in self._weights(m).items():
-                exact = exact and merged.setdefault(k, v) == v
-        if exact:
-            self._backward(self._objective(terms, modules[0], weights=merged), *modules, retain_graph=retain_graph)
-            return
-        for i, m in enumerate(modules):
-            self._backward(self._objective(terms, m), m, retain_graph=retain_graph or i < len(modules) - 1)
-
     def _simultaneous(self, xs, ys, xt) -> dict:
         o = self.opts
         size = xs.shape[-2:]
@@ -370,9 +350,13 @@ class SIFA(Method):
                 terms["cyc"] = self.cyc_loss(rec_s, xs) + self.cyc_loss(rec_t, xt)
             self._source_adversarial_terms(fake_s, terms)
             preds = self._encoder_terms(f_st, f_t, ys, size, terms)
-        # gradients of every generator-side module from this one forward pass, each for its own objective only
-        self._module_backward(terms, ("G_t", "U"), retain_graph=True)
-        self._module_backward(terms, ("E_C",))
+        # gradients of every generator-side module from this one forward pass, each for its own objective only.
+        # Summing G_t's and U's objectives would hand each the other's terms (the shared L_cyc at twice its weight);
+        # backward of the union of their weighted terms is exact instead: L_cyc has the weight λcyc in both,
+        # L_adv^t = D_t(G_t(x^s)) does not pass through U, L_adv^s = D_s(U(E(x^t))) does not pass through G_t.
+        gu = self._weights("G_t") | self._weights("U")
+        self._backward(self._objective(terms, "G_t", weights=gu), "G_t", "U", retain_graph=True)
+        self._backward(self._objective(terms, "E_C"), "E_C")
         # steps in the papers' order: G_t -> D_t -> E, C_i -> U -> D_s -> D_p_i
         self._step("G_t")
         logs = {"D_t": self._d_update("D_t", self.D_t, xt, self.pool_t.query(fake_t.detach()))}

@@ -52,6 +52,7 @@ from .. import __version__
 from ..config import Gates, Settings
 from ..errors import InputError, SiteadaptError
 from .evaluate import metrics_path
+from .select import label_dice
 
 log = logging.getLogger("siteadapt.register")
 
@@ -127,16 +128,6 @@ def _weights_sha256(path: Path, h=None):
     return h
 
 
-def _dice(pred: np.ndarray, ref: np.ndarray, ids: list[int]) -> float | None:
-    vals = []
-    for i in ids:
-        a, b = pred == i, ref == i
-        s = int(a.sum() + b.sum())
-        if s:
-            vals.append(2.0 * int((a & b).sum()) / s)
-    return float(np.mean(vals)) if vals else None
-
-
 def source_regression(settings: Settings, site: str, method: str, seed: int | None = None) -> dict:
     """Segmentation: Dice on the source site's labeled test slices (per subject, mean over structures, then over
     subjects) of the source segmenter and of the adapted model; ``source_dice_drop`` = source segmenter - adapted.
@@ -166,8 +157,8 @@ def source_regression(settings: Settings, site: str, method: str, seed: int | No
             rows = data.subject == subj
             x = torch.from_numpy(np.ascontiguousarray(data.images[rows])).unsqueeze(1)
             ref = data.labels[rows]
-            a = _dice(src_model.predict_subject(x).argmax(1).numpy(), ref, ids)
-            b = _dice(adapted.predict_subject(x).argmax(1).numpy(), ref, ids)
+            a = label_dice(src_model.predict_subject(x).argmax(1).numpy(), ref, ids)
+            b = label_dice(adapted.predict_subject(x).argmax(1).numpy(), ref, ids)
             if a is not None and b is not None:
                 d_src.append(a)
                 d_ad.append(b)
