@@ -15,8 +15,8 @@ from importlib import metadata
 from pathlib import Path
 
 ROOTS = ["numpy", "scipy", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
-         "pyjpegls", "nibabel", "pillow", "pyyaml", "pydantic", "matplotlib", "kfp", "kfp-kubernetes", "mlflow",
-         "boto3", "torch"]
+         "pyjpegls", "nibabel", "pillow", "pyyaml", "ruamel.yaml", "pydantic", "matplotlib", "kfp", "kfp-kubernetes",
+         "mlflow", "boto3", "torch", "dicomweb-client", "highdicom"]
 SKIP = re.compile(r"^(triton|nvidia-.*|siteadapt)$")  # CUDA-only wheels: they come with the CUDA build of torch
 UNPINNED = {"torch"}  # its dependencies are pinned, the build itself is each Dockerfile's choice
 

@@ -117,7 +117,7 @@ def test_ingest_labels_csv(cls_env):
     assert any("a second label for the image of line 2" in x for x in reasons)  # a000 twice
     assert any("unknown class 'effusion'" in x for x in reasons)
     assert any("missing stem or label" in x for x in reasons)
-    assert all(x["in"] == "labels" and x["file"] == "labels.csv" for x in r.rejected)
+    assert all(x["in"] == "labels" and x["position"] == "the labels CSV" for x in r.rejected)
     assert not any("ghost" in x["reason"] for x in r.rejected)  # rows are named by line, never by stem
 
 

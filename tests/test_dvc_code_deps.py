@@ -158,6 +158,8 @@ def test_code_deps_cover_what_python_imports(stages):
     listed["adapt"] = code_of(stages["adapt"], "cardiac_ct-sifa")
     listed["synth"] = code_of(stages["synth"], "pneumonia") | code_of(stages["synth"], "cardiac")
     for g, files in loaded.items():
+        if g == "pull" and g not in listed:  # only a project with a PACS site has pull stages
+            continue
         assert files <= listed[g], (g, files - listed[g])
         assert "src/siteadapt/train/engine.py" not in loaded["evaluate"]
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from siteadapt.errors import InputError
 from siteadapt.io.dicom_write import write_series
-from siteadapt.steps.ingest import ingest
+from siteadapt.steps.ingest import explain, ingest
 
 PHI = {
     "PatientName": "QUIXOTE^ALONSO",
@@ -206,7 +206,8 @@ def test_bad_inputs_are_named_and_rest_ingests(tmp_path, nifti_site, deid_key):
     before = _tree_digest(img_dir.parent)
 
     res = ingest(img_dir, "s", tmp_path / "out", labels=lab_dir)
-    reasons = {r["file"]: r["reason"] for r in res.rejected}
+    # the manifest names refused files by keyed reference; explain() maps them back locally (input/..., labels/...)
+    reasons = {r["path"].split("/", 1)[1]: r["reason"] for r in explain(img_dir, "s", tmp_path / "out", labels=lab_dir)}
     assert "NaN" in reasons["nan_case.nii.gz"]
     assert "unreadable NIfTI" in reasons["trunc.nii.gz"]
     assert "label shape" in reasons["shape_case.nii.gz"]
@@ -241,7 +242,7 @@ def test_non_image_and_truncated_dicom(tmp_path, dicom_site, deid_key):
     one = next(p for p in sorted(src.rglob("*")) if p.is_file() and p.parent.name == "series1")
     (junk / "trunc.dcm").write_bytes(one.read_bytes()[:700])
     res = ingest(src, "ct", tmp_path / "out", labels=labels)
-    reasons = {r["file"]: r["reason"] for r in res.rejected}
+    reasons = {r["path"].split("/", 1)[1]: r["reason"] for r in explain(src, "ct", tmp_path / "out", labels=labels)}
     assert "RTSTRUCT" in reasons["other/rs.dcm"]
     assert any(k in reasons["other/trunc.dcm"].lower() for k in ("truncated", "unreadable"))
     assert len(res.items) == 2

@@ -66,7 +66,8 @@ def test_whole_pipeline_with_kfp_local_registers_a_candidate(tmp_path, monkeypat
     res = json.loads(promoted[0]["Output"])
     assert res["promoted"] and [g["name"] for g in res["gates"]] == ["min_target_dice"]  # the same gates
     champion = client.get_model_version_by_alias(reg["name"], "champion")
-    assert str(champion.version) == str(reg["version"]) and champion.tags["promoted_by"].startswith("kubeflow:")
+    assert str(champion.version) == str(reg["version"]) and champion.tags["promotion.actor_note"].startswith(
+        "kubeflow:")
 
     runner.submit("run-2", {**args, "gate_thresholds": {"min_target_dice": 1.0}})  # a gate no model passes
     cand2 = json.loads(runner.outputs["run-2"]["Output"])
@@ -119,13 +120,14 @@ def test_component_steps_in_process_on_an_unlabeled_s3_site(tmp_path, monkeypatc
     assert summary["score"] == R.score(summary)
 
     # registration measures the label-free gates; the gates step applies them as the registry will
-    cand = R.run_register(tgt, [json.dumps(summary)], [art / d for d in ("ing_src", "ing_tgt", "prep_src",
-                                                                         "prep_tgt", "src_model", "model", "eval")])
+    lenient = replace(tgt, gates={"max_source_dice_drop": 1.0, "max_empty_fraction": 1.0,
+                                  "max_fragmented_fraction": 1.0})  # recorded at registration: promotion uses them
+    cand = R.run_register(lenient, [json.dumps(summary)], [art / d for d in ("ing_src", "ing_tgt", "prep_src",
+                                                                             "prep_tgt", "src_model", "model",
+                                                                             "eval")])
     assert cand["registered"]["name"] == "siteadapt-chestxray-new_site" and cand["registered"]["alias"] == "candidate"
     assert cand["selection"]["rule"] == "label_free" and cand["selection"]["labeled_best"] is None  # no labels
     assert [c["method"] for c in cand["compared"]] == ["noadapt"]
-    lenient = replace(tgt, gates={"max_source_dice_drop": 1.0, "max_empty_fraction": 1.0,
-                                  "max_fragmented_fraction": 1.0})
     res = R.check_gates(lenient, cand)
     assert [g["name"] for g in res["gates"]] == ["max_source_dice_drop", "max_empty_fraction",
                                                  "max_fragmented_fraction"]  # no Dice gate without labels

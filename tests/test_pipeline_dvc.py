@@ -178,12 +178,14 @@ def test_registry_two_versions_promote_one_refuse_one(pipeline, monkeypatch):
     # promote with a gate it passes
     lenient = s.model_copy(update={"registry": s.registry.model_copy(update={
         "gates": s.registry.gates.model_copy(update={"min_target_dice": 0.0})})})
-    res = promote(lenient, "cxr_b", actor="alice", reason="test promotion")
+    res = promote(lenient, "cxr_b", actor="alice", reason="test promotion", override_gates=True)  # 0.5 recorded
     assert res["promoted"] and res["version"] == got["version"]
     assert res["gates"][0]["name"] == "min_target_dice" and res["gates"][0]["passed"]
     champ = c.get_model_version_by_alias(name, "champion")
     assert champ.version == got["version"]
-    assert champ.tags["promoted_by"] == "alice" and champ.tags["promotion_reason"] == "test promotion"
+    assert champ.tags["promotion.actor_note"] == "alice" and champ.tags["promotion_reason"] == "test promotion"
+    assert json.loads(champ.tags["promotion.override.gates"]) == [
+        {"gate": "min_target_dice", "recorded": 0.5, "requested": 0.0}]
     assert champ.tags["promoted_at"]
 
     # the other version becomes candidate and is refused by a strict gate, from the CLI: gate name and value shown

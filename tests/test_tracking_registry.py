@@ -35,7 +35,10 @@ def test_stage_params_are_narrow_and_topology_is_resolved():
     assert "directions" not in flat and "tasks.cardiac.methods" not in flat  # topology is baked in, not a param
     assert "methods.${item.method}" in st["adapt"]["do"]["params"]
     assert "profiles.${profile}.iterations" in st["adapt"]["do"]["params"]
-    assert st["ingest"]["do"]["params"] == ["sites.${key}"]
+    # ingest reads its site and the label values the task allows (a removed structure id re-runs ingest)
+    assert st["ingest"]["do"]["params"] == ["sites.${key}", "${item.p0}"]
+    assert st["ingest"]["foreach"]["cardiac_ct"]["p0"] == "tasks.cardiac.structures"
+    assert st["ingest"]["foreach"]["cxr_b"]["p0"] == "tasks.chestxray.structures"
     assert st["preprocess"]["foreach"]["cxr_a"]["roi_rule"] == "labels"  # a pure source site crops on its labels
     assert st["preprocess"]["foreach"]["cxr_b"]["roi_rule"] == "foreground"  # a target never does
     assert st["adapt"]["foreach"]["cxr_b-histmatch"]["source_model"] == "models/chestxray/cxr_a/source"
@@ -206,7 +209,11 @@ def test_register_and_promote_a_classifier(cls_env, tmp_path, monkeypatch):  # n
     examples = s.paths.reports / "pn" / "overlays" / "ped" / "noadapt" / "examples.png"
     assert m["labeled"] and examples.is_file()  # the classification counterpart of the overlays (a DVC out)
 
-    reg = register_model(s, "ped", "noadapt")
+    def with_gates(**kw):
+        return s.model_copy(update={"registry": s.registry.model_copy(update={
+            "gates": s.registry.gates.model_copy(update=kw)})})
+
+    reg = register_model(with_gates(min_target_auc=0.0), "ped", "noadapt")  # promotion may not loosen these
     c = MlflowClient(uri, registry_uri=uri)
     v = c.get_model_version(reg["name"], reg["version"])
     assert reg["name"] == "siteadapt-pn-ped" and v.tags["kind"] == "classification"
@@ -225,10 +232,6 @@ def test_register_and_promote_a_classifier(cls_env, tmp_path, monkeypatch):  # n
     with torch.no_grad():
         want = torch.softmax(src.predict_subject(torch.from_numpy(x)).float(), 1)[:, 1].numpy()
     assert p.shape == (len(x),) and p.dtype == np.float32 and np.allclose(p, want, atol=1e-5)
-
-    def with_gates(**kw):
-        return s.model_copy(update={"registry": s.registry.model_copy(update={
-            "gates": s.registry.gates.model_copy(update=kw)})})
 
     res = promote(with_gates(min_target_auc=0.0), "ped")
     assert res["promoted"] and [g["name"] for g in res["gates"]] == ["min_target_auc"]

@@ -4,7 +4,8 @@ Each command wraps a function in :mod:`siteadapt.steps` (``train-source``, ``ada
 :mod:`siteadapt.tracking`, which logs them to MLflow). The DVC stages in dvc.yaml (``siteadapt dvc-gen``) call them.
 
 Settings come from params.yaml (``--params``), with the profile from ``--profile`` / ``$SITEADAPT_PROFILE`` / the file.
-Errors that siteadapt raises on purpose are printed as one clear line (file and reason) with exit status 2.
+Errors that siteadapt raises on purpose are printed as one clear line (file and reason); the exit status is the
+error's ``exit_code`` (2 unless the error class has its own: the scheme is in :mod:`siteadapt.errors`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def cmd_synth(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from .steps.ingest import ingest
+    """Ingest a site; label maps are checked against the task's ids after the site's ``label_map`` (exit 4 when one
+    holds other values), and a site with nothing usable exits 3 after writing its manifest (errors.py: exit codes)."""
+    from .steps.ingest import ingest, label_options
 
     from . import storage
 
@@ -64,11 +67,37 @@ def cmd_ingest(args) -> int:
     source = storage.materialize(source, s.paths.remote / args.site / "images")
     if labels is not None:
         labels = storage.materialize(labels, s.paths.remote / args.site / "labels")
-    res = ingest(source, args.site, Path(args.data_root) if args.data_root else s.paths.ingested,
+    data_root = Path(args.data_root) if args.data_root else s.paths.ingested
+    if args.explain:  # local lookup of refused inputs: printed here, never written anywhere
+        from .steps.ingest import explain
+
+        for r in explain(source, args.site, data_root, labels=labels, patients=site.patients):
+            print(f"{r['file']}  {r['in']} {r['position']}  {r['path'] or '(no local file with this reference)'}  "
+                  f"{r['reason']}")
+        return 0
+    res = ingest(source, args.site, data_root,
                  labels=labels, modality=args.modality or site.modality, pixel_spacing_mm=site.pixel_spacing_mm,
-                 classes=task.classes if task.kind == "classification" else None)
+                 classes=task.classes if task.kind == "classification" else None, patients=site.patients,
+                 **label_options(task, site))
     print(f"{args.site}: {len(res.items)} items ({len(res.written)} written, {len(res.skipped)} unchanged), "
           f"{len(res.rejected)} inputs not used -> {res.out_dir / 'manifest.json'}")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    """Mirror a site's images (and labels) held on a PACS (``dicomweb+http(s)://``) or an object store into
+    ``paths.remote/<site>/`` without ingesting: only series/objects not fetched before (the DVC ``pull`` stage)."""
+    from . import storage
+
+    s = _settings(args)
+    site = s.site(args.site)
+    if not storage.is_uri(str(site.images)) and not str(site.images).startswith("dicomweb+"):
+        raise ConfigError(f"sites.{args.site}.images: a local folder; pull is for PACS and object-store sites")
+    got = storage.materialize(site.images, s.paths.remote / args.site / "images")
+    n = sum(1 for p in got.rglob("*") if p.is_file())
+    if site.labels is not None and str(site.labels) != str(site.images):
+        storage.materialize(site.labels, s.paths.remote / args.site / "labels")
+    print(f"{args.site}: {n} files in the local mirror {got}")
     return 0
 
 
@@ -181,12 +210,13 @@ def cmd_report(args) -> int:
 
 def cmd_register(args) -> int:
     from .io.atomic import write_json
-    from .steps.register import register_model, version_gates
+    from .steps.register import recorded_gates, register_model, version_gates
     from .steps.train import run_name
 
     s = _settings(args)
     res = register_model(s, args.site, args.method, seed=args.seed)
-    record = {**res, "site": args.site, "method": args.method, "gates": version_gates(res["name"], res["version"])}
+    record = {**res, "site": args.site, "method": args.method, "gates": version_gates(res["name"], res["version"]),
+              "gate_thresholds": recorded_gates(res["name"], res["version"])}
     write_json(s.paths.registry / s.site(args.site).task / args.site / f"{run_name(s, args.method, args.seed)}.json",
                record)
     print(f"{res['name']} version {res['version']} (alias {res['alias']}), run {res['run_id']}")
@@ -233,11 +263,28 @@ def _fmt(v) -> str:
 
 
 def cmd_promote(args) -> int:
-    from .steps.register import format_gate, promote
+    """Promote the site's candidate (exit 0 promoted, 1 refused by a gate, 5 gates looser than recorded without an
+    override), or with --check verify the champion's promotion record (exit 0 verified, 6 not)."""
+    from .errors import UnverifiedChampionError
+    from .steps.register import format_gate, promote, verify_champion
 
     s = _settings(args)
-    res = promote(s, args.site, task=args.task, actor=args.actor, reason=args.reason)
+    if args.check:
+        v = verify_champion(s, args.site, task=args.task)
+        if not v["verified"]:
+            raise UnverifiedChampionError(f"{v['name']} champion (version {v['version']}) is NOT verified: "
+                                          + "; ".join(v["problems"]))
+        r = v["record"]
+        print(f"{v['name']} champion version {v['version']} verified: promoted by {r['by']} ({r['identity_source']}) "
+              f"at {r['at']}" + (" with a gate override" if r.get("override") else ""))
+        return 0
+    res = promote(s, args.site, task=args.task, actor=args.actor, reason=args.reason,
+                  override_gates=args.override_gates)
     task = args.task or s.site(args.site).task
+    if res.get("override"):
+        print("  gates OVERRIDDEN (recorded on the version): " + ", ".join(
+            f"{g['gate']} {g['recorded']} -> {g['requested']}" for g in res["override"]["gates"])
+              if isinstance(res["override"]["gates"], list) else "  no recorded gates: OVERRIDDEN (recorded)")
     for g in res["gates"]:
         print(f"  gate {format_gate(g)}")
     if not res["gates"]:
@@ -270,6 +317,24 @@ def cmd_dvc_gen(args) -> int:
     return 0
 
 
+def cmd_site_add(args) -> int:
+    """Add a site (and its direction with --target-of) to params.yaml, then regenerate dvc.yaml; nothing is written
+    when a check fails (steps/site.py)."""
+    from .steps.site import add_site
+
+    res = add_site(args.params, args.name, task=args.task, images=args.images, labels=args.labels,
+                   pixel_spacing_mm=args.pixel_spacing, target_of=args.target_of, modality=args.modality,
+                   patients=args.patients, dvc_out=args.out, profile=args.profile)
+    for w in res.warnings:
+        print(f"siteadapt site add: warning: {w}", file=sys.stderr)
+    found = f" ({res.scan.describe()})" if res.scan is not None else ""
+    print(f"site {res.name} added to {args.params}{found}"
+          + (f"; direction {res.direction['source']} -> {res.name}" if res.direction else ""))
+    print(f"dvc.yaml {'written' if res.dvc_changed else 'unchanged'}; next: `dvc repro` (or `siteadapt ingest --site "
+          f"{res.name}`)")
+    return 0
+
+
 def cmd_summary(args) -> int:
     """Where the demo's results are (tables, figures, metrics, MLflow)."""
     from .tracking import ui_command
@@ -289,6 +354,53 @@ def cmd_summary(args) -> int:
     print(f"MLflow:    {ui_command()}   (then http://127.0.0.1:5000)")
     if not tables:
         print("no tables yet: run `dvc repro` (or `make demo`)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .steps.export import export
+
+    s = _settings(args)
+    res = export(s, args.site, args.method, fmt=args.format, out=args.out, stow=args.stow,
+                 model_version=args.model_version, seed=args.seed)
+    stored = f", {res['stored']} stored over STOW-RS" if args.stow else ""
+    print(f"{args.site}/{args.method}: {len(res['subjects'])} DICOM SEG ({res['version']}) -> {res['out']}{stored}")
+    return 0
+
+
+def cmd_watch(args) -> int:
+    """``siteadapt watch`` (:mod:`siteadapt.kfp.cli`); a ``dicomweb+http(s)://`` prefix watches a PACS for one site
+    (``--site``), pulling its series into ``--stage`` before the run (:class:`siteadapt.kfp.watch.Watcher`)."""
+    from .io.dicomweb import is_dicomweb
+    from .kfp import cli as kfp_cli
+
+    if not is_dicomweb(args.prefix):
+        if args.site or args.stage:
+            raise ConfigError("--site and --stage are for a DICOMweb source (--prefix dicomweb+http(s)://...)")
+        return kfp_cli.cmd_watch(args)
+    from .kfp.watch import Watcher
+
+    if args.submitter == "kfp":
+        from .kfp.submit import KfpSubmitter
+
+        submitter = KfpSubmitter(args.host, experiment=args.experiment, namespace=args.namespace,
+                                 cpu_image=args.image, gpu_image=args.gpu_image, service_account=args.service_account)
+    else:
+        from .kfp.submit import LocalSubmitter
+
+        submitter = LocalSubmitter(Path(args.local_root).resolve())
+    if not args.stage:
+        raise ConfigError("a DICOMweb source needs --stage (folder or s3:// prefix that receives <site>/images/)")
+    from .kfp import locations
+
+    state = args.state or locations.child(args.stage if not locations.is_s3(args.stage)
+                                          else locations.as_prefix(args.stage), f".siteadapt-watch-{args.site}.json")
+    w = Watcher(args.prefix, state, submitter, defaults=kfp_cli._run_arguments(args), settle_s=args.settle,
+                site=args.site, stage=args.stage)
+    for site in args.resubmit:
+        w.resubmit(site)
+        print(f"{site}: forgotten; the next poll submits it again")
+    w.run(interval_s=args.interval, once=args.once)
     return 0
 
 
@@ -345,7 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-labels", action="store_true", help="ingest images only")
     sp.add_argument("--data-root", default=None, help="output root (default: paths.ingested)")
     sp.add_argument("--modality", default=None, help="modality for NIfTI/2D inputs (CT, MR, CR, DX, ...)")
+    sp.add_argument("--explain", action="store_true",
+                    help="ingest nothing: print the manifest's refused inputs with their local file (re-hashed with "
+                         "the de-identification key); for this machine's terminal only")
     sp.set_defaults(func=cmd_ingest)
+
+    sp = sub.add_parser("pull", help="mirror a PACS (dicomweb+http://...) or object-store site locally, no ingest")
+    sp.add_argument("--site", required=True)
+    sp.set_defaults(func=cmd_pull)
 
     sp = sub.add_parser("preprocess", help="reorient, resample, crop, normalize, slice, split")
     sp.add_argument("--site", required=True)
@@ -409,8 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("promote", help="move alias 'champion' to the site's candidate if the gates pass")
     sp.add_argument("--site", required=True)
     sp.add_argument("--task", default=None, help="task of the registered model (default: the site's task)")
-    sp.add_argument("--actor", default=None, help="who promotes (default: $SITEADAPT_ACTOR or the user name)")
-    sp.add_argument("--reason", default=None, help="why (recorded as a tag)")
+    sp.add_argument("--actor", default=None, help="a display note recorded beside the identity "
+                                                  "(promotion.actor_note; default: $SITEADAPT_ACTOR); the identity "
+                                                  "is $MLFLOW_TRACKING_USERNAME, else the OS user")
+    sp.add_argument("--reason", default=None, help="why (recorded as a tag; required with --override-gates)")
+    sp.add_argument("--override-gates", action="store_true",
+                    help="promote with gates looser than those recorded at registration (needs --reason; who, when, "
+                         "which gates and why are recorded on the version)")
+    sp.add_argument("--check", action="store_true", help="promote nothing: verify that the champion carries a "
+                                                         "matching siteadapt promotion record (exit 6 if not)")
     sp.set_defaults(func=cmd_promote)
 
     sp = sub.add_parser("report", help="paper-style tables and figures from every evaluated method")
@@ -423,8 +549,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml is not what params.yaml gives")
     sp.set_defaults(func=cmd_dvc_gen)
 
+    sp = sub.add_parser("site", help="manage the sites of params.yaml (`site add NAME ...`)")
+    site_sub = sp.add_subparsers(dest="site_command", required=True)
+    sp = site_sub.add_parser("add", help="add a site (and its adaptation direction) to params.yaml, then regenerate "
+                                         "dvc.yaml; checks everything first and writes nothing on an error")
+    sp.add_argument("name", help="site name: letters, digits, '_' (never a patient's name or id)")
+    sp.add_argument("--task", required=True, help="task of the site (tasks: in params.yaml)")
+    sp.add_argument("--images", required=True, help="folder of DICOM/NIfTI/2D images, or s3://bucket/prefix")
+    sp.add_argument("--labels", default=None, help="label folder (classification: stem,label CSV)")
+    sp.add_argument("--pixel-spacing", type=float, default=None, metavar="MM",
+                    help="pixel size of 2D images without one (PNG/JPEG); 1.0 mm is assumed when absent")
+    sp.add_argument("--target-of", default=None, metavar="SOURCE",
+                    help="add the direction {source: SOURCE, target: NAME} (SOURCE: a labeled site of the task)")
+    sp.add_argument("--modality", default=None, help="CT, MR, CR, DX, ... (read from DICOM when absent)")
+    sp.add_argument("--patients", default=None, metavar="CSV", help="stem,patient CSV: split by patient")
+    sp.add_argument("--out", default=None, help="dvc.yaml to regenerate (default: beside params.yaml)")
+    sp.set_defaults(func=cmd_site_add)
+
     sp = sub.add_parser("summary", help="print the tables and where results, figures and MLflow runs are")
     sp.set_defaults(func=cmd_summary)
+
+    sp = sub.add_parser("export", help="a method's label maps as DICOM SEG per subject (highdicom), optionally "
+                                       "STOW-RS to a PACS")
+    sp.add_argument("--site", required=True)
+    sp.add_argument("--method", required=True)
+    sp.add_argument("--format", default="seg", choices=["seg"])
+    sp.add_argument("--stow", default=None, help="DICOMweb root (http(s)://host/dicom-web or the site's dicomweb+ URI)"
+                                                 " to store the SEGs in")
+    sp.add_argument("--out", default=None, help="folder of the SEG files (default: <data>/export/<site>/<method>)")
+    sp.add_argument("--model-version", default=None, help="model registry version recorded in the SEG (default: "
+                                                          "the registry's champion/candidate version of the method)")
+    sp.add_argument("--seed", type=int, default=None)
+    sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("sync", help="copy a folder to/from an S3-compatible store (s3://bucket/prefix)")
     sp.add_argument("src")
@@ -439,6 +595,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .kfp.cli import add_commands as add_kubeflow_commands  # pipeline compile|run-local|submit, watch
 
     add_kubeflow_commands(sub)
+    sp = sub.choices["watch"]  # a PACS as the watcher's source (cmd_watch above)
+    sp.add_argument("--site", default=None, help="with --prefix dicomweb+http(s)://host/dicom-web?Modality=CT...: the "
+                                                 "site its studies form")
+    sp.add_argument("--stage", default=None, help="with a DICOMweb --prefix: folder or s3:// prefix that receives "
+                                                  "<site>/images/ (the run's target location)")
+    sp.set_defaults(func=cmd_watch)
     return p
 
 
@@ -450,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SiteadaptError as e:
         print(f"siteadapt {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return int(getattr(e, "exit_code", 2))
 
 
 if __name__ == "__main__":

@@ -169,8 +169,9 @@ def _path_or_uri(v):
     """Local folders become ``Path``; object-store URIs (``s3://bucket/prefix``) stay strings (``Path`` would
     collapse the ``//``)."""
     if isinstance(v, str) and "://" in v:
-        if not v.startswith("s3://"):
-            raise ValueError(f"unsupported URI scheme in {v!r} (local paths and s3:// are supported)")
+        if not v.startswith(("s3://", "dicomweb+http://", "dicomweb+https://")):
+            raise ValueError(f"unsupported URI scheme in {v!r} (local paths, s3:// and dicomweb+http(s):// are "
+                             "supported)")
         return v
     return Path(v) if isinstance(v, str) else v
 
@@ -181,16 +182,33 @@ class Site(_Strict):
     labels: Path | str | None = Field(None, description="folder of label maps (or s3:// prefix); for a classification "
                                       "task a CSV file (stem,label), or absent when the images sit in one folder per class")
     modality: str | None = Field(None, description="CT, MR, CR, DX, ...; read from DICOM when absent")
+    patients: Path | None = Field(
+        None, description="CSV with header stem,patient giving each image's patient (stems matched as labels are), "
+                          "for patient-level splits of image folders; DICOM series use their PatientID without it. "
+                          "Patient ids are only hashed (keyed), never written")
     pixel_spacing_mm: float | None = Field(None, gt=0, description="for 2D images without spacing (PNG/JPEG)")
     synthetic: str | None = Field(None, description="'<task>/<site>' of `siteadapt synth` that produces `images`")
     roi_offset_mm: tuple[float, float, float] | None = Field(
         None, description="this site's label-free crop offset (mm along R, A, S), replacing the task's "
                           "preprocess.roi_offset_mm: for a site whose scanner centres its field of view elsewhere")
+    label_map: dict[int, int] = Field(
+        {}, description="segmentation: label values of this site's exports -> the task's ids (0 or a structure id), "
+                        "e.g. {255: 1} for masks saved as 0/255; applied at ingest. A value neither mapped nor already "
+                        "one of the task's ids is refused (LabelValuesError)")
 
     @field_validator("images", "labels", mode="before")
     @classmethod
     def _uris(cls, v):
         return _path_or_uri(v)
+
+    @field_validator("label_map")
+    @classmethod
+    def _label_values(cls, v):
+        bad = sorted(k for k in v if not 0 <= k <= 65535)
+        if bad:
+            raise ValueError(f"label values to map must be integers in 0..65535 (label files hold uint8/uint16), got "
+                             f"{bad}")
+        return v
 
 
 class Train(_Strict):
@@ -204,8 +222,10 @@ class Train(_Strict):
 
 class Gates(_Strict):
     """Promotion gates (``siteadapt promote``): the candidate becomes ``champion`` only if every gate that applies
-    passes. A gate set to null is off. Values are measured when the candidate is registered. The Dice, empty and
-    fragmented gates apply to segmentation tasks, the AUC gates to classification tasks."""
+    passes. A gate set to null is off. Values are measured when the candidate is registered, and these thresholds
+    (all of them) are recorded on it then: a promotion with looser ones (a lower ``min_``, a higher ``max_``, a gate
+    switched off, ``label_free`` weakened to ``auto``) is refused unless overridden with a recorded reason. The Dice,
+    empty and fragmented gates apply to segmentation tasks, the AUC gates to classification tasks."""
 
     min_target_dice: float | None = Field(0.5, ge=0, le=1, description="mean Dice on the site's labeled test subjects")
     max_source_dice_drop: float | None = Field(
@@ -261,6 +281,15 @@ class Settings(_Strict):
         for name, site in self.sites.items():
             if site.task not in self.tasks:
                 raise ValueError(f"sites.{name}.task: unknown task {site.task!r} (tasks: {sorted(self.tasks)})")
+            task = self.tasks[site.task]
+            if site.label_map and task.kind != "segmentation":
+                raise ValueError(f"sites.{name}.label_map: only segmentation sites have label maps (task "
+                                 f"{site.task!r} is a {task.kind} task)")
+            ids = sorted({0, *task.structures.values()})
+            for value, target in site.label_map.items():
+                if target not in ids:
+                    raise ValueError(f"sites.{name}.label_map.{value}: maps to {target}, which is not one of the ids "
+                                     f"of task {site.task!r}: {ids} (0 + its structure ids)")
         for tname, task in self.tasks.items():
             for i, d in enumerate(task.directions):
                 for end in ("source", "target"):

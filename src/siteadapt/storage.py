@@ -187,7 +187,15 @@ def sync(src: str | Path, dst: str | Path) -> dict:
 
 
 def materialize(location: str | Path, cache: str | Path) -> Path:
-    """A local folder holding ``location``: the path itself when local, else a mirror of the prefix in ``cache``."""
+    """A local folder holding ``location``: the path itself when local, else a mirror of the prefix in ``cache``.
+
+    A ``dicomweb+http(s)://`` PACS site is pulled into ``cache`` by :func:`siteadapt.io.dicomweb.pull` (only series
+    not pulled before; the rest of ``cache`` stays as it is)."""
+    from .io import dicomweb
+
+    if dicomweb.is_dicomweb(str(location)):
+        dicomweb.pull(str(location), cache)
+        return Path(cache)
     if not is_uri(str(location)):
         return Path(location)
     download(str(location), cache, mirror=True)

@@ -22,6 +22,19 @@ What a run holds (experiment ``siteadapt-<task>``)
   (e.g. the model came from a DVC remote), evaluation gets a run of its own.
 - ``register`` (:mod:`siteadapt.steps.register`) logs the model itself into the same run.
 
+Resuming a killed training
+--------------------------
+A training step writes ``<model dir>/mlflow_run.json`` as soon as its run is open, so a killed step leaves behind the
+id of its run (status RUNNING: nothing could end it). Run again in the same model folder, the step re-opens that run
+when it did not finish (RUNNING, FAILED or KILLED) and was started with the same params and data (tag
+``siteadapt.resume_key``, a digest of both): the engine resumes from the folder's checkpoint and the loss curves
+continue in the same run. Points already in the run are not sent again (per metric, every step up to the last one
+the run holds is skipped), and the tracker flushes at every checkpoint, so the resumed curve has each logged step
+exactly once. An unfinished run of other params or data is closed as KILLED and linked: the new run gets
+``siteadapt.resumed_from`` (its id), the old one ``siteadapt.superseded_by``. A run that finished is never
+re-opened by a training step (training again gets a new run). Tags ``siteadapt.attempt`` (1, 2, ...) and
+``siteadapt.start_step`` (the iteration the last attempt started from) say what happened.
+
 Failing clearly
 ---------------
 Before a step computes anything, the tracking store is checked: a server that does not answer within a few seconds
@@ -305,10 +318,13 @@ def method_options(settings: Settings, name: str, site: str) -> tuple[str, dict]
 # ---- logging ------------------------------------------------------------------------------------------------------
 class MlflowTracker:
     """The engine's ``tracker``: buffers metric points and sends them in batches (at most every ``flush_s``
-    seconds, and at the end), so that a remote server costs one request per few seconds, not one per log line."""
+    seconds, at every checkpoint and at the end), so that a remote server costs one request per few seconds, not one
+    per log line. ``logged`` (metric -> last step the run already holds, for a re-opened run) makes it drop the
+    points a killed attempt already sent."""
 
-    def __init__(self, client, run_id: str, flush_s: float = 10.0):
+    def __init__(self, client, run_id: str, flush_s: float = 10.0, logged: dict[str, int] | None = None):
         self.client, self.run_id, self.flush_s = client, run_id, flush_s
+        self.logged = dict(logged or {})
         self._buf: list = []
         self._last = time.monotonic()
 
@@ -316,9 +332,19 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self._buf.extend(Metric(k, float(v), ts, int(step)) for k, v in metrics.items())
+        self._buf.extend(Metric(k, float(v), ts, int(step)) for k, v in metrics.items()
+                         if int(step) > self.logged.get(k, -1))
         if time.monotonic() - self._last >= self.flush_s:
             self.flush()
+
+    def begin(self, start: int) -> None:
+        """The engine starts at iteration ``start`` (0, or the checkpoint it resumed): tag ``siteadapt.start_step``."""
+        self.client.set_tag(self.run_id, "siteadapt.start_step", str(int(start)))
+
+    def checkpointed(self, step: int) -> None:
+        """A checkpoint of iteration ``step`` was written: send every buffered point, so that the run holds the
+        curve up to the checkpoint a later attempt resumes from."""
+        self.flush()
 
     def flush(self) -> None:
         while self._buf:
@@ -330,9 +356,9 @@ class MlflowTracker:
 class StageRun:
     """One MLflow run, used by a step (params, tags, metrics, artifacts)."""
 
-    def __init__(self, client, run_id: str, experiment_id: str, uri: str):
+    def __init__(self, client, run_id: str, experiment_id: str, uri: str, logged: dict[str, int] | None = None):
         self.client, self.run_id, self.experiment_id, self.uri = client, run_id, experiment_id, uri
-        self.tracker = MlflowTracker(client, run_id)
+        self.tracker = MlflowTracker(client, run_id, logged=logged)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -389,28 +415,90 @@ def existing_run_id(client, model_dir: Path) -> str | None:
         return None
 
 
+RESUME_KEY_TAG = "siteadapt.resume_key"
+
+
+def resume_key(stage: str, site: str, method: str | None, params: dict | None, tags: dict | None) -> str:
+    """sha256 of what a training run was started with: stage, site, method, its params and the step's tags (sites
+    and the data hashes). A killed run is continued only by a step with the same key."""
+    what = {"stage": stage, "site": site, "method": method,
+            "params": {k: str(v) for k, v in (params or {}).items()},
+            "tags": {k: str(v) for k, v in (tags or {}).items() if v is not None}}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def unfinished_run(client, model_dir: Path, stage: str):
+    """The run named by ``<model_dir>/mlflow_run.json`` when it is in the current store, not deleted, of
+    ``stage``, and did not finish (RUNNING after a kill, FAILED, KILLED); else None."""
+    rid = existing_run_id(client, model_dir)
+    if rid is None:
+        return None
+    run = client.get_run(rid)
+    if run.info.lifecycle_stage != "active" or run.info.status == "FINISHED" \
+            or run.data.tags.get("siteadapt.stage") != stage:
+        return None
+    return run
+
+
+def logged_steps(client, run_id: str) -> dict[str, int]:
+    """Metric -> the last step a run holds (what a re-opened run must not be sent again)."""
+    run = client.get_run(run_id)
+    return {k: max((m.step for m in client.get_metric_history(run_id, k)), default=-1) for k in run.data.metrics}
+
+
 @contextlib.contextmanager
 def stage_run(settings: Settings, *, stage: str, task: str, site: str, method: str | None = None,
-              resume: Path | None = None, tags: dict | None = None) -> Iterator[StageRun | _NoRun]:
+              resume: Path | None = None, tags: dict | None = None, continues: Path | None = None,
+              params: dict | None = None) -> Iterator[StageRun | _NoRun]:
     """A run for one step. ``resume``: a model folder whose run (``mlflow_run.json``) is re-opened when it exists in
-    the current store. The run ends FINISHED, or FAILED when the step raises."""
+    the current store (evaluation, registration). ``continues``: the model folder a *training* step writes: its
+    unfinished run of the same params and data is re-opened (see "Resuming a killed training" above), an unfinished
+    run of others is closed as KILLED and linked, and the folder's pointer names the open run at once. ``params`` are
+    logged (write-once) and, with ``tags``, make the resume key. The run ends FINISHED, or FAILED when the step
+    raises."""
     if not enabled():
         yield _NoRun()
         return
     uri = tracking_uri()
     client = connect(uri)
     exp = experiment_id(client, task, uri)
-    rid = existing_run_id(client, resume) if resume is not None else None
+    rid, logged, new_tags = None, None, {"siteadapt.stage": stage}
+    if continues is not None:
+        key = resume_key(stage, site, method, params, tags)
+        new_tags[RESUME_KEY_TAG] = key
+        old = unfinished_run(client, continues, stage)
+        if old is not None and old.data.tags.get(RESUME_KEY_TAG) == key:
+            rid = old.info.run_id
+            logged = logged_steps(client, rid)
+            attempt = int(old.data.tags.get("siteadapt.attempt", "1")) + 1
+            log.info("continuing MLflow run %s (attempt %d)", rid, attempt)
+        elif old is not None:
+            new_tags["siteadapt.resumed_from"] = old.info.run_id
+    elif resume is not None:
+        rid = existing_run_id(client, resume)
     if rid is not None:
         client.update_run(rid, status="RUNNING")
     else:
         name = "/".join(x for x in (stage, site, method) if x)
-        rid = client.create_run(exp, run_name=name, tags={"siteadapt.stage": stage}).info.run_id
-    run = StageRun(client, rid, exp, uri)
+        rid = client.create_run(exp, run_name=name, tags=new_tags).info.run_id
+        attempt = 1
+        if "siteadapt.resumed_from" in new_tags:  # an unfinished run of other params or data: close and link it
+            old_id = new_tags["siteadapt.resumed_from"]
+            client.set_tag(old_id, "siteadapt.superseded_by", rid)
+            client.set_terminated(old_id, status="KILLED")
+            log.info("MLflow run %s did not finish and was started with other params or data: closed as KILLED, "
+                     "superseded by %s", old_id, rid)
+    run = StageRun(client, rid, exp, uri, logged=logged)
+    if continues is not None:
+        run.save_pointer(continues)  # a kill from here on leaves the id of this run in the model folder
     base = {"task": task, "site": site, "method": method, "profile": settings.profile, "seed": settings.seed,
             **git_info(), **environment_info()}
     base["mlflow.source.git.commit"] = base.get("git_commit")
+    if continues is not None:
+        base["siteadapt.attempt"] = attempt
     run.set_tags({**base, **(tags or {})})
+    if params:
+        run.log_params(params)
     t0 = time.perf_counter()
     try:
         yield run
@@ -445,29 +533,37 @@ def _log_training(run, model_dir: Path) -> None:
     run.save_pointer(model_dir)
 
 
-def train_source(settings: Settings, site: str, seed: int | None = None) -> Path:
+def train_source(settings: Settings, site: str, seed: int | None = None, on_checkpoint=None) -> Path:
+    """The tracked source training: continues the model folder's unfinished run (see "Resuming a killed training").
+    ``on_checkpoint(path, step)`` runs after each checkpoint (Kubeflow copies it to the object store)."""
     from .steps.train import model_dir, train_source as _train
 
     task = settings.site(site).task
-    with stage_run(settings, stage="train_source", task=task, site=site, method="source",
+    out = model_dir(settings, site, "source", seed)
+    with stage_run(settings, stage="train_source", task=task, site=site, method="source", continues=out,
+                   params={**_train_params(settings, "source", site), "source_site": site},
                    tags={"source_site": site, **data_hashes(settings, {"source": site})}) as run:
-        run.log_params({**_train_params(settings, "source", site), "source_site": site})
-        path = _train(settings, site, tracker=run.tracker, seed=seed)
-        _log_training(run, model_dir(settings, site, "source", seed))
+        path = _train(settings, site, tracker=run.tracker, seed=seed, on_checkpoint=on_checkpoint)
+        _log_training(run, out)
     return path
 
 
-def adapt(settings: Settings, target: str, method: str, source: str | None = None, seed: int | None = None) -> Path:
+def adapt(settings: Settings, target: str, method: str, source: str | None = None, seed: int | None = None,
+          on_checkpoint=None) -> Path:
+    """The tracked adaptation: continues the model folder's unfinished run, like :func:`train_source`."""
     from .steps.train import adapt as _adapt, model_dir
 
     d = settings.direction_to(target, source)
     task = settings.site(target).task
-    with stage_run(settings, stage="adapt", task=task, site=target, method=method,
+    out = model_dir(settings, target, method, seed)
+    with stage_run(settings, stage="adapt", task=task, site=target, method=method, continues=out,
+                   params={**_train_params(settings, method, target), "source_site": d.source,
+                           "target_site": target},
                    tags={"source_site": d.source, "target_site": target,
                          **data_hashes(settings, {"source": d.source, "target": target})}) as run:
-        run.log_params({**_train_params(settings, method, target), "source_site": d.source, "target_site": target})
-        path = _adapt(settings, target, method, source=d.source, tracker=run.tracker, seed=seed)
-        _log_training(run, model_dir(settings, target, method, seed))
+        path = _adapt(settings, target, method, source=d.source, tracker=run.tracker, seed=seed,
+                      on_checkpoint=on_checkpoint)
+        _log_training(run, out)
     return path
 
 

@@ -10,6 +10,12 @@ Two steps:
   reads the pixels once per file (numpy ``frombuffer`` on the raw bytes for uncompressed little-endian data, pydicom's
   pixel plugins otherwise, a small thread pool over files), applies RescaleSlope/Intercept and builds the RAS affine.
 
+Pixel values follow dcm2niix's defaults: unsigned data keep only their BitsStored low bits (bits above HighBit are
+dropped), signed data are sign-extended from HighBit (pydicom 3 does both on its decoding path, so its output is used
+as is); Philips data with a private scale slope (2005,100E) get the "precise" floating point values (``_scaling``);
+``meta["scaling"]`` records which mapping was used. A 4D diffusion series carries its b-values and gradient directions
+in ``Volume.diffusion`` (written as FSL .bval/.bvec by :func:`~siteadapt.io.volume.save_fsl_gradients`).
+
 Supported layouts: classic single-frame 3D and 4D (positions repeated over time), enhanced multi-frame (per-frame
 functional groups), Siemens mosaic (unpacked to 3D with the CSA header, as dcm2niix does), multi-frame with
 GridFrameOffsetVector, and single 2D radiographs (CR/DX/MG, or any single frame without position/orientation).
@@ -124,6 +130,9 @@ class _Frame:
     phase: bool
     thickness: float | None
     between: float | None
+    scaling: str = "none"  # which value mapping slope/intercept hold: "none", "rescale" or "philips_fp"
+    bval: float | None = None  # diffusion b-value (s/mm2) when the header has one
+    bdir: np.ndarray | None = None  # diffusion gradient direction, DICOM patient (LPS) frame
 
 
 # ====================================================================================================================
@@ -318,8 +327,17 @@ _FAST_KEYWORDS = (
     "ComplexImageComponent", "EchoNumbers", "RescaleSlope", "RescaleIntercept", "PixelSpacing", "ImagerPixelSpacing",
     "SliceThickness", "SpacingBetweenSlices", "InstanceNumber", "TemporalPositionIdentifier", "AcquisitionDateTime",
     "AcquisitionTime", "ContentTime", "ImagePositionPatient", "ImageOrientationPatient", "GridFrameOffsetVector",
+    "DiffusionBValue", "DiffusionGradientOrientation",
 )
+# Private tags read by tag number (the value representation is fixed by the vendor; implicit-VR files do not carry
+# it). Only used when the Manufacturer matches (see _scaling and _diffusion).
+_PRIVATE_TAGS = {
+    0x2005100E: ("PhilipsScaleSlope", b"FL"),  # Philips MR Imaging DD 001: MR scale slope
+    0x0019100C: ("SiemensBValue", b"IS"),  # SIEMENS MR HEADER: B_value
+    0x0019100E: ("SiemensGradientDirection", b"FD"),  # SIEMENS MR HEADER: DiffusionGradientDirection (LPS)
+}
 _FAST_TAGS = {int(pydicom.datadict.tag_for_keyword(k)): k for k in _FAST_KEYWORDS}
+_FAST_TAGS.update({tag: kw for tag, (kw, _) in _PRIVATE_TAGS.items()})
 # presence of any of these sends the file to pydicom
 _FAST_BAIL = {0x52009229, 0x52009230, 0x00041220}
 _NUMERIC_VR = {b"US": "<H", b"SS": "<h", b"UL": "<I", b"SL": "<i", b"FL": "<f", b"FD": "<d"}
@@ -449,7 +467,7 @@ def _fast_header(buf: bytes):
         kw = _FAST_TAGS.get(tag)
         if kw is not None:
             if vr is None or vr == b"UN":
-                vr = pydicom.datadict.dictionary_VR(tag).encode()
+                vr = _PRIVATE_TAGS[tag][1] if tag in _PRIVATE_TAGS else pydicom.datadict.dictionary_VR(tag).encode()
             raw[kw] = (vr, buf[vpos:vpos + length])
         pos = vpos + length
     if pos + 12 > len(buf) or "SOPClassUID" not in raw:
@@ -514,6 +532,8 @@ def _frames_from_header(ds, path: Path, ts: str, has_pixels: bool, pixel_offset,
     echo = _f(echo[0]) if echo else None
     slope = _f(ds.get("RescaleSlope", 1.0), 1.0) or 1.0
     intercept = _f(ds.get("RescaleIntercept", 0.0), 0.0) or 0.0
+    slope, intercept, scaling = _scaling(manufacturer, slope, intercept, _private(ds, 0x2005100E))
+    bval, bdir = _diffusion(ds, manufacturer)
     spacing = _vec(ds.get("PixelSpacing", None) or ds.get("ImagerPixelSpacing", None) or [], 2)
     thickness = _f(ds.get("SliceThickness", None))
     between = _f(ds.get("SpacingBetweenSlices", None))
@@ -549,12 +569,12 @@ def _frames_from_header(ds, path: Path, ts: str, has_pixels: bool, pixel_offset,
         normal = np.cross(iop[:3], iop[3:])
         for i, off in enumerate(grid):
             frames.append(_Frame(info, i, ipp + float(off) * normal, iop, _tuple(spacing), slope, intercept,
-                                 (tpi, acq, instance), echo, phase, thickness, between))
+                                 (tpi, acq, instance), echo, phase, thickness, between, scaling, bval, bdir))
         return frames
     for i in range(n_frames):
         frames.append(_Frame(info, i, ipp if n_frames == 1 else None, iop if n_frames == 1 else None,
                              _tuple(spacing), slope, intercept, (tpi, acq, instance), echo, phase, thickness,
-                             between))
+                             between, scaling, bval, bdir))
     return frames
 
 
@@ -595,6 +615,17 @@ def _enhanced_frames(ds, info: _FileInfo, phase: bool, instance: float) -> list[
             slope = _f(ds.get("RescaleSlope", 1.0), 1.0) or 1.0
         if intercept is None:
             intercept = _f(ds.get("RescaleIntercept", 0.0), 0.0) or 0.0
+        ss = None
+        if "PHILIPS" in info.manufacturer.upper():
+            ss = _private_in(fg, 0x2005100E)
+            if ss is None:
+                ss = _private_in(shared, 0x2005100E)
+            if ss is None:
+                ss = _private(ds, 0x2005100E)
+        slope, intercept, scaling = _scaling(info.manufacturer, slope, intercept, ss)
+        bval, bdir = _enhanced_diffusion(fg, shared)
+        if bval is None:
+            bval, bdir = _diffusion(ds, info.manufacturer)
         tpi = _f(pick(fg, "FrameContentSequence", "TemporalPositionIndex"), math.inf)
         acq = _dt_seconds(pick(fg, "FrameContentSequence", "FrameAcquisitionDateTime"))
         echo = _f(pick(fg, "MREchoSequence", "EffectiveEchoTime"))
@@ -603,8 +634,123 @@ def _enhanced_frames(ds, info: _FileInfo, phase: bool, instance: float) -> list[
         ft = [str(v).upper() for v in _multi(frame_type)]
         fphase = phase or "P" in ft[2:4] or "PHASE" in ft
         frames.append(_Frame(info, i, ipp, iop, _tuple(spacing), slope, intercept, (tpi, acq, instance, i), echo,
-                             fphase, thickness, between))
+                             fphase, thickness, between, scaling, bval, bdir))
     return frames
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# value scaling and diffusion tags
+
+
+def _private(ds, tag: int):
+    """Value of a private tag listed in _PRIVATE_TAGS, from a pydicom Dataset or a _FastHeader; numbers decoded from
+    raw bytes where pydicom did not know the tag (implicit VR without the private creator's dictionary)."""
+    if ds is None:
+        return None
+    kw, vr = _PRIVATE_TAGS[tag]
+    if isinstance(ds, _FastHeader):
+        return ds.get(kw)
+    try:
+        elem = ds.get(tag)
+    except Exception:
+        return None
+    if elem is None:
+        return None
+    value = elem.value
+    if isinstance(value, (bytes, bytearray)):
+        fmt = _NUMERIC_VR.get(vr)
+        if fmt is not None:
+            n = len(value) // struct.calcsize(fmt)
+            vals = struct.unpack("<" + fmt[1] * n, bytes(value[: n * struct.calcsize(fmt)]))
+            return vals[0] if n == 1 else list(vals) if n else None
+        return value.decode("latin-1").rstrip("\x00 ").strip()
+    return value
+
+
+def _private_in(fg, tag: int):
+    """A private tag inside a functional group item: at its top level or in the item of a private sequence of the
+    same group (Philips puts (2005,100E) in the per-frame private sequence (2005,140F))."""
+    if fg is None:
+        return None
+    v = _private(fg, tag)
+    if v is not None:
+        return v
+    group = tag >> 16
+    for elem in fg:
+        if elem.tag.group == group and elem.tag.is_private and elem.VR == "SQ" and elem.value:
+            v = _private(elem.value[0], tag)
+            if v is not None:
+                return v
+    return None
+
+
+def _scaling(manufacturer: str, slope: float, intercept: float, scale_slope) -> tuple[float, float, str]:
+    """The slope/intercept that map stored values to the values written, and which mapping that is.
+
+    Follows dcm2niix's default (``-p y``, "Philips precise float"): for Philips data with a private scale slope SS
+    (2005,100E), finite and non-zero, and a non-zero RescaleSlope RS, the value written is the precise (floating
+    point) value ``P = (stored * RS + RI) / (RS * SS)``, i.e. slope ``1 / SS`` and intercept ``RI / (RS * SS)``
+    ("philips_fp"). Otherwise RescaleSlope/Intercept as the standard says ("rescale"), or nothing when they are the
+    identity ("none"). The scale slope of other vendors' files is ignored, as dcm2niix does; Philips real world value
+    mapping (0040,9096) is not read.
+    """
+    ss = _f(scale_slope[0] if isinstance(scale_slope, (list, tuple)) and scale_slope else scale_slope)
+    if ss is not None and math.isfinite(ss) and ss != 0 and slope != 0 and "PHILIPS" in manufacturer.upper():
+        return 1.0 / ss, intercept / (slope * ss), "philips_fp"
+    if slope != 1.0 or intercept != 0.0:
+        return slope, intercept, "rescale"
+    return slope, intercept, "none"
+
+
+def _direction(v) -> np.ndarray | None:
+    d = _vec(v if v is not None else [], 3)
+    return d if d is not None and np.linalg.norm(d) > 0 else None
+
+
+def _diffusion(ds, manufacturer: str) -> tuple[float | None, np.ndarray | None]:
+    """(b-value, gradient direction in LPS) of a classic image: the standard DiffusionBValue (0018,9087) and
+    DiffusionGradientOrientation (0018,9089), else Siemens' private B_value (0019,100C) and DiffusionGradientDirection
+    (0019,100E) for Siemens files. (None, None) when the file has no b-value."""
+    bval = _f(ds.get("DiffusionBValue", None))
+    bdir = _direction(ds.get("DiffusionGradientOrientation", None))
+    if bval is None and "SIEMENS" in manufacturer.upper():
+        bval = _f(_private(ds, 0x0019100C))
+        bdir = _direction(_private(ds, 0x0019100E))
+    return (bval, bdir) if bval is not None and math.isfinite(bval) else (None, None)
+
+
+def _enhanced_diffusion(fg, shared) -> tuple[float | None, np.ndarray | None]:
+    """(b-value, LPS direction) from the MRDiffusionSequence of a frame's functional groups (or the shared ones)."""
+    for src in (fg, shared):
+        if src is None or "MRDiffusionSequence" not in src or not src.MRDiffusionSequence:
+            continue
+        item = src.MRDiffusionSequence[0]
+        bval = _f(item.get("DiffusionBValue", None))
+        if bval is None or not math.isfinite(bval):
+            continue
+        grad = item.get("DiffusionGradientDirectionSequence", None)
+        bdir = _direction(grad[0].get("DiffusionGradientOrientation", None)) if grad else None
+        return bval, bdir
+    return None, None
+
+
+def _volume_diffusion(frames_tk: list[tuple[_Frame, int, int]], n_t: int, path: Path) -> dict | None:
+    """Per-volume b-values and RAS gradient directions of a 4D series (None when no frame has a b-value). Every slice
+    of one volume must carry the same values: otherwise the volume order is not the diffusion order and the series
+    is refused."""
+    if n_t < 2 or all(fr.bval is None for fr, _, _ in frames_tk):
+        return None
+    bvals = np.full(n_t, np.nan)
+    dirs = np.full((n_t, 3), np.nan)
+    for fr, t, _ in frames_tk:
+        b = 0.0 if fr.bval is None else fr.bval
+        d = np.zeros(3) if fr.bdir is None or b == 0 else fr.bdir
+        if np.isnan(bvals[t]):
+            bvals[t], dirs[t] = b, d
+        elif abs(bvals[t] - b) > 1e-3 * max(1.0, abs(b)) or np.max(np.abs(dirs[t] - d)) > 1e-4:
+            raise SeriesRejected(path, f"diffusion series: the slices of volume {t + 1} have different b-values or "
+                                       "gradient directions (volumes cannot be told apart)")
+    return {"bvals": bvals, "dirs_ras": dirs * np.array([-1.0, -1.0, 1.0])}
 
 
 # ====================================================================================================================
@@ -766,13 +912,17 @@ def _read_pixels(info: _FileInfo) -> np.ndarray:
         if len(buf) < nbytes:
             raise SeriesRejected(info.path, "truncated or unreadable DICOM: pixel data ends early")
         arr = np.frombuffer(buf, dtype=dt).reshape(info.n_frames, info.rows, info.cols)
-        if info.pixel_rep and info.bits_stored < info.bits_alloc:
-            shift = info.bits_alloc - info.bits_stored
-            arr = (arr << shift) >> shift  # sign-extend the stored bits
+        if 0 < info.bits_stored < info.bits_alloc:
+            if info.pixel_rep:
+                shift = info.bits_alloc - info.bits_stored
+                arr = (arr << shift) >> shift  # sign-extend the stored bits
+            else:
+                arr = arr & _stored_mask(info)  # drop the bits above HighBit
         return arr
     try:
         with open(info.path, "rb") as fp:
             ds = pydicom.dcmread(BytesIO(fp.read()))
+        # pydicom 3 already drops the bits above HighBit (unsigned) or sign-extends from it (signed): used as is.
         arr = ds.pixel_array
     except Exception as exc:
         raise SeriesRejected(info.path, f"cannot decode pixel data ({pydicom.uid.UID(info.ts).name}): "
@@ -781,8 +931,9 @@ def _read_pixels(info: _FileInfo) -> np.ndarray:
 
 
 def _read_native_into(info: _FileInfo, slots: list, out: np.ndarray) -> bool:
-    """Read uncompressed frames straight into their slots of ``out`` (no intermediate copy). False when the file
-    needs the general path (other dtype, sign extension, compressed)."""
+    """Read uncompressed frames straight into their slots of ``out`` (no intermediate copy; unsigned data with
+    BitsStored < BitsAllocated is masked in place). False when the file needs the general path (other dtype, sign
+    extension, compressed)."""
     if info.pixel_offset is None or info.pixel_rep and info.bits_stored < info.bits_alloc:
         return False
     try:
@@ -799,7 +950,16 @@ def _read_native_into(info: _FileInfo, slots: list, out: np.ndarray) -> bool:
             fp.seek(info.pixel_offset + idx * frame_bytes)
             if fp.readinto(memoryview(out[t, k]).cast("B")) != frame_bytes:
                 raise SeriesRejected(info.path, "truncated or unreadable DICOM: pixel data ends early")
+            if 0 < info.bits_stored < info.bits_alloc:
+                np.bitwise_and(out[t, k], _stored_mask(info), out=out[t, k])
     return True
+
+
+def _stored_mask(info: _FileInfo) -> int:
+    """Mask of the stored bits of unsigned data: BitsStored low bits (HighBit = BitsStored - 1, the only value the
+    standard allows for these images). Scanners (e.g. 12-bit data, Siemens XA) may leave other bits set above
+    HighBit; the standard says they are not part of the value, and pydicom and dcm2niix drop them too."""
+    return (1 << info.bits_stored) - 1
 
 
 def _check_common(frames: list[_Frame], first_path: Path) -> None:
@@ -856,6 +1016,13 @@ def _apply_rescale(raw: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray) 
     return out
 
 
+def _scaling_name(frames: list[_Frame]) -> str:
+    """Which value mapping the series used (see _scaling): "philips_fp" if any frame used the Philips precise
+    values, else "rescale" if any frame had a RescaleSlope/Intercept other than 1/0, else "none"."""
+    kinds = {f.scaling for f in frames}
+    return next((k for k in ("philips_fp", "rescale") if k in kinds), "none")
+
+
 def _meta(frames: list[_Frame], **extra) -> dict:
     infos = list({id(f.info): f.info for f in frames}.values())
     tss = sorted({UID(i.ts).name for i in infos})
@@ -863,7 +1030,8 @@ def _meta(frames: list[_Frame], **extra) -> dict:
     meta = {"transfer_syntaxes": tss, "n_files": len(infos), "n_frames": len(frames),
             "manufacturer": manu[0] if len(manu) == 1 else ", ".join(manu), "rows": infos[0].rows,
             "cols": infos[0].cols, "bits_stored": infos[0].bits_stored, "photometric": infos[0].photometric,
-            "is_4d": False, "enhanced": any(i.enhanced for i in infos), "mosaic": any(i.is_mosaic for i in infos)}
+            "is_4d": False, "enhanced": any(i.enhanced for i in infos), "mosaic": any(i.is_mosaic for i in infos),
+            "scaling": _scaling_name(frames)}
     meta.update(extra)
     return meta
 
@@ -1000,7 +1168,8 @@ def read_series(series: DicomSeries) -> Volume:
     if n_t == 1:
         data = data[..., 0]
     affine = _lps_to_ras(row_cos, col_cos, spacing, pos[0], slice_vec)
-    return Volume(data=data, affine=affine, modality=modality, meta=_meta(frames, is_4d=n_t > 1))
+    return Volume(data=data, affine=affine, modality=modality, meta=_meta(frames, is_4d=n_t > 1),
+                  diffusion=_volume_diffusion(slots, n_t, first_path))
 
 
 def _read_2d(frame: _Frame, modality: str) -> Volume:
@@ -1076,4 +1245,5 @@ def _read_mosaic(frames: list[_Frame], infos: list[_FileInfo], modality: str) ->
         data = data[..., 0]
     affine = _lps_to_ras(row_cos, col_cos, sp, origin, normal * dz)
     meta = _meta(frames, is_4d=n_t > 1, rows=tr, cols=tc, mosaic=True)
-    return Volume(data=data, affine=affine, modality=modality, meta=meta)
+    diffusion = _volume_diffusion([(frames[i], t, 0) for t, i in enumerate(order)], n_t, path)
+    return Volume(data=data, affine=affine, modality=modality, meta=meta, diffusion=diffusion)

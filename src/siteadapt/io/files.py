@@ -1,7 +1,9 @@
 """Readers for NIfTI volumes and 2D image files (PNG/JPEG/TIFF), with the checks ingest needs.
 
 Only pixel values and geometry are taken from an input file: NIfTI description/aux fields and extensions, PNG text
-chunks and JPEG EXIF are never read into the outputs, so identifiers they may carry stay behind.
+chunks and JPEG EXIF are never read into the outputs, so identifiers they may carry stay behind. Reasons for refusing
+a file never quote its path or name (readers' exception texts often do: they go through :func:`why`), since reasons
+are recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -36,12 +38,26 @@ def stem_of(path: Path) -> str:
     return path.stem
 
 
+def why(e: BaseException, path: Path, limit: int = 120) -> str:
+    """``"<ExceptionType>: <text>"`` with the file's path (as given and resolved), name and stem replaced by
+    ``<file>``: nibabel and Pillow put the path in their messages."""
+    text = str(e)
+    names = {str(path), path.as_posix(), path.name, stem_of(path)}
+    try:
+        names |= {str(path.resolve()), path.resolve().as_posix()}
+    except OSError:
+        pass
+    for n in sorted((n for n in names if len(n) >= 3), key=len, reverse=True):
+        text = text.replace(n, "<file>")
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
 def read_nifti(path: Path, *, modality: str = "OT") -> Volume:
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for truncated/corrupt files
-        raise InputError(path, f"unreadable NIfTI: {type(e).__name__}: {e}") from None
+        raise InputError(path, f"unreadable NIfTI: {why(e, path)}") from None
     if data.ndim < 2 or data.size == 0:
         raise InputError(path, f"NIfTI has no usable image (shape {data.shape})")
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
@@ -80,12 +96,13 @@ def read_image2d(path: Path, *, spacing: float | None = None, modality: str = "O
             else:  # RGB/RGBA/CMYK/LA: luminance
                 arr = np.asarray(im.convert("L"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(path, f"unreadable image file: {type(e).__name__}: {e}") from None
+        raise InputError(path, f"unreadable image file: {why(e, path)}") from None
     if arr.ndim != 2 or arr.size == 0:
         raise InputError(path, f"not a 2D image (shape {arr.shape})")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise InputError(path, "NaN or infinite values in image")
-    meta = {"source_format": path.suffix.lower().lstrip("."), "source_mode": mode}
+    # PNG/JPEG carry no pixel size: without a configured one, 1.0 mm is assumed and recorded as assumed
+    meta = {"source_format": path.suffix.lower().lstrip("."), "source_mode": mode, "spacing_assumed": not spacing}
     return Volume(data=np.ascontiguousarray(arr.T), affine=affine_2d(spacing or 1.0), modality=modality, meta=meta)
 
 
@@ -100,7 +117,7 @@ def read_label(path: Path, like: Volume) -> np.ndarray:
             img = nib.load(str(path))
             lab = np.asanyarray(img.dataobj)
         except Exception as e:
-            raise InputError(path, f"unreadable label NIfTI: {type(e).__name__}: {e}") from None
+            raise InputError(path, f"unreadable label NIfTI: {why(e, path)}") from None
         while lab.ndim > like.data.ndim and lab.shape[-1] == 1:
             lab = lab[..., 0]
         if lab.shape != like.data.shape[: lab.ndim] or lab.ndim != min(like.data.ndim, 3):
@@ -117,7 +134,7 @@ def read_label(path: Path, like: Volume) -> np.ndarray:
             with Image.open(path) as im:
                 lab = np.asarray(im if im.mode in ("I", "I;16", "L", "P") else im.convert("L")).T
         except Exception as e:
-            raise InputError(path, f"unreadable label image: {type(e).__name__}: {e}") from None
+            raise InputError(path, f"unreadable label image: {why(e, path)}") from None
         if lab.shape != like.data.shape:
             raise InputError(path, f"label shape {tuple(lab.shape[::-1])} (rows x cols) differs from image shape "
                                    f"{tuple(like.data.shape[::-1])}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_text
 
 
 @dataclass
@@ -24,6 +24,9 @@ class Volume:
     modality: str = "OT"
     # Non-identifying facts only (never names, ids, dates, institutions or UIDs).
     meta: dict = field(default_factory=dict)
+    # Diffusion-weighted 4D series: {"bvals": (T,) s/mm2, "dirs_ras": (T, 3) unit gradient directions in the RAS world
+    # frame, zeros for b=0}, in the volume order of ``data``; None otherwise. Written by save_fsl_gradients.
+    diffusion: dict | None = None
 
     @property
     def spacing(self) -> tuple[float, ...]:
@@ -68,3 +71,44 @@ def save_nifti(vol_or_data, path: str | Path, affine: np.ndarray | None = None, 
 def load_nifti(path: str | Path) -> Volume:
     img = nib.load(str(path))
     return Volume(data=np.asanyarray(img.dataobj), affine=img.affine.copy(), modality="OT")
+
+
+def fsl_bvecs(vol: Volume) -> np.ndarray:
+    """The gradient directions of ``vol.diffusion`` as FSL bvecs, shape (3, T).
+
+    Convention (FSL's, which dcm2niix also writes): each vector is expressed in the image's voxel axes (the RAS
+    direction projected on the normalised columns of the affine), and its first component is negated when the
+    affine's determinant is positive (FSL reads such "neurological" images with the first axis flipped). A tool that
+    follows FSL's rule therefore recovers the same world direction from our file and from dcm2niix's, although our
+    arrays are not flipped the way dcm2niix's are.
+    """
+    m = np.asarray(vol.affine, dtype=np.float64)[:3, :3]
+    m = m / np.linalg.norm(m, axis=0)
+    vox = np.asarray(vol.diffusion["dirs_ras"], dtype=np.float64) @ m  # row t: m.T @ dir_t
+    if np.linalg.det(m) > 0:
+        vox[:, 0] *= -1.0
+    vox[np.abs(vox) < 5e-7] = 0.0  # no "-0" in the text
+    return vox.T
+
+
+def _num(v: float) -> str:
+    return f"{float(v):.6g}"
+
+
+def save_fsl_gradients(vol: Volume, nifti_path: str | Path) -> dict[str, Path]:
+    """Write ``<stem>.bval`` and ``<stem>.bvec`` (FSL text format, one column per volume, in the 4D volume order)
+    beside ``nifti_path`` when ``vol.diffusion`` is set, each atomically; remove stale ones otherwise. Returns
+    ``{"bval": path, "bvec": path}`` or ``{}``."""
+    nifti_path = Path(nifti_path)
+    stem = nifti_path.name[:-7] if nifti_path.name.endswith(".nii.gz") else nifti_path.stem
+    paths = {"bval": nifti_path.with_name(stem + ".bval"), "bvec": nifti_path.with_name(stem + ".bvec")}
+    if vol.diffusion is None:
+        for p in paths.values():
+            p.unlink(missing_ok=True)
+        return {}
+    bvals = np.asarray(vol.diffusion["bvals"], dtype=np.float64)
+    if vol.data.ndim != 4 or bvals.shape != (vol.data.shape[3],):
+        raise ValueError(f"{bvals.size} b-values for an image of shape {vol.data.shape}")
+    write_text(paths["bval"], " ".join(_num(b) for b in bvals) + "\n")
+    write_text(paths["bvec"], "".join(" ".join(_num(v) for v in row) + "\n" for row in fsl_bvecs(vol)))
+    return paths

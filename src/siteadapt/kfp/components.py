@@ -114,11 +114,12 @@ def evaluate(params_yaml: str, profile: str, task: str, source_site: str, site: 
 
 
 def register(params_yaml: str, profile: str, task: str, source_site: str, site: str, methods: List[str],
-             summaries: List[str], models: Input[List[Model]], evaluations: Input[List[Dataset]],
+             gate_thresholds: dict, summaries: List[str], models: Input[List[Model]], evaluations: Input[List[Dataset]],
              source_model: Input[Model], ingested_source: Input[Dataset], ingested_target: Input[Dataset],
              prepared_source: Input[Dataset], prepared_target: Input[Dataset]) -> str:
     """Register the run's best method in the MLflow model registry (``siteadapt-<task>-<site>``, alias
-    ``candidate``). Returns the candidate (JSON) for the gates and the promotion."""
+    ``candidate``), recording the run's gate thresholds (params with ``gate_thresholds``) on the version: the
+    promotion may not loosen them. Returns the candidate (JSON) for the gates and the promotion."""
     import json
     import logging
 
@@ -126,7 +127,7 @@ def register(params_yaml: str, profile: str, task: str, source_site: str, site: 
 
     logging.basicConfig(level=logging.INFO)
     job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile,
-                      methods=tuple(methods))
+                      methods=tuple(methods), gates=gate_thresholds)
     inputs = [a.path for a in (ingested_source, ingested_target, prepared_source, prepared_target, source_model)]
     out = runtime.run_register(job, summaries, inputs + [m.path for m in models] + [e.path for e in evaluations])
     return json.dumps(out, sort_keys=True)

@@ -46,6 +46,7 @@ OBJECT_STORE_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCES
 CONFIG_MAP = "siteadapt-config"
 CONFIG_KEYS = {"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION",
                "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}
+CHECKPOINT_KEYS = {"SITEADAPT_CHECKPOINTS": "SITEADAPT_CHECKPOINTS"}  # GPU steps, optional: kfp/checkpoints.py
 DEID_SECRET = "siteadapt-deid"
 DEID_KEYS = {"SITEADAPT_DEID_KEY": "SITEADAPT_DEID_KEY"}
 RUN_AS_USER = 10001  # the images' non-root user
@@ -87,6 +88,9 @@ def _configure(task: dsl.PipelineTask, step: str, display: str | None = None) ->
         k8s.add_node_selector(task, label_key=GPU_NODE_LABEL[0], label_value=GPU_NODE_LABEL[1])
         k8s.set_timeout(task, GPU_TIMEOUT_S)
         task.set_retry(num_retries=2, backoff_duration="60s")  # GPU nodes may be preempted (spot pools)
+        # a retry resumes from the object store's checkpoint; optional: a config map without the key turns it off
+        k8s.use_config_map_as_env(task, config_map_name=CONFIG_MAP, config_map_key_to_env=CHECKPOINT_KEYS,
+                                  optional=True)
     return task
 
 
@@ -140,7 +144,7 @@ def build_pipeline(cpu_image: str | None = None, gpu_image: str | None = None):
                                               source_model=src_model.outputs["source_model"],
                                               model=adapted.outputs["model"]), "evaluate")
 
-        registered = _configure(c.register(**common, site=site, methods=methods,
+        registered = _configure(c.register(**common, site=site, methods=methods, gate_thresholds=gate_thresholds,
                                            summaries=dsl.Collected(evaluated.outputs["Output"]),
                                            models=dsl.Collected(adapted.outputs["model"]),
                                            evaluations=dsl.Collected(evaluated.outputs["evaluation"]),

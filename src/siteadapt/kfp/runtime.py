@@ -27,7 +27,7 @@ import yaml
 
 from ..config import Paths, Settings, parse_settings
 from ..errors import ConfigError, InputError
-from . import locations
+from . import checkpoints, locations
 
 log = logging.getLogger("siteadapt.kfp")
 
@@ -216,8 +216,9 @@ def _one_site(job: Job) -> str:
 def run_ingest(job: Job, location: str, out_dir: str | Path) -> dict:
     """Ingest the site at ``location`` into ``out_dir/ingested/<site>``. Segmentation: ``images/`` and optional
     ``labels/`` (label maps). Classification: ``images/`` (one folder per class, or any layout) and optional
-    ``labels.csv`` (``stem,label``) beside it, as ``siteadapt synth --task pneumonia`` writes them."""
-    from ..steps.ingest import ingest
+    ``labels.csv`` (``stem,label``) beside it, as ``siteadapt synth --task pneumonia`` writes them. An optional
+    ``patients.csv`` (``stem,patient``) beside ``images/`` keys the patient-level split (DICOM: PatientID)."""
+    from ..steps.ingest import ingest, label_options
 
     site = _one_site(job)
     out_dir = Path(out_dir)
@@ -236,9 +237,11 @@ def run_ingest(job: Job, location: str, out_dir: str | Path) -> dict:
             raise InputError(None, f"{location}: task {job.task} is a classification task; its labels are a "
                                    "labels.csv (stem,label) beside images/, or one images/ folder per class, not a "
                                    "labels/ folder")
+        patients = local / "patients.csv"  # optional stem,patient table: splits keep a patient's images together
         res = ingest(images, site, s.paths.ingested, labels=labels if labels.exists() else None,
                      modality=cfg.modality, pixel_spacing_mm=cfg.pixel_spacing_mm,
-                     classes=task.classes if classification else None)
+                     classes=task.classes if classification else None,
+                     patients=patients if patients.is_file() else None, **label_options(task, cfg))
     labeled = sum(1 for it in res.items if (it.get("class_label") is not None if classification else it.get("label")))
     summary = {"site": site, "items": len(res.items), "labeled": labeled, "rejected": len(res.rejected)}
     log.info("ingest %s: %s", site, summary)
@@ -256,12 +259,16 @@ def run_preprocess(job: Job, ingested_dir: str | Path, out_dir: str | Path) -> d
 
 
 def run_train_source(job: Job, prepared_source: str | Path, out_dir: str | Path) -> dict:
+    """Train the source model; with ``$SITEADAPT_CHECKPOINTS`` set, checkpoints go to the object store and a
+    retried or re-submitted step of the same work resumes from there (:mod:`siteadapt.kfp.checkpoints`)."""
     from ..tracking import train_source  # the tracked step (MLflow run), as the CLI and DVC run it
 
     out_dir = Path(out_dir)
     with Workspace(out_dir) as ws:
         ws.add(prepared_source)
-        path = train_source(settings_for(replace(job, site=None), ws.root), job.source_site)
+        s = settings_for(replace(job, site=None), ws.root)
+        with checkpoints.persisted("train_source", s, job.source_site, "source", [prepared_source]) as hook:
+            path = train_source(s, job.source_site, on_checkpoint=hook)
         rel = path.relative_to(ws.root)
     _drop_checkpoints(out_dir)
     return {"model": str(rel)}
@@ -269,13 +276,17 @@ def run_train_source(job: Job, prepared_source: str | Path, out_dir: str | Path)
 
 def run_adapt(job: Job, method: str, prepared_source: str | Path, prepared_target: str | Path,
               source_model: str | Path, out_dir: str | Path) -> dict:
+    """Adapt with one method; object-store checkpoints as :func:`run_train_source`."""
     from ..tracking import adapt
 
     out_dir = Path(out_dir)
     with Workspace(out_dir) as ws:
         for a in (prepared_source, prepared_target, source_model):
             ws.add(a)
-        path = adapt(settings_for(job, ws.root), job.site, method, source=job.source_site)
+        s = settings_for(job, ws.root)
+        with checkpoints.persisted("adapt", s, job.site, method,
+                                   [prepared_source, prepared_target, source_model]) as hook:
+            path = adapt(s, job.site, method, source=job.source_site, on_checkpoint=hook)
         rel = path.relative_to(ws.root)
     _drop_checkpoints(out_dir)
     return {"method": method, "model": str(rel)}

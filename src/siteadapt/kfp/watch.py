@@ -21,6 +21,15 @@ Exactly once
 ``site.yaml`` (optional, in the site's folder) may set ``task``, ``source_site``, ``source_uri``, ``methods``,
 ``modality`` and ``pixel_spacing_mm``; anything else is refused (the site is recorded as ``invalid`` with the reason,
 and not retried until its files change).
+
+A PACS as the source
+    With ``prefix`` a DICOMweb site URI (``dicomweb+http(s)://host/dicom-web?Modality=CT&...``, see
+    :mod:`siteadapt.io.dicomweb`) the watcher serves one site, ``site``: each poll asks the PACS (QIDO-RS) for the
+    studies matching the query. When the site has none on record and the study set is not empty (and ready: ``settle_s``
+    applies to the study set; ``marker`` does not), the matching series are pulled (WADO-RS, exactly once) into
+    ``<stage>/<site>/images/`` (``stage`` a folder or ``s3://`` prefix) and one run is submitted for that location, as
+    for an uploaded site. The state records the digest of the study set (keyed hashes, no UIDs); studies stored later
+    do not trigger another run of the same site (``--resubmit SITE`` does).
 """
 
 from __future__ import annotations
@@ -63,8 +72,18 @@ class Watcher:
     marker: str | None = None
     settle_s: float = 0.0
     clock: Any = time.time
+    site: str | None = None
+    """DICOMweb source only: the name of the site its studies form."""
+    stage: str | None = None
+    """DICOMweb source only: folder or ``s3://`` prefix that receives ``<site>/images/`` for the run."""
 
     def __post_init__(self):
+        from ..io.dicomweb import is_dicomweb
+
+        self.pacs = is_dicomweb(self.prefix)
+        if self.pacs and not (self.site and self.stage):
+            raise ConfigError(f"{self.prefix}: a DICOMweb source needs the site name and a stage location (--site, "
+                              "--stage)")
         self.prefix = locations.as_prefix(self.prefix) if locations.is_s3(self.prefix) else self.prefix
         self.state = self._load()
         self._warned: set[str] = set()
@@ -152,8 +171,62 @@ class Watcher:
             done.append(site)
         return done
 
+    def _stage_pacs_site(self) -> str:
+        """Pull the PACS site's series into ``<stage>/<site>/images`` (exactly once per series); the location."""
+        from pathlib import Path
+
+        from ..io.dicomweb import pull
+        from ..storage import is_uri, upload
+
+        if is_uri(self.stage):
+            local = Path(".siteadapt") / "watch-stage" / self.site  # git-ignored, beside the keys
+            pull(self.prefix, local / "images")
+            location = locations.join(self.stage, self.site)
+            upload(local, location)
+            return location
+        pull(self.prefix, Path(self.stage) / self.site / "images")
+        return str(Path(self.stage) / self.site)
+
+    def _poll_pacs(self) -> list[str]:
+        from ..io.dicomweb import study_set
+
+        site, rec = self.site, self.sites.get(self.site)
+        if rec and rec.get("state") in ("submitting", "submitted", "failed"):
+            return []
+        studies = study_set(self.prefix)
+        if not studies:
+            return []
+        digest = hashlib.sha256("\n".join(studies).encode()).hexdigest()
+        if rec and rec.get("state") == "invalid" and rec.get("digest") == digest:
+            return []
+        if self.settle_s > 0:
+            now = self.clock()
+            if not rec or rec.get("state") != "pending" or rec.get("digest") != digest:
+                self.sites[site] = {"state": "pending", "digest": digest, "seen": now}
+                self._save()
+                return []
+            if now - rec["seen"] < self.settle_s:
+                return []
+        try:
+            check_site_name(site)
+            missing = [k for k in ("task", "source_site", "source_uri") if not self.defaults.get(k)]
+            if missing:
+                raise ConfigError(f"{site}: no {', '.join(missing)} (pass them to the watcher)")
+        except SiteadaptError as e:
+            log.error("site %s: not submitted: %s", site, e)
+            self.sites[site] = {"state": "invalid", "reason": str(e), "digest": digest}
+            self._save()
+            return []
+        # a PACS or object store failing here propagates: run() logs it and the next poll tries again
+        args = {**self.defaults, "site": site, "target_uri": self._stage_pacs_site()}
+        rec = self.sites[site] = {"state": "new", "digest": digest, "studies": len(studies), "arguments": args,
+                                  "run_name": f"siteadapt-{site}-{digest[:8]}"}
+        return [site] if self._submit(site, rec) else []
+
     def poll(self) -> list[str]:
         """List the prefix once; submit every site that is new and ready. Returns the sites submitted."""
+        if self.pacs:
+            return self._poll_pacs()
         submitted = []
         for site in locations.list_sites(self.prefix):
             rec = self.sites.get(site)

@@ -9,8 +9,10 @@
   structure and "mean" (over structures), per subject, and the mean/std over subjects with counts of NaN cases.
   The papers' "ASD" column is our ``assd`` (symmetric, pooled; see :mod:`siteadapt.metrics.segmentation`).
 - Overlays ``<reports>/<task>/overlays/<site>/<method>/<id>.png`` for the first ``n_overlays`` subjects: image,
-  reference and prediction on the slice with the largest reference area (canonical RAS orientation, along the task's
-  slice axis).
+  reference and prediction on the slice with the largest reference area. 3D: the slice of the canonical (RAS) volume
+  along the task's slice axis, shown with superior at the top (axial slices: anterior) and the patient's right on the
+  image's right (the neurological convention, as nibabel-based viewers show RAS data); 2D: the picture the way up the
+  input file shows it (its first row at the top, its first column at the left), see :func:`display_slice`.
 - Label-free checks (``plausibility``: empty and fragmented predicted structures, on the raw predictions of every test
   subject, labeled or not; :mod:`siteadapt.metrics.plausibility`). A site without labels gets only these
   (``"labeled": false``, no Dice); the report's tables skip it and the promotion gates use them.
@@ -40,7 +42,7 @@ import numpy as np
 
 from ..config import Settings
 from ..data.geometry import AXES
-from ..errors import InputError
+from ..errors import EmptyReferenceError, InputError
 from ..io.atomic import atomic_path, write_json
 from ..metrics import classification_metrics, segmentation_metrics, summarize, youden_threshold
 from ..metrics.plausibility import shape_checks, summarize_plausibility
@@ -59,10 +61,24 @@ def _canonical(img: nib.Nifti1Image) -> np.ndarray:
     return np.asanyarray(nib.as_closest_canonical(img).dataobj)
 
 
+def display_slice(a: np.ndarray, *, two_d: bool) -> np.ndarray:
+    """A 2D array in the order ``imshow`` draws it (row 0 at the top, its default ``origin="upper"``).
+
+    2D images are stored ``[i, j]`` = (column, row) of the picture as exported (io/files.py reads a PNG as its
+    transpose, io/dicom.py a radiograph likewise; the voxel-to-world affine only flips signs for LPS -> RAS and
+    preprocessing keeps these axis directions), so the transpose is the input picture the way up it was saved.
+    Rotating it by 90 degrees like a 3D slice (what this code once did for both) shows it upside down.
+    A slice of a canonical (RAS) 3D volume is ``[first, second]`` of the two remaining RAS axes (coronal: R, S;
+    axial: R, A; sagittal: A, S): rotated by 90 degrees counter-clockwise, the second axis's positive end (superior
+    or anterior) is at the top and the first axis's positive end (the patient's right) is at the right."""
+    return np.ascontiguousarray(a.T if two_d else np.rot90(a))
+
+
 def save_overlay(image: np.ndarray, ref: np.ndarray | None, pred: np.ndarray, axis: int, path: Path, title: str,
                  n_labels: int) -> None:
     """Image | reference | prediction on the slice with the largest reference area (the largest predicted area when
-    the subject has no reference: unlabeled sites)."""
+    the subject has no reference: unlabeled sites). A 2-dimensional ``image`` is a 2D picture indexed (column, row),
+    a 3-dimensional one a canonical (RAS) volume; :func:`display_slice` says which way up each is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,12 +89,11 @@ def save_overlay(image: np.ndarray, ref: np.ndarray | None, pred: np.ndarray, ax
         ref, ref_title = np.zeros_like(pred), "reference (none)"
     pick = ref if ref.any() else pred
     if image.ndim == 2:
-        im, r, p = image, ref, pred
+        im, r, p = (display_slice(a, two_d=True) for a in (image, ref, pred))
     else:
         area = (np.moveaxis(pick, axis, 0) > 0).reshape(pick.shape[axis], -1).sum(1)
         k = int(np.argmax(area))
-        im, r, p = (np.take(a, k, axis=axis) for a in (image, ref, pred))
-    im, r, p = (np.rot90(a) for a in (im, r, p))  # RAS index order -> radiological-ish display
+        im, r, p = (display_slice(np.take(a, k, axis=axis), two_d=False) for a in (image, ref, pred))
     lo, hi = np.percentile(im, [1, 99])
     cmap = plt.get_cmap("tab10", max(n_labels, 2))
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
@@ -110,6 +125,7 @@ def evaluate(settings: Settings, site: str, method: str, *, seed: int | None = N
     from .train import run_name
 
     pred_dir = s.paths.predictions / site / run_name(s, method, seed)
+    _check_references(s, site, subjects, structures, split)
     reports, used, shapes, n_drawn = [], [], [], 0
     overlay_dir = s.paths.reports / site_task(s, site) / "overlays" / site / run_name(s, method, seed)
     for r in subjects:
@@ -177,6 +193,24 @@ def evaluate(settings: Settings, site: str, method: str, *, seed: int | None = N
     log.info("%s/%s: mean Dice %.3f, ASSD %.2f mm over %d subjects -> %s", site, method, out["dice"]["mean"],
              out["assd"]["mean"], len(reports), path)
     return path
+
+
+def _check_references(s: Settings, site: str, subjects: list[dict], structures: dict[str, int], split: str) -> None:
+    """A labelled site whose reference label maps (of the ``split`` subjects) hold no voxel of any structure gets no
+    metrics: every Dice would be NaN (or 0), which reads as a result. EmptyReferenceError (exit 4) before anything is
+    written; checked up front so that no overlay or metrics file is left. Some empty references among non-empty ones
+    are scored as usual (their NaNs are counted in the summary)."""
+    labelled = [r for r in subjects if r.get("label")]
+    if not labelled:
+        return  # an unlabeled site: label-free checks only
+    ids = list(structures.values())
+    for r in labelled:
+        if np.isin(np.asanyarray(nib.load(str(s.paths.ingested / r["label"])).dataobj), ids).any():
+            return
+    raise EmptyReferenceError(
+        f"site {site}: none of the {len(labelled)} labelled {split} subjects' reference label maps holds a voxel of "
+        f"any structure ({', '.join(f'{k}={v}' for k, v in structures.items())}): every Dice would be undefined. "
+        f"Check the label export (values, empty masks) and sites.{site}.label_map, then re-run ingest")
 
 
 def threshold_then_metrics(val_labels, val_scores, test_labels, test_scores) -> dict:
@@ -295,8 +329,8 @@ def save_examples(s: Settings, site: str, rows: list[dict], threshold: float | N
         ax.axis("off")
     for ax, r in zip(axes.ravel(), shown):
         if r["id"] in index:
-            # a prepared 2D image is indexed (column, row) of the picture as exported: transposed, it shows upright
-            ax.imshow(data.images[index[r["id"]]].T, cmap="gray", vmin=-1, vmax=1)
+            # a prepared 2D image keeps the (column, row) indexing of the picture as exported: shown upright
+            ax.imshow(display_slice(data.images[index[r["id"]]], two_d=True), cmap="gray", vmin=-1, vmax=1)
         txt = f"P({classes[1]}) {r['score']:.2f}"
         color = "black"
         if threshold is not None:

@@ -4,19 +4,41 @@ Output under ``<data_root>/<site>/``::
 
     images/<id>.nii.gz     one per DICOM series, NIfTI file or 2D image (<id> = keyed anonymous id)
     labels/<id>.nii.gz     when a label file matched (same grid as the image)
+    images/<id>.bval/.bvec diffusion b-values/vectors (FSL format) of a diffusion-weighted DICOM series
     manifest.json          items (id, modality, shape, spacing, orientation, sha256, paths) and rejected inputs
 
 Rules:
 - The input tree is only read. Every output file is written under a temporary name and renamed.
-- An input that cannot be used is listed in ``rejected`` with the file (relative to the input root, identifiers
-  redacted) and the reason; the rest of the site still ingests.
-- Re-running on the same input rewrites nothing: each item remembers a fingerprint of its input files (relative path,
-  size, modification time, hashed) and the sha256 of its outputs; an item is re-read only when these changed.
+- An input that cannot be used is listed in ``rejected`` with a keyed reference instead of its name (``file``:
+  ``in-`` + 12 hex digits, :func:`siteadapt.io.deid.input_ref` of its path under its root), its root (``in``:
+  ``input``, ``labels`` or ``patients``), its place in that root's sorted walk (``position``: ``"12 of 40"``) and
+  folder depth, and the reason (the file's path and name, and identifiers seen in DICOM headers, replaced); the rest
+  of the site still ingests. ``siteadapt ingest --site S --explain`` (:func:`explain`) maps the references back to
+  files on the machine holding the inputs and the key, by hashing every path again; it prints and writes nothing.
+- Re-running on the same input rewrites nothing: each item remembers a keyed fingerprint of its input files (relative
+  path, size, modification time; plus the assumed-or-configured pixel spacing of 2D images, the class and the patient
+  key) and the sha256 of its outputs; an item is re-read only when these changed.
 - No identifier reaches outputs or logs: file names are anonymous ids, NIfTI headers carry geometry only, the manifest
-  holds no UIDs, names, dates or input paths of used files; log lines name items by anonymous id.
+  holds no UIDs, names, dates or input paths or file names (used or not); log lines name items by anonymous id and
+  refused inputs by reference.
+- 2D images (PNG/JPEG/TIFF) carry no pixel size: without ``pixel_spacing_mm`` 1.0 mm is assumed, each such item gets
+  ``spacing_assumed: true`` and one warning per site says so (every item records ``spacing_assumed``).
+- Patient key (for patient-level splits): each item records ``patient``, the keyed hash
+  ``anon_id(key, site, "patient", ID)`` of its patient, never the ID: from the ``patients`` CSV (header
+  ``stem,patient``; stems matched as labels are) when given, else from a DICOM series' PatientID; absent when unknown.
+  CSV rows that match no image or repeat one are listed in ``rejected`` by line number.
 
 Label matching: a label file (NIfTI or PNG/TIFF) is matched by its file stem: for NIfTI and 2D images, the image's own
 stem; for DICOM series, in order, the name of the folder holding the series, its AccessionNumber, PatientID or StudyID.
+
+Label values (segmentation): a label map may hold only 0 and the task's structure ids, after the site's ``label_map``
+(``sites.<site>.label_map: {255: 1}``: export value -> task id, applied here, so the written labels carry the task's
+ids). Any other value (PNG masks saved as 0/127/254, ids 7 or 255 where the task uses 1-4) would become background
+downstream, so the site is refused as a whole with :class:`~siteadapt.errors.LabelValuesError` (exit 4) before any
+output is written; the message lists the values found and expected and names each bad label map by its position in
+path order under the labels folder and its anonymous item id (never by file name: stems are often patient ids).
+A site whose every input is refused still gets its manifest (the refusals), then ingest fails with
+:class:`~siteadapt.errors.NothingUsableError` (exit 3).
 
 Image-level labels (classification tasks, ``classes=[negative, positive]``): either a CSV file ``labels`` with a header
 ``stem,label`` (``label`` a class name, case-insensitive, or its index; ``stem`` matched as above, a file extension
@@ -39,11 +61,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, LabelValuesError, NothingUsableError
 from ..io import files as F
 from ..io.atomic import remove_stale_temps, sha256_file, write_json
-from ..io.deid import Scrubber, anon_id, load_key
-from ..io.volume import Volume, save_nifti
+from ..io.deid import Scrubber, anon_id, input_ref, is_generic, keyed_digest, load_key
+from ..io.volume import Volume, save_fsl_gradients, save_nifti
 
 log = logging.getLogger("siteadapt.ingest")
 
@@ -63,6 +85,8 @@ class _Candidate:
     class_label: int | None = None
     class_source: str | None = None
     fingerprint: str = ""
+    patient_id: str | None = None  # raw PatientID (DICOM) or patients-CSV value; never written out
+    patient: str | None = None  # its keyed hash (what the manifest records)
 
 
 @dataclass
@@ -83,12 +107,14 @@ class IngestResult:
         return self.manifest["rejected"]
 
 
-def _fingerprint(files: list[Path], root: Path) -> str:
-    h = hashlib.sha256()
+def _fingerprint(files: list[Path], root: Path, key: bytes, extra: list[str] = ()) -> str:
+    """Keyed (HMAC) digest of the files' relative paths, sizes and times plus ``extra`` settings: without the key a
+    recorded fingerprint cannot confirm a guessed file name."""
+    parts = []
     for f in sorted(files):
         st = f.stat()
-        h.update(f"{f.relative_to(root) if root in f.parents else f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+        parts.append(f"{f.relative_to(root) if root in f.parents else f}|{st.st_size}|{st.st_mtime_ns}")
+    return keyed_digest(key, "\n".join(parts + list(extra)))
 
 
 def _walk(root: Path) -> list[Path]:
@@ -117,7 +143,8 @@ def _label_index(labels: Path | None, rejected: list) -> dict[str, Path]:
             continue
         stem = F.stem_of(p)
         if stem in index:
-            rejected.append((p, labels, f"two label files share the stem {stem!r}"))
+            rejected.append((p, labels, "another label file with the same file stem comes first in path order "
+                                        "(that one is used)"))
             continue
         index[stem] = p
     return index
@@ -175,6 +202,46 @@ def _class_table(path: Path, classes: list[str], rejected: list) -> dict[str, tu
     return table
 
 
+def _patient_table(path: Path, site: str, rejected: list) -> dict[str, tuple[str, int]]:
+    """``stem -> (patient, CSV line)`` from a ``stem,patient`` CSV; bad rows go to ``rejected`` by line number (never
+    by stem or patient: both are identifiers)."""
+    if not path.is_file():
+        raise InputError(None, f"sites.{site}.patients: the patients CSV does not exist")
+    try:
+        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(None, f"sites.{site}.patients: unreadable patients CSV: {type(e).__name__}") from None
+    head = [h.strip().lower() for h in rows[0]] if rows else []
+    si = next((head.index(c) for c in _STEM_COLUMNS if c in head), None)
+    pi = next((head.index(c) for c in ("patient", "patient_id", "patientid", "subject") if c in head), None)
+    if si is None or pi is None:
+        raise InputError(None, f"sites.{site}.patients: the patients CSV needs a header with a stem column (stem) "
+                               "and a patient column (patient)")
+    table: dict[str, tuple[str, int]] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or all(not v.strip() for v in row):
+            continue
+        if len(row) <= max(si, pi) or not row[si].strip() or not row[pi].strip():
+            rejected.append((path, path.parent, f"line {line}: missing stem or patient"))
+            continue
+        stem = F.stem_of(Path(row[si].strip()))
+        if stem in table:
+            rejected.append((path, path.parent, f"line {line}: a second patient for the image of line "
+                                                f"{table[stem][1]}"))
+        else:
+            table[stem] = (row[pi].strip(), line)
+    return table
+
+
+def _positions(root: Path | None) -> dict[Path, str]:
+    """``file -> "12 of 40"``: each file's rank in the sorted walk of ``root`` (what ingest walks, dot-files and
+    system files left out), so that a refused file can be found without its name."""
+    if root is None or not root.is_dir():
+        return {}
+    files = _walk(root)
+    return {p: f"{i} of {len(files)}" for i, p in enumerate(files, start=1)}
+
+
 def _class_from_folders(c: _Candidate, source: Path, classes: list[str]) -> int | None:
     """The class named by the nearest folder above the candidate's files (under ``source``), if any."""
     low = [x.lower() for x in classes]
@@ -202,9 +269,9 @@ def _discover(source: Path, rejected: list, scrub: Scrubber) -> list[_Candidate]
         for s in series:
             for k in s.match_keys:
                 scrub.add(k)
-            _collect_phi(s.files[0], scrub)
+            pid = _collect_phi(s.files[0], scrub)
             cands.append(_Candidate(kind="dicom", identity=s.uid, files=list(s.files), match_keys=list(s.match_keys),
-                                    series=s))
+                                    series=s, patient_id=pid))
         known = set(nifti) | set(image2d)
         for f, reason in bad:
             f = Path(f)
@@ -213,14 +280,17 @@ def _discover(source: Path, rejected: list, scrub: Scrubber) -> list[_Candidate]
     return cands
 
 
-def _collect_phi(path: Path, scrub: Scrubber) -> None:
+def _collect_phi(path: Path, scrub: Scrubber) -> str | None:
+    """Collect the identifiers of a series' first file for scrubbing; returns its PatientID (or None)."""
     try:
         import pydicom
 
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         scrub.add_dataset(ds)
+        pid = str(ds.get("PatientID", "") or "").strip()
+        return pid or None
     except Exception:  # the reader already decided this file is usable; scrubbing is best effort on top
-        pass
+        return None
 
 
 def _load(c: _Candidate, modality: str | None, pixel_spacing: float | None) -> Volume:
@@ -267,8 +337,13 @@ def _item_record(c: _Candidate, vol: Volume, out_dir: Path, label: np.ndarray | 
         "label_sha256": None,
         "label_values": None,
         "input_fingerprint": c.fingerprint,
+        "spacing_assumed": bool(vol.meta.get("spacing_assumed", False)),
         "meta": {k: v for k, v in vol.meta.items() if isinstance(v, (str, int, float, bool, list, type(None)))},
     }
+    if c.patient is not None:
+        rec["patient"] = c.patient
+    for k, p in save_fsl_gradients(vol, out_dir / img_rel).items():  # diffusion: images/<id>.bval, .bvec
+        rec[k], rec[f"{k}_sha256"] = f"images/{p.name}", sha256_file(p)
     if label is not None:
         lab_rel = f"labels/{c.id}.nii.gz"
         rec.update(label=lab_rel, label_sha256=sha256_file(out_dir / lab_rel),
@@ -277,7 +352,7 @@ def _item_record(c: _Candidate, vol: Volume, out_dir: Path, label: np.ndarray | 
 
 
 def _outputs_intact(rec: dict, out_dir: Path) -> bool:
-    for key in ("image", "label"):
+    for key in ("image", "label", "bval", "bvec"):
         rel = rec.get(key)
         if rel is None:
             continue
@@ -287,9 +362,147 @@ def _outputs_intact(rec: dict, out_dir: Path) -> bool:
     return True
 
 
+def label_options(task, site_cfg) -> dict:
+    """The label keywords of :func:`ingest` for a site of ``task`` (config ``Task``, ``Site``): a segmentation site's
+    label maps are checked against the task's structure ids after the site's ``label_map``; other tasks get none."""
+    if task.kind != "segmentation":
+        return {}
+    return {"label_ids": sorted(task.structures.values()), "label_map": dict(site_cfg.label_map)}
+
+
+def _label_file_values(path: Path) -> np.ndarray | None:
+    """The distinct values of a label file, read as :func:`siteadapt.io.files.read_label` reads it; None when it
+    cannot be read (the main pass then refuses it with read_label's reason)."""
+    try:
+        if F.kind_of(path) == "nifti":
+            import nibabel as nib
+
+            lab = np.asanyarray(nib.load(str(path)).dataobj)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                lab = np.asarray(im if im.mode in ("I", "I;16", "L", "P") else im.convert("L"))
+        if lab.dtype.kind == "f" and not np.isfinite(lab).all():
+            return None
+        return np.unique(lab)
+    except Exception:  # unreadable here means unreadable in the main pass, which names the reason
+        return None
+
+
+def _unexpected_values(values, allowed: set[int]) -> list[int]:
+    """Integer values not in ``allowed`` (non-integer values are read_label's refusal, with its own reason)."""
+    return sorted({int(v) for v in np.asarray(values).ravel() if int(v) == v and int(v) not in allowed})
+
+
+def _apply_label_map(label: np.ndarray, label_map: dict[int, int]) -> np.ndarray:
+    """``label`` with each mapped value replaced at once (a swap ``{1: 2, 2: 1}`` works), as uint8 when it fits."""
+    if not label_map:
+        return label
+    out = label.copy()
+    for value, target in label_map.items():
+        out[label == value] = target
+    return np.ascontiguousarray(out.astype(np.uint8 if int(out.max(initial=0)) <= 255 else np.uint16))
+
+
+def _label_values_error(site: str, bad: list[tuple[int, str, list[int], list[int]]], n_labels: int,
+                        label_ids: list[int], label_map: dict[int, int]) -> LabelValuesError:
+    """The one-line error for label maps with unexpected values. ``bad``: (position, item id, values in the file,
+    unexpected values). Labels are named by position in path order and by anonymous item id, never by file name."""
+    found = sorted({v for _, _, vals, _ in bad for v in vals})
+    unexpected = sorted({v for *_, u in bad for v in u})
+    expected = sorted({0, *label_ids})
+    where = ", ".join(f"#{pos} (item {cid})" for pos, cid, _, _ in sorted(bad)[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    mapped = f"; label_map {dict(sorted(label_map.items()))} applied" if label_map else ""
+    template = ", ".join(f"{v}: ID" for v in unexpected[:8])
+    return LabelValuesError(
+        f"site {site}: {len(bad)} of {n_labels} label maps hold values that are not the task's ids (nothing was "
+        f"written; the site is refused as a whole): values found {found}, unexpected {unexpected}, expected "
+        f"{expected} (0 + the structure ids{mapped}); label maps {where}{more} in path order under the labels "
+        f"folder. If the export uses other values, map them in params.yaml: sites.{site}.label_map: {{{template}}} "
+        "with ID 0 or a structure id")
+
+
+def _where(path: Path, root: Path, labels: Path | None, patients: Path | None) -> tuple[str, str]:
+    """(root kind, path under that root) of a refused file, as :func:`input_ref` hashes it."""
+    if patients is not None and path == patients:
+        return "patients", path.name
+    if labels is not None and (path == labels or root == labels):
+        return "labels", path.name if path == labels else path.relative_to(root).as_posix()
+    try:
+        return "input", path.relative_to(root).as_posix()
+    except ValueError:
+        return "input", path.name
+
+
+def _rejected_records(rejected_raw: list, key: bytes, site: str, source: Path, labels: Path | None,
+                      patients: Path | None, scrub: Scrubber) -> list[dict]:
+    """The manifest's ``rejected`` entries: keyed reference, root, position and reason, never a path or name. The
+    reason has the file's path, name and stem, the roots' paths and identifiers from DICOM headers replaced."""
+    pos = {"input": _positions(source), "labels": _positions(labels)}
+    roots = sorted({str(r) for r in (source, source.resolve(), labels, patients) if r is not None}, key=len,
+                   reverse=True)
+    out = []
+    for path, root, reason in rejected_raw:
+        path, root = Path(path), Path(root)
+        where, rel = _where(path, root, labels, patients)
+        text = str(reason)
+        names = {str(path), rel} | {n for n in (path.name, F.stem_of(path)) if not is_generic(n)}
+        for n in sorted(names, key=len, reverse=True):
+            if len(n) >= 3:
+                text = text.replace(n, "<file>")
+        for r in roots:
+            text = text.replace(r, "<root>")
+        if path in (labels, patients):
+            position, depth = f"the {where} CSV", 0
+        else:
+            position, depth = pos.get(where, {}).get(path, "outside the walk"), len(Path(rel).parts) - 1
+        out.append({"file": input_ref(key, site, where, rel), "in": where, "position": position, "depth": depth,
+                    "reason": scrub(text)})
+    rank = {k: i for i, k in enumerate(("input", "labels", "patients"))}
+    out.sort(key=lambda r: (rank[r["in"]], int(r["position"].split()[0]) if r["position"][0].isdigit() else 0,
+                            r["reason"]))
+    return out
+
+
+def explain(source: str | Path, site: str, data_root: str | Path, *, labels: str | Path | None = None,
+            patients: str | Path | None = None, key: bytes | None = None) -> list[dict]:
+    """Map the references of the site's refused inputs (its manifest's ``rejected``) back to local files: every file
+    under ``source`` and ``labels`` (and the CSVs) is hashed again with the key. Returns the rejected entries with
+    ``path`` (relative to its root) added, ``None`` where no local file matches (other key, input moved). For the
+    user's terminal only: the result holds file names and must not be written to outputs or logs."""
+    source, data_root = Path(source), Path(data_root)
+    labels = Path(labels) if labels is not None else None
+    patients = Path(patients) if patients is not None else None
+    key = key or load_key(data_root)
+    mpath = data_root / site / "manifest.json"
+    if not mpath.is_file():
+        raise InputError(None, f"site {site}: no manifest.json yet: run `siteadapt ingest --site {site}` first")
+    lookup: dict[str, str] = {}
+    for where, root in (("input", source), ("labels", labels)):
+        if root is not None and root.is_dir():
+            for p in _walk(root):
+                rel = p.relative_to(root).as_posix()
+                lookup[input_ref(key, site, where, rel)] = f"{where}/{rel}"
+    for where, f in (("labels", labels), ("patients", patients)):
+        if f is not None and f.is_file():
+            lookup[input_ref(key, site, where, f.name)] = f"{where} CSV {f.name}"
+    rejected = json.loads(mpath.read_text()).get("rejected", [])
+    return [{**r, "path": lookup.get(r.get("file"))} for r in rejected]
+
+
 def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str | Path | None = None,
            modality: str | None = None, pixel_spacing_mm: float | None = None, key: bytes | None = None,
-           classes: list[str] | None = None) -> IngestResult:
+           classes: list[str] | None = None, label_ids: list[int] | None = None,
+           label_map: dict[int, int] | None = None, patients: str | Path | None = None) -> IngestResult:
+    """Ingest the site at ``source`` (see the module docstring). ``label_ids``: the task's structure ids; when
+    given, every label map must hold only 0 and these ids after ``label_map`` (the site's ``label_map``: export value
+    -> task id, applied to the written labels), else :class:`LabelValuesError` (exit 4) before anything is written.
+    One bad label map fails the whole site: a mismatch is almost always a systematic export setting, and refusing it
+    loudly beats ingesting part of the site with its labels silently erased. A site that ends with no item raises
+    :class:`NothingUsableError` (exit 3) after its manifest (with the refusals) is written. ``patients``: a
+    ``stem,patient`` CSV giving each image's patient (hashed into the item's ``patient``)."""
     source = Path(source)
     if not source.exists():
         raise InputError(source, "input folder does not exist")
@@ -310,7 +523,7 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
         try:
             old = json.loads(manifest_path.read_text())
         except json.JSONDecodeError:
-            log.warning("%s: unreadable manifest, re-ingesting everything", manifest_path)
+            log.warning("%s: unreadable manifest.json, re-ingesting everything", site)
             old = {}
     old_items = {it["id"]: it for it in old.get("items", [])}
 
@@ -321,6 +534,12 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
         rejected_raw = [r for r in rejected_raw if Path(r[0]).resolve() != labels.resolve()]
     class_table = _class_table(labels, list(classes), rejected_raw) if classes and labels is not None else None
     label_index = _label_index(None if classes else labels, rejected_raw)
+    patients = Path(patients) if patients is not None else None
+    if patients is not None:  # a patients CSV kept inside the image folder is not an input
+        rejected_raw = [r for r in rejected_raw if Path(r[0]).resolve() != patients.resolve()]
+    patient_table = _patient_table(patients, site, rejected_raw) if patients is not None else None
+    label_pos = {p: i for i, p in enumerate(label_index.values(), start=1)}  # path order: names stay unwritten
+    label_map = dict(label_map or {})
     if not cands and not rejected_raw:
         raise InputError(source, "empty folder: no DICOM, NIfTI or image files found")
 
@@ -344,20 +563,54 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
         elif classes:
             c.class_label = _class_from_folders(c, source, list(classes))
             c.class_source = "folder" if c.class_label is not None else None
-        c.fingerprint = _fingerprint(c.files + ([c.label_path] if c.label_path else []), source)
+        if patient_table is not None:
+            for k in c.match_keys:
+                if k in patient_table:
+                    c.patient_id = patient_table.pop(k)[0]
+                    break
+        c.patient = anon_id(key, site, "patient", c.patient_id) if c.patient_id else None
+        extra = []
+        if c.label_path is not None and label_map:  # a changed label_map re-reads the label
+            extra.append(f"label_map={sorted(label_map.items())}")
         if c.class_label is not None:
-            c.fingerprint = hashlib.sha256(f"{c.fingerprint}|class={c.class_label}".encode()).hexdigest()
+            extra.append(f"class={c.class_label}")
+        if c.kind == "image2d":  # setting pixel_spacing_mm later must rewrite the items that assumed 1.0 mm
+            extra.append(f"spacing={pixel_spacing_mm or 'assumed'}")
+        if c.patient is not None:
+            extra.append(f"patient={c.patient}")
+        c.fingerprint = _fingerprint(c.files + ([c.label_path] if c.label_path else []), source, key, extra)
     for stem, p in label_index.items():
         rejected_raw.append((p, labels, "label file matches no image"))
     for stem, (k, line) in (class_table or {}).items():
         rejected_raw.append((labels, labels.parent, f"line {line}: label row matches no image"))
+    for stem, (_, line) in (patient_table or {}).items():
+        rejected_raw.append((patients, patients.parent, f"line {line}: patient row matches no image"))
+
+    allowed = None if label_ids is None else {0, *map(int, label_ids)}
+
+    def reusable(c: _Candidate, prev: dict | None) -> bool:
+        return bool(prev and prev.get("input_fingerprint") == c.fingerprint and _outputs_intact(prev, out_dir)
+                    and (allowed is None or set(prev.get("label_values") or []) <= allowed))
+
+    if allowed is not None:  # every label map to (re)read is checked before any output is written
+        bad = []
+        for cid in sorted(by_id):
+            c = by_id[cid]
+            if c.label_path is None or reusable(c, old_items.get(cid)):
+                continue
+            values = _label_file_values(c.label_path)
+            unexpected = [] if values is None else _unexpected_values(values, allowed | set(label_map))
+            if unexpected:
+                bad.append((label_pos.get(c.label_path, 0), cid, [int(v) for v in values], unexpected))
+        if bad:
+            raise _label_values_error(site, bad, len(label_pos), sorted(allowed - {0}), label_map)
 
     result = IngestResult(site=site, out_dir=out_dir, manifest={})
     items = []
     for cid in sorted(by_id):
         c = by_id[cid]
         prev = old_items.get(cid)
-        if prev and prev.get("input_fingerprint") == c.fingerprint and _outputs_intact(prev, out_dir):
+        if reusable(c, prev):
             items.append(prev)
             result.skipped.append(cid)
             continue
@@ -372,6 +625,12 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
                 label = F.read_label(c.label_path, vol)
             except InputError as e:
                 rejected_raw.append((c.label_path, labels, e.reason))
+        if label is not None:
+            label = _apply_label_map(label, label_map)
+            if allowed is not None and _unexpected_values(np.unique(label), allowed):  # the check above missed it
+                raise _label_values_error(site, [(label_pos.get(c.label_path, 0), cid, np.unique(label).tolist(),
+                                                  _unexpected_values(np.unique(label), allowed))],
+                                          len(label_pos), sorted(allowed - {0}), label_map)
         save_nifti(vol, out_dir / "images" / f"{cid}.nii.gz")
         lab_file = out_dir / "labels" / f"{cid}.nii.gz"
         if label is not None:
@@ -389,24 +648,25 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
     # items whose input disappeared: drop them (the output mirrors the input)
     for cid, rec in old_items.items():
         if cid not in by_id:
-            for k in ("image", "label"):
+            for k in ("image", "label", "bval", "bvec"):
                 if rec.get(k):
                     (out_dir / rec[k]).unlink(missing_ok=True)
             result.removed.append(cid)
             log.info("%s: removed %s (its input is gone)", site, cid)
 
-    rejected = []
-    for path, root, reason in rejected_raw:
-        path = Path(path)
-        try:
-            rel = path.relative_to(root).as_posix()
-            where = "labels" if labels is not None and (root == labels or path == labels) else "input"
-        except ValueError:
-            rel, where = path.name, "input"
-        rejected.append({"file": scrub(rel), "in": where, "reason": scrub(reason)})
-        log.warning("%s: not used: %s/%s: %s", site, where, scrub(rel), scrub(reason))
-    rejected.sort(key=lambda r: (r["in"], r["file"], r["reason"]))
+    rejected = _rejected_records(rejected_raw, key, site, source, labels, patients, scrub)
+    for r in rejected:
+        log.warning("%s: not used: %s %s (%s): %s", site, r["in"], r["file"], r["position"], r["reason"])
+    assumed = sum(1 for it in items if it.get("spacing_assumed"))
+    if assumed:
+        log.warning("%s: %d of %d images carry no pixel spacing (PNG/JPEG/TIFF): 1.0 mm is assumed, so every size "
+                    "in mm (spacing, crops, surface distances) is in pixels; set sites.%s.pixel_spacing_mm in "
+                    "params.yaml", site, assumed, len(items), site)
 
+    from ..io.uidmap import record as record_uids  # original DICOM UIDs for `siteadapt export`: a site-local key
+
+    record_uids(site, data_root, [(it["id"], it["input_fingerprint"], by_id[it["id"]].files) for it in items
+                                  if it["kind"] == "dicom" and it["id"] in by_id])  # file, never in the outputs
     manifest = {"version": MANIFEST_VERSION, "site": site, "items": items, "rejected": rejected}
     new_text = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
     if not manifest_path.exists() or manifest_path.read_text() != new_text:
@@ -415,4 +675,7 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
     labeled = sum(1 for it in items if it["label"] or it.get("class_label") is not None)
     log.info("%s: %d items (%d written, %d unchanged, %d labeled), %d inputs not used", site, len(items),
              len(result.written), len(result.skipped), labeled, len(rejected))
+    if not items:  # the manifest above (written atomically) lists the refusals; the step must not look green
+        raise NothingUsableError(f"site {site}: nothing usable: all {len(rejected)} inputs were refused "
+                                 f"({NothingUsableError.count_refusals(rejected)}); the reasons are in {manifest_path}")
     return result

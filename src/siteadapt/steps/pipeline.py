@@ -20,7 +20,7 @@ log = logging.getLogger("siteadapt.pipeline")
 def run_all(settings: Settings, tasks: list[str] | None = None, synth: bool = True) -> dict:
     from ..data.synth import synthesize
     from .evaluate import evaluate
-    from .ingest import ingest
+    from .ingest import ingest, label_options
     from .preprocess import preprocess
     from .report import report
     from .train import adapt, predict, train_source
@@ -49,8 +49,8 @@ def run_all(settings: Settings, tasks: list[str] | None = None, synth: bool = Tr
         site = s.sites[n]
         task = s.tasks[site.task]
         timed("ingest", ingest, site.images, n, s.paths.ingested, labels=site.labels, modality=site.modality,
-              pixel_spacing_mm=site.pixel_spacing_mm,
-              classes=task.classes if task.kind == "classification" else None)
+              pixel_spacing_mm=site.pixel_spacing_mm, patients=site.patients,
+              classes=task.classes if task.kind == "classification" else None, **label_options(task, site))
     for n in sites:
         timed("preprocess", preprocess, s, n)
     for task in tasks:

@@ -30,7 +30,9 @@ Output ``<prepared>/<site>/`` (written to a temporary folder, then swapped in wh
     norm.json                     the intensity statistics (from the training split) and settings used
 
 The split is subject-level and seeded (``seed`` + site name): test = ``split.test`` of subjects (20% as in the
-papers), val = ``split.val``, the rest train.
+papers), val = ``split.val``, the rest train. Where the manifest gives items a ``patient`` key (DICOM PatientID or the
+site's ``patients`` CSV, hashed at ingest), the images of one patient are drawn together, so that no patient is in
+two splits (:func:`split_by_content`).
 
 Classification tasks (image-level labels from the manifest's ``class_label``): every image is one "subject" with one
 slice, the whole image padded square and resized to ``image_size`` with the 2D intensity steps above (as the chest
@@ -56,7 +58,7 @@ from scipy import ndimage
 
 from ..config import Settings
 from ..data.geometry import AXES, crop_grid, resample, resample_labels, voxel_to_world
-from ..errors import InputError
+from ..errors import InputError, LabelValuesError, NothingUsableError
 from ..io.atomic import atomic_path, write_json
 
 log = logging.getLogger("siteadapt.preprocess")
@@ -69,10 +71,55 @@ def split_by_content(items: list[dict], seed: int, site: str, val: float, test: 
     """The site's split, keyed by item id, drawn on the items' content hashes (``content_sha256`` of the ingest
     manifest) rather than on their ids: ids are keyed pseudonyms, and a checkout with another de-identification key
     must get the same split (the same table) from the same data. Items with identical pixels share a key and so a
-    split. Manifests written before content hashes existed fall back to the ids."""
-    key = {it["id"]: it.get("content_sha256") or f"id:{it['id']}" for it in items}
-    by_key_strata = None if strata is None else {key[i]: c for i, c in strata.items()}
+    split. Manifests written before content hashes existed fall back to the ids.
+
+    Patient-level: items that share a ``patient`` (the manifest's keyed patient hash) are one group, drawn as one, so
+    no patient lands in two splits; groups are joined through shared content as well (union of both relations). A
+    group is drawn on its smallest content hash, which does not depend on the key either (the grouping does not:
+    equal hashes under one key are equal patients). An item without ``patient`` is its own patient, so a site where
+    every item has its own patient gets exactly the image-level split. With ``strata``, a group's stratum is its
+    most frequent class (ties: the first in sorted text order)."""
+    content = {it["id"]: it.get("content_sha256") or f"id:{it['id']}" for it in items}
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for it in items:
+        a = find(f"c:{content[it['id']]}")
+        if it.get("patient"):
+            b = find(f"p:{it['patient']}")
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    members: dict[str, list[str]] = {}
+    for i in content:
+        members.setdefault(find(f"c:{content[i]}"), []).append(i)
+    key = {}
+    for ids in members.values():
+        k = min(content[i] for i in ids)
+        key |= {i: k for i in ids}
+    by_key_strata = None
+    if strata is not None:
+        votes: dict[str, dict[str, int]] = {}
+        labels: dict[str, object] = {}
+        for i, c in strata.items():
+            if i in key:
+                votes.setdefault(key[i], {}).setdefault(str(c), 0)
+                votes[key[i]][str(c)] += 1
+                labels[f"{key[i]}|{c}"] = c
+        by_key_strata = {}
+        for k, v in votes.items():
+            best = max(sorted(v), key=lambda c: v[c])
+            by_key_strata[k] = labels[f"{k}|{best}"]
     by_key = split_subjects(sorted(set(key.values())), seed, site, val, test, strata=by_key_strata)
+    grouped = [ids for ids in members.values() if len({content[i] for i in ids}) > 1]
+    if grouped:
+        log.info("%s: split by patient: %d images in %d groups of one patient each (the rest one image per patient)",
+                 site, sum(len(g) for g in grouped), len(grouped))
     return {i: by_key[k] for i, k in key.items()}
 
 
@@ -174,6 +221,28 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asanyarray(img.dataobj), img.affine.copy()
 
 
+def _check_usable(site: str, task, items: list[dict], rejected: list[dict], mpath: Path) -> None:
+    """Refuse a site preprocessing would turn into nothing or into silent background. No item: NothingUsableError
+    (exit 3) naming the ingest refusals, counted per reason (no file names or paths). Segmentation label maps whose
+    values (the manifest's ``label_values``) are not the task's structure ids: LabelValuesError (exit 4), since
+    resampling keeps only the task's ids (an ingest made before ingest checked values, or ``structures`` edited
+    since: re-run ingest)."""
+    if not items:
+        raise NothingUsableError(f"site {site} has no ingested items: ingest refused all {len(rejected)} inputs "
+                                 f"({NothingUsableError.count_refusals(rejected)}); the reasons are in {mpath}")
+    if task.kind != "segmentation":
+        return
+    ids = set(task.structures.values())
+    bad = [it for it in items if it.get("label") and not set(it.get("label_values") or []) <= ids]
+    if bad:
+        found = sorted({int(v) for it in bad for v in it.get("label_values") or []})
+        raise LabelValuesError(
+            f"site {site}: {len(bad)} of {sum(1 for it in items if it.get('label'))} ingested label maps hold values "
+            f"that are not the task's ids: values found {found} (besides 0), expected {sorted({0, *ids})} (items "
+            f"{', '.join(it['id'] for it in bad[:5])}{' ...' if len(bad) > 5 else ''}); re-run `siteadapt ingest "
+            f"--site {site}` (it checks values and applies sites.{site}.label_map)")
+
+
 def preprocess(settings: Settings, site: str) -> dict:
     s = settings
     site_cfg = s.site(site)
@@ -186,8 +255,7 @@ def preprocess(settings: Settings, site: str) -> dict:
         raise InputError(mpath, f"no manifest for site {site}: run `siteadapt ingest --site {site}` first")
     manifest = json.loads(mpath.read_text())
     items = [it for it in manifest["items"]]
-    if not items:
-        raise InputError(mpath, f"site {site} has no ingested items")
+    _check_usable(site, task, items, manifest.get("rejected") or [], mpath)
     ids = list(task.structures.values())
     rule = s.roi_rule(site)
     classify = task.kind == "classification"

@@ -4,13 +4,19 @@ which version serves the site.
 - :func:`register_model` logs an adapted model as an MLflow ``pyfunc`` model (a thin wrapper around the method's
   ``predict_subject``, with an input example and signature) into the model's training run, registers it as a new
   version of ``siteadapt-<task>-<site>``, tags it (method, variant, source and target site, sha256 of the sites' data,
-  the method options, git commit, the gate measurements) and moves the alias ``candidate`` to it. Registering the
-  same weights again re-uses their version (only the alias moves).
+  the method options, git commit, the gate measurements, the gate thresholds in force) and moves the alias
+  ``candidate`` to it. Registering the same weights again re-uses their version (only the alias moves; the recorded
+  thresholds can only get stricter).
 - :func:`promote` moves the alias ``champion`` to the ``candidate`` version if every configured gate passes
-  (``registry.gates`` in params.yaml) and records who, when and why as tags; a failed gate refuses the promotion
-  (recorded as well) and is reported in the returned ``gates`` list, it never raises.
+  (``registry.gates`` in params.yaml, which may be stricter than the thresholds recorded at registration but not
+  looser: :class:`GateLoosenedError`, unless overridden with a reason, which is recorded) and records the
+  authenticated identity, when and why as tags, with a signed promotion record; a failed gate refuses the promotion
+  (recorded as well) and is reported in the returned ``gates`` list.
+- :func:`verify_champion` (``siteadapt promote --check``) tells whether the ``champion`` alias was put where it is
+  by :func:`promote` (any MLflow client can move an alias; k8s/MLFLOW-AUTH.md puts the server behind authentication).
 
-Gates (measured at registration, thresholds read at promotion, so changing a threshold needs no re-registration):
+Gates (measured and their thresholds recorded at registration; promotion applies the promoter's ``registry.gates``,
+which may tighten the recorded thresholds but not loosen them):
 
 - segmentation, a site with labeled test subjects: ``min_target_dice`` (mean Dice over structures and test
   subjects, from ``siteadapt evaluate``);
@@ -32,7 +38,8 @@ segmentation, the label map ``(N, H, W)`` (uint8, the task's label ids; :class:`
 classification, P(positive class) per image ``(N,)`` (float32, the task's ``classes[1]``;
 :class:`SiteadaptClassifier`). It is stored as code (``siteadapt/pyfunc_model.py`` / ``pyfunc_classifier.py``), not
 as a pickle. Loading it needs the ``siteadapt`` package in the environment (it is listed in the model's
-requirements).
+requirements). Input with NaN or +/-Inf anywhere is refused (:class:`NonFiniteInputError`, with the counts), never
+mapped to a label map or a probability.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from __future__ import annotations
 import datetime as _dt
 import getpass
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -47,10 +55,12 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from .. import __version__
 from ..config import Gates, Settings
-from ..errors import InputError, SiteadaptError
+from ..errors import GateLoosenedError, InputError, RegistryError, SiteadaptError
 from .evaluate import metrics_path
 from .select import label_dice
 
@@ -58,10 +68,22 @@ log = logging.getLogger("siteadapt.register")
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
+ENV_PROMOTION_KEY = "SITEADAPT_PROMOTION_KEY"  # HMAC key of the gate and promotion records (a k8s Secret)
+GATES_PREFIX = "gates."                        # version tags: the gate thresholds recorded at registration
+GATES_DIGEST = "gates.digest"
+GATES_DIGEST_ALG = "gates.digest_alg"
+RECORD_TAG = "promotion.record"                # version tags: what siteadapt wrote when it promoted the version
+RECORD_SIG = "promotion.signature"
+RECORD_SIG_ALG = "promotion.signature_alg"
 
 
-class RegistryError(SiteadaptError):
-    """Nothing to promote (no candidate), or the registry refused an operation."""
+class NonFiniteInputError(SiteadaptError, MlflowException):
+    """The serving input holds NaN or infinite values: nothing is predicted. An ``MlflowException`` with error code
+    ``INVALID_PARAMETER_VALUE`` as well, so that a model server answers 400 with this message rather than a
+    generic 500."""
+
+    def __init__(self, message: str):
+        MlflowException.__init__(self, message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def model_name(task: str, site: str) -> str:
@@ -84,7 +106,9 @@ class _SiteadaptModel(mlflow.pyfunc.PythonModel):
     def _logits(self, model_input):
         import torch
 
-        x = np.asarray(model_input, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes +/-Inf here, and is counted as such
+            x = np.asarray(model_input, dtype=np.float32)
+        check_finite(x)
         if x.ndim == 3:
             x = x[:, None]
         with torch.no_grad():
@@ -108,6 +132,21 @@ class SiteadaptClassifier(_SiteadaptModel):
         if logits.ndim != 2:
             raise ValueError(f"expected class logits (N, K) from {self.method.name}, got shape {tuple(logits.shape)}")
         return torch.softmax(logits, 1)[:, 1].numpy().astype(np.float32)
+
+
+def check_finite(x: np.ndarray) -> None:
+    """Refuse input with NaN or +/-Inf anywhere (counted after the cast to float32, as the network would see it):
+    a network maps NaN to some class silently (an all-background label map), so garbage in must not look like a
+    result. Raises :class:`NonFiniteInputError` with the counts; names no value and no file."""
+    finite = np.isfinite(x)
+    if finite.all():
+        return
+    n_nan = int(np.isnan(x).sum())
+    n_pos, n_neg = int(np.isposinf(x).sum()), int(np.isneginf(x).sum())
+    raise NonFiniteInputError(
+        f"input refused: {x.size - int(finite.sum())} of {x.size} values are not finite (NaN {n_nan}, +Inf {n_pos}, "
+        f"-Inf {n_neg}); the model takes preprocessed images (siteadapt preprocess: float32 in [-1, 1]) and "
+        "predicted nothing")
 
 
 WRAPPERS = {"segmentation": (SiteadaptSegmenter, "pyfunc_model.py"),
@@ -256,6 +295,112 @@ def format_gate(g: dict) -> str:
     return f"{g['name']}: {v} (needs {op} {g['threshold']}) {'passed' if g['passed'] else 'FAILED'}"
 
 
+# ---- gate policy: recorded at registration, compared at promotion ---------------------------------------------------
+def _key() -> bytes | None:
+    k = os.environ.get(ENV_PROMOTION_KEY, "")
+    return k.encode() if k else None
+
+
+def _digest(payload: dict) -> tuple[str, str]:
+    """(algorithm, hex digest) of ``payload`` as canonical JSON: HMAC-SHA256 with ``$SITEADAPT_PROMOTION_KEY`` when
+    set (a client without the key cannot forge it), else plain SHA-256 (a consistency check only)."""
+    data = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
+    key = _key()
+    if key:
+        return "hmac-sha256", hmac.new(key, data, hashlib.sha256).hexdigest()
+    return "sha256", hashlib.sha256(data).hexdigest()
+
+
+def _digest_problem(payload: dict, alg: str | None, digest: str | None, what: str) -> str | None:
+    """Why ``digest`` (made with ``alg``) does not vouch for ``payload`` now, or None when it does. With the key set,
+    only an HMAC made with it is accepted (a plain SHA-256 could have been written by anyone)."""
+    if not digest:
+        return f"{what} has no digest"
+    want_alg, want = _digest(payload)
+    if alg != want_alg:
+        if alg == "hmac-sha256":
+            return f"{what} is signed with a key: set {ENV_PROMOTION_KEY} to verify it"
+        return f"{what} is not signed ({alg}) but {ENV_PROMOTION_KEY} is set: it may have been written without the key"
+    if not hmac.compare_digest(want, digest):
+        return f"{what} does not match its {alg} digest (changed after siteadapt wrote it)"
+    return None
+
+
+def gate_policy(cfg: Gates) -> dict:
+    """Every setting of ``registry.gates`` (thresholds, None = off, and ``label_free``), numbers as floats."""
+    return {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+            for k, v in cfg.model_dump().items()}
+
+
+def _looser(name: str, recorded, requested) -> bool:
+    """Whether ``requested`` is looser than ``recorded`` for gate ``name``: a lower ``min_``, a higher ``max_``, a
+    gate switched off that was on, or ``label_free`` weakened from ``always`` to ``auto``."""
+    if name == "label_free":
+        return recorded == "always" and requested != "always"
+    if recorded is None:
+        return False
+    if requested is None:
+        return True
+    return requested < recorded if name.startswith("min_") else requested > recorded
+
+
+def loosened_gates(recorded: dict, requested: Gates) -> list[dict]:
+    """The gates of ``requested`` looser than ``recorded`` (a :func:`gate_policy`): ``[{"gate", "recorded",
+    "requested"}]``. A gate the record does not know (added to siteadapt later) is not compared."""
+    want = gate_policy(requested)
+    return [{"gate": k, "recorded": recorded[k], "requested": want[k]}
+            for k in want if k in recorded and _looser(k, recorded[k], want[k])]
+
+
+def stricter_policy(a: dict, b: dict) -> dict:
+    """Per gate the stricter of two policies (re-registering the same weights can tighten the record, never
+    loosen it)."""
+    out = dict(a)
+    for k, v in b.items():
+        if k not in out or _looser(k, v, out[k]):  # out[k] looser than v
+            out[k] = v
+    return out
+
+
+def policy_tags(policy: dict) -> dict[str, str]:
+    """Version tags of a gate policy: ``gates.<name>`` per setting plus its digest (:func:`_digest`)."""
+    alg, digest = _digest(policy)
+    return {**{f"{GATES_PREFIX}{k}": _tag_value(v) for k, v in policy.items()},
+            GATES_DIGEST: digest, GATES_DIGEST_ALG: alg}
+
+
+def recorded_policy(tags: dict[str, str]) -> dict | None:
+    """The gate policy recorded on a version (its ``gates.*`` tags), None for a version registered without one."""
+    out: dict = {}
+    for k, v in tags.items():
+        if not k.startswith(GATES_PREFIX) or k in (GATES_DIGEST, GATES_DIGEST_ALG):
+            continue
+        name = k.removeprefix(GATES_PREFIX)
+        out[name] = v if name == "label_free" else _float_tag(v)
+    return out or None
+
+
+def recorded_gates(name: str, version: str) -> dict:
+    """``{"thresholds": <policy>, "digest", "digest_alg"}`` recorded on a registered version (thresholds None when
+    it has none)."""
+    from .. import tracking
+
+    tags = tracking.connect().get_model_version(name, version).tags
+    return {"thresholds": recorded_policy(tags), "digest": tags.get(GATES_DIGEST),
+            "digest_alg": tags.get(GATES_DIGEST_ALG)}
+
+
+def promoter_identity() -> tuple[str, str]:
+    """(who promotes, where the name comes from): ``$MLFLOW_TRACKING_USERNAME`` (``"mlflow"``) when set, else the
+    OS user (``"os"``). Behind an authenticating MLflow server (k8s/MLFLOW-AUTH.md) the MLflow name is the one the
+    server checked the password of on every request; with a local store only the OS user is known. ``--actor`` is
+    never the identity: it is kept beside it as a display note."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "").strip()
+    if user:
+        return user, "mlflow"
+    return _user(), "os"
+
+
 # ---- registry -------------------------------------------------------------------------------------------------------
 def _tag_value(v) -> str:
     if v is None:
@@ -278,7 +423,11 @@ def register_model(settings: Settings, site: str, method: str, seed: int | None 
                    extra_tags: dict[str, str] | None = None) -> dict:
     """Register the model of ``method`` adapted to ``site`` as a new version of ``siteadapt-<task>-<site>`` with alias
     ``candidate``. ``extra_tags`` are set on the version as well (``siteadapt select`` records why the method won:
-    :func:`siteadapt.steps.select.selection_tags`). Returns ``{"name", "version", "alias": "candidate", "run_id"}``."""
+    :func:`siteadapt.steps.select.selection_tags`). Returns ``{"name", "version", "alias": "candidate", "run_id"}``.
+
+    The gate thresholds in force (all of ``registry.gates``) are recorded on the version (``gates.<name>`` tags and
+    their digest, :func:`policy_tags`): :func:`promote` refuses looser ones. Registering the same weights again keeps
+    per gate the stricter of the recorded and the current threshold."""
     import torch
 
     from .. import tracking
@@ -305,12 +454,22 @@ def register_model(settings: Settings, site: str, method: str, seed: int | None 
         h = _weights_sha256(src, h)
     sha = h.hexdigest()
     values = gate_values(settings, site, method, seed)
+    policy = gate_policy(settings.registry.gates)
 
     name = model_name(task, site)
     for mv in client.search_model_versions(f"name='{name}'"):
         if mv.tags.get("model_sha256") == sha:
             for k, v in values.items():  # the evaluation may have changed (e.g. post-processing): fresh measurements
                 client.set_model_version_tag(name, mv.version, f"gate.{k}", _tag_value(v))
+            old = recorded_policy(mv.tags)
+            merged = policy if old is None else stricter_policy(old, policy)
+            if old is not None and loosened_gates(old, settings.registry.gates):
+                log.warning("%s version %s: registry.gates are looser than the recorded gates; the recorded (stricter)"
+                            " thresholds stay", name, mv.version)
+            if merged != old or _digest_problem(merged, mv.tags.get(GATES_DIGEST_ALG), mv.tags.get(GATES_DIGEST),
+                                                 "the gate record"):
+                for k, v in policy_tags(merged).items():
+                    client.set_model_version_tag(name, mv.version, k, v)
             client.set_model_version_tag(name, mv.version, "kind", kind)
             for k, v in (extra_tags or {}).items():
                 client.set_model_version_tag(name, mv.version, k, _tag_value(v))
@@ -352,7 +511,7 @@ def register_model(settings: Settings, site: str, method: str, seed: int | None 
         "source_site": source, "target_site": site, "seed": payload.get("seed", settings.seed),
         "profile": settings.profile, "params": json.dumps(payload["options"], sort_keys=True, default=str),
         "model_sha256": sha, "uses_target_labels": str(cls.trains_on_target_labels).lower(), **git, **hashes,
-        **{f"gate.{k}": v for k, v in values.items()}, **(extra_tags or {}),
+        **{f"gate.{k}": v for k, v in values.items()}, **policy_tags(policy), **(extra_tags or {}),
     }
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, _tag_value(v))
@@ -372,45 +531,152 @@ def version_gates(name: str, version: str) -> dict[str, float | None]:
     return {k.removeprefix("gate."): _float_tag(v) for k, v in mv.tags.items() if k.startswith("gate.")}
 
 
+def _by_alias(client, name: str, alias: str, hint: str = ""):
+    """The version of ``name`` that ``alias`` points at; :class:`RegistryError` (with ``hint``) when there is none."""
+    from .. import tracking
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except Exception:  # noqa: BLE001 - MlflowException: no such model or alias
+        raise RegistryError(f"{name}: no version has alias '{alias}' in "
+                            f"{tracking.redact(tracking.tracking_uri())}{hint}") from None
+
+
 def promote(settings: Settings, site: str, task: str | None = None, actor: str | None = None,
-            reason: str | None = None) -> dict:
+            reason: str | None = None, override_gates: bool = False) -> dict:
     """Move alias ``champion`` to the ``candidate`` version of ``siteadapt-<task>-<site>`` if every gate passes.
-    Returns ``{"promoted": bool, "version": str, "gates": [{"name", "value", "threshold", "passed"}, ...]}``."""
+    Returns ``{"promoted": bool, "version": str, "gates": [{"name", "value", "threshold", "passed"}, ...],
+    "identity": str, "override": None | {...}}``.
+
+    The thresholds applied are ``settings.registry.gates``, but they may not be looser than the ones recorded on the
+    version at registration (:func:`loosened_gates`): looser ones raise :class:`GateLoosenedError` (naming each gate,
+    its recorded and its requested value; the refusal is tagged on the version, no alias moves) unless
+    ``override_gates`` is set with a ``reason``, which is recorded on the version (``promotion.override.*``: who,
+    when, which gates, why) and in the promotion record. Stricter thresholds always apply as given.
+
+    Who: the identity of :func:`promoter_identity` (the authenticated MLflow user, else the OS user) is recorded as
+    ``promoted_by``; ``actor`` (``--actor``, else ``$SITEADAPT_ACTOR``) is only a display note,
+    ``promotion.actor_note``. A promoted version gets a promotion record (``promotion.record``: version, weights and
+    gates digests, time, identity, override) signed with ``$SITEADAPT_PROMOTION_KEY`` when set (else a SHA-256
+    consistency digest), written before the alias moves; :func:`verify_champion` checks it."""
+    from .. import tracking
+
+    reason = (reason or "").strip() or None
+    if override_gates and not reason:
+        raise RegistryError("--override-gates needs --reason TEXT (recorded on the version with who and when)")
+    task = task or settings.site(site).task
+    name = model_name(task, site)
+    client = tracking.connect()
+    mv = _by_alias(client, name, CANDIDATE, f" (run `siteadapt register --site {site} --method METHOD` first)")
+    version = str(mv.version)
+    identity, source = promoter_identity()
+    note = actor or os.environ.get("SITEADAPT_ACTOR") or None
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    def history(record: dict) -> None:
+        client.set_registered_model_tag(name, f"promotion.{int(_dt.datetime.now().timestamp() * 1000)}",
+                                        json.dumps(record, default=str)[:5000])
+
+    def refuse(what: str, details) -> None:
+        for k, v in {"promotion_refused_by": identity, "promotion_refused_at": now,
+                     "promotion_refused_gates": json.dumps(details, default=str)[:5000]}.items():
+            client.set_model_version_tag(name, version, k, v)
+        history({"version": version, "by": identity, "actor_note": note, "at": now, "promoted": False,
+                 "refused": what, "details": details})
+
+    recorded = recorded_policy(mv.tags)
+    loose: list[dict] = []
+    if recorded is None:
+        if not override_gates:
+            refuse("no recorded gates", [])
+            raise RegistryError(f"{name} version {version} has no gate thresholds recorded (registered by an older "
+                                f"siteadapt): register it again (`siteadapt register`) to record them")
+    else:
+        problem = _digest_problem(recorded, mv.tags.get(GATES_DIGEST_ALG), mv.tags.get(GATES_DIGEST),
+                                  "the gate record")
+        if problem:
+            refuse("recorded gates do not verify", [problem])
+            raise RegistryError(f"{name} version {version}: {problem}; register it again to record the gates")
+        loose = loosened_gates(recorded, settings.registry.gates)
+        if loose and not override_gates:
+            refuse("gates looser than recorded", loose)
+            raise GateLoosenedError(
+                f"{name} version {version}: gates looser than recorded at registration: "
+                + "; ".join(f"{g['gate']} recorded {g['recorded']}, requested {g['requested']}" for g in loose)
+                + ". Promote with the recorded gates, or with --override-gates --reason TEXT (recorded)")
+    override = None
+    if override_gates and (loose or recorded is None):
+        override = {"by": identity, "at": now, "gates": loose if recorded is not None else "no recorded gates",
+                    "reason": reason[:1000]}
+
+    values = {k.removeprefix("gate."): _float_tag(v) for k, v in mv.tags.items() if k.startswith("gate.")}
+    kind = mv.tags.get("kind") or (settings.tasks[task].kind if task in settings.tasks else None)
+    gates = check_gates(settings.registry.gates, values, kind)
+    ok = all(g["passed"] for g in gates)
+    reason = reason or ("gates passed" if ok else "refused by gates")
+    summary = {"version": version, "by": identity, "identity_source": source, "actor_note": note, "at": now,
+               "reason": reason, "promoted": ok, "gates": gates, "override": override}
+    if ok:
+        record = {"name": name, "version": version, "model_sha256": mv.tags.get("model_sha256"),
+                  "gates_digest": mv.tags.get(GATES_DIGEST), "thresholds": gate_policy(settings.registry.gates),
+                  "at": now, "by": identity, "identity_source": source, "override": override}
+        alg, sig = _digest(record)
+        tags = {RECORD_TAG: json.dumps(record, sort_keys=True, default=str), RECORD_SIG: sig, RECORD_SIG_ALG: alg,
+                "promoted_by": identity, "promoted_at": now, "promotion_reason": reason[:1000],
+                "promotion.identity_source": source, "promotion.actor_note": note or ""}
+        if override:
+            tags.update({"promotion.override.by": identity, "promotion.override.at": now,
+                         "promotion.override.gates": json.dumps(override["gates"], default=str),
+                         "promotion.override.reason": override["reason"]})
+        for k, v in tags.items():  # the record first: a champion without one is what a raw client leaves
+            client.set_model_version_tag(name, version, k, v)
+        client.set_registered_model_alias(name, CHAMPION, version)
+        for k, v in {"champion.version": version, "champion.promoted_by": identity, "champion.promoted_at": now,
+                     "champion.reason": reason[:1000]}.items():
+            client.set_registered_model_tag(name, k, str(v))
+        history(summary)
+    else:
+        refuse("refused by gates", [g for g in gates if not g["passed"]])
+    log.info("%s: version %s %s", name, version, "promoted to champion" if ok else "NOT promoted")
+    return {"promoted": ok, "version": version, "gates": gates, "identity": identity, "override": override}
+
+
+def verify_champion(settings: Settings, site: str, task: str | None = None) -> dict:
+    """Check that the ``champion`` of ``siteadapt-<task>-<site>`` was put there by :func:`promote`: its version
+    carries a promotion record naming this model and version, whose digest verifies (an HMAC with
+    ``$SITEADAPT_PROMOTION_KEY`` when set; without the key only a SHA-256 consistency digest can be checked, which
+    anyone able to write tags could recompute), whose weights digest is the version's (gates tightened by a later
+    registration are fine), and the model's ``champion.version`` tag names the same version. Returns ``{"name",
+    "version", "verified", "problems": [...], "record"}``; raises :class:`RegistryError` when there is no champion.
+    Detection only: without server authentication any MLflow client can still move the alias (k8s/MLFLOW-AUTH.md)."""
     from .. import tracking
 
     task = task or settings.site(site).task
     name = model_name(task, site)
     client = tracking.connect()
-    try:
-        mv = client.get_model_version_by_alias(name, CANDIDATE)
-    except Exception:  # noqa: BLE001 - MlflowException: no such model or alias
-        raise RegistryError(f"{name}: no version has alias '{CANDIDATE}' in {tracking.redact(tracking.tracking_uri())} "
-                            f"(run `siteadapt register --site {site} --method METHOD` first)") from None
-    values = {k.removeprefix("gate."): _float_tag(v) for k, v in mv.tags.items() if k.startswith("gate.")}
-    kind = mv.tags.get("kind") or (settings.tasks[task].kind if task in settings.tasks else None)
-    gates = check_gates(settings.registry.gates, values, kind)
-    ok = all(g["passed"] for g in gates)
-    actor = actor or os.environ.get("SITEADAPT_ACTOR") or _user()
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    reason = reason or ("gates passed" if ok else "refused by gates")
-    record = {"version": str(mv.version), "actor": actor, "at": now, "reason": reason, "promoted": ok,
-              "gates": gates}
-    if ok:
-        client.set_registered_model_alias(name, CHAMPION, mv.version)
-        for k, v in {"promoted_by": actor, "promoted_at": now, "promotion_reason": reason}.items():
-            client.set_model_version_tag(name, mv.version, k, v)
-        for k, v in {"champion.version": mv.version, "champion.promoted_by": actor, "champion.promoted_at": now,
-                     "champion.reason": reason}.items():
-            client.set_registered_model_tag(name, k, str(v))
+    mv = _by_alias(client, name, CHAMPION)
+    version, problems, record = str(mv.version), [], None
+    raw = mv.tags.get(RECORD_TAG)
+    if not raw:
+        problems.append(f"version {version} has no siteadapt promotion record (the alias was moved outside "
+                        f"`siteadapt promote`)")
     else:
-        failed = [g for g in gates if not g["passed"]]
-        for k, v in {"promotion_refused_by": actor, "promotion_refused_at": now,
-                     "promotion_refused_gates": json.dumps(failed)}.items():
-            client.set_model_version_tag(name, mv.version, k, v)
-    client.set_registered_model_tag(name, f"promotion.{int(_dt.datetime.now().timestamp() * 1000)}",
-                                    json.dumps(record, default=str)[:5000])
-    log.info("%s: version %s %s", name, mv.version, "promoted to champion" if ok else "NOT promoted")
-    return {"promoted": ok, "version": str(mv.version), "gates": gates}
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            problems.append("the promotion record is not valid JSON")
+    if record is not None:
+        if record.get("name") != name or str(record.get("version")) != version:
+            problems.append(f"the promotion record is for {record.get('name')} version {record.get('version')}")
+        p = _digest_problem(record, mv.tags.get(RECORD_SIG_ALG), mv.tags.get(RECORD_SIG), "the promotion record")
+        if p:
+            problems.append(p)
+        if record.get("model_sha256") != mv.tags.get("model_sha256"):
+            problems.append("the version's weights digest (model_sha256) differs from the promotion record's")
+    pointer = client.get_registered_model(name).tags.get("champion.version")
+    if pointer != version:
+        problems.append(f"siteadapt last promoted version {pointer}, the alias points at {version}")
+    return {"name": name, "version": version, "verified": not problems, "problems": problems, "record": record}
 
 
 def _user() -> str:

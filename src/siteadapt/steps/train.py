@@ -132,7 +132,9 @@ def load_model(path: Path, device: str = "cpu") -> tuple[Method, dict]:
     return m, payload
 
 
-def train_source(settings: Settings, site: str, tracker=None, seed: int | None = None) -> Path:
+def train_source(settings: Settings, site: str, tracker=None, seed: int | None = None, on_checkpoint=None) -> Path:
+    """Train the source model of ``site`` in its model folder (resuming from the checkpoint there);
+    ``on_checkpoint(path, step)`` runs after each checkpoint (Kubeflow copies it to the object store)."""
     from ..train.engine import fit
 
     method = build_method(settings, "source", site, seed)
@@ -140,7 +142,7 @@ def train_source(settings: Settings, site: str, tracker=None, seed: int | None =
     out = model_dir(settings, site, "source", seed)  # another seed: source.seed<k>, beside the pipeline's model
     cfg = _train_config(settings, site, method, seed)
     method.total_iterations = cfg.iterations
-    summary = fit(method, data, None, cfg, out, tracker=tracker)
+    summary = fit(method, data, None, cfg, out, tracker=tracker, on_checkpoint=on_checkpoint)
     save_model(method, out / "model.pt", site=site, source_site=site, target_site=None, summary=summary,
                seed=settings.seed if seed is None else seed)
     log.info("source model for %s: %d iterations in %.0f s", site, summary["iterations"], summary["seconds"])
@@ -148,7 +150,9 @@ def train_source(settings: Settings, site: str, tracker=None, seed: int | None =
 
 
 def adapt(settings: Settings, target: str, method_name: str, *, source: str | None = None, tracker=None,
-          seed: int | None = None) -> Path:
+          seed: int | None = None, on_checkpoint=None) -> Path:
+    """Adapt ``method_name`` to ``target`` in its model folder (resuming from the checkpoint there);
+    ``on_checkpoint(path, step)`` runs after each checkpoint."""
     from ..train.engine import fit
 
     d = settings.direction_to(target, source)
@@ -173,18 +177,21 @@ def adapt(settings: Settings, target: str, method_name: str, *, source: str | No
     method.prepare(train_set, target_set, source_model=src_model)
     summary = {"iterations": 0, "seconds": 0.0}
     if method.trains:
-        summary = fit(method, train_set, target_set, cfg, out, tracker=tracker)
+        summary = fit(method, train_set, target_set, cfg, out, tracker=tracker, on_checkpoint=on_checkpoint)
     save_model(method, out / "model.pt", source_site=d.source, target_site=target, summary=summary,
                seed=settings.seed if seed is None else seed, variant=method_name)
     if target_set is not None:
-        save_translations(method, train_set, target_set, out / "translations.png")
+        save_translations(method, train_set, target_set, out / "translations.png",
+                          two_d=settings.task_of(target).dims == 2)
     if src_model is not None:  # methods that apply the source segmenter keep a reference to its file
         write_json(out / "uses.json", {"source_model": str(src_path)})
     return out / "model.pt"
 
 
-def save_translations(method: Method, source, target, path: Path, n: int = 4) -> Path | None:
-    """Grid of a few source and target slices and what the method translates them into (if it translates)."""
+def save_translations(method: Method, source, target, path: Path, n: int = 4, two_d: bool = False) -> Path | None:
+    """Grid of a few source and target slices and what the method translates them into (if it translates).
+    ``two_d``: the slices are 2D pictures indexed (column, row) (drawn transposed, the way up the input file shows
+    them); otherwise canonical 3D slices (rotated: superior or anterior up), as the evaluation overlays."""
     method.eval()
     dev = next(method.parameters()).device if any(True for _ in method.parameters()) else torch.device("cpu")
     idx_s = np.linspace(0, len(source) - 1, n).astype(int)
@@ -205,7 +212,8 @@ def save_translations(method: Method, source, target, path: Path, n: int = 4) ->
     for r, (title, imgs) in enumerate(rows):
         for c in range(n):
             ax = axes[r, c]
-            ax.imshow(np.rot90(imgs[c, 0].float().cpu().numpy()), cmap="gray", vmin=-1, vmax=1)
+            a = imgs[c, 0].float().cpu().numpy()
+            ax.imshow(a.T if two_d else np.rot90(a), cmap="gray", vmin=-1, vmax=1)
             ax.axis("off")
             if c == 0:
                 ax.set_title(title, fontsize=7, loc="left")

@@ -21,7 +21,11 @@
   label-free and reproducible. (Label-free selection criteria such as the discriminator loss plateau or prediction
   entropy on target images are poorly correlated with target Dice in adversarial training, so we do not pretend.)
 - Progress goes to stderr every ``log_every`` iterations (iteration, it/s, the method's losses); a ``tracker`` (e.g.
-  MLflow, later) receives the same numbers.
+  MLflow) receives the same numbers. A tracker may also have ``begin(start)`` (told the iteration the run starts
+  from, 0 or the resumed checkpoint's, before the first point) and ``checkpointed(step)`` (called after each
+  checkpoint is written: MLflow flushes its buffered points then, so that a run killed later has every point up to
+  its last checkpoint and a resumed run neither misses nor repeats a step). ``on_checkpoint(path, step)`` is called
+  after each checkpoint too (Kubeflow copies it to the object store, :mod:`siteadapt.kfp.checkpoints`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -130,10 +134,13 @@ def random_affine(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator,
 
 
 def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainConfig, run_dir: Path,
-        tracker: Tracker | None = None, stop_after: int | None = None) -> dict:
+        tracker: Tracker | None = None, stop_after: int | None = None,
+        on_checkpoint: Callable[[Path, int], None] | None = None) -> dict:
     """Train ``method`` for ``cfg.iterations`` iterations, resuming from ``run_dir/checkpoint.pt`` when present.
 
     ``stop_after`` (tests) returns after that many iterations of *this call*, like a kill after a checkpoint.
+    ``on_checkpoint(path, step)`` runs after each checkpoint is written (the file at ``path`` holds iteration
+    ``step``).
     Returns a summary: iterations done, seconds, iterations/s and the last losses.
     """
     run_dir = Path(run_dir)
@@ -169,6 +176,8 @@ def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainCon
         _set_rng_state(state["rng"])
         start = int(state["step"])
         log.info("resuming %s from iteration %d", method.name, start)
+    if hasattr(tracker, "begin"):
+        tracker.begin(start)
 
     src = _Sampler(source, device, with_labels=True)
     tgt = _Sampler(target, device, with_labels=method.trains_on_target_labels) \
@@ -215,6 +224,10 @@ def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainCon
                 tracker.log_metrics({f"train/{k}": v for k, v in losses.items()} | {"train/it_per_s": ips}, it)
         if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
             save(it)
+            if hasattr(tracker, "checkpointed"):
+                tracker.checkpointed(it)
+            if on_checkpoint is not None:
+                on_checkpoint(ckpt, it)
         if stop_after is not None and done_here >= stop_after:
             break
     secs = time.perf_counter() - t0

@@ -1,0 +1,273 @@
+"""Export step: a method's label maps on a PACS site -> one DICOM SEG per subject (highdicom), optionally STOW-RS.
+
+``siteadapt export --site T --method M --format seg [--stow URL]`` takes the predictions of ``predict`` (label maps on
+each subject's original grid, ``<predictions>/<T>/<M>/<id>.nii.gz``, the test subjects by default) and writes
+``<out>/<id>.dcm`` (default ``<data root>/export/<T>/<M>/``): a binary DICOM Segmentation of the original series.
+
+Choices it follows:
+
+- **Source series as ingested.** The original StudyInstanceUID, SeriesInstanceUID, FrameOfReferenceUID and the
+  SOPInstanceUID of each slice come from the site-local UID key file (:mod:`siteadapt.io.uidmap`, recorded by
+  ingest), and the headers from the source files it names (for a PACS site whose files are gone: WADO-RS series
+  metadata from the PACS); the SEG is built with highdicom from those headers, so it joins the original study,
+  patient and frame of reference, and references every source instance.
+- **Voxel-exact mapping.** Each pixel centre of each source slice is located in the prediction's voxel grid through
+  the DICOM geometry (ImagePositionPatient, ImageOrientationPatient, PixelSpacing; LPS -> RAS as ingest built the
+  affine); it must land on a voxel centre (within 1e-3 voxel) or the export refuses the subject. No resampling.
+- **Segments** are the task's structures in label-id order (segment k = k-th structure), each with a SNOMED CT
+  category and property type from :func:`structure_code_table` (pydicom's ``codes`` where the concept is there,
+  otherwise the SNOMED CT code itself); a structure without an entry is exported as SCT "Anatomical structure" with
+  its name as the segment label.
+- **Algorithm identification** (every segment, type AUTOMATIC): name = the method, family = DCM "Artificial
+  Intelligence", version = siteadapt's version + the model registry version (``--model-version``, else the
+  MLflow registry version carrying alias ``champion`` or ``candidate`` for this method, else ``unregistered``).
+- **Deterministic SEG UIDs** (keyed hash of id, method and version): exporting the same result again gives the same
+  SOPInstanceUID, so a second STOW stores no duplicate (a new model version gives a new SEG series).
+- **No identifier outside the SEG.** File names are the anonymous ids; logs and ``export.json`` carry ids, counts and
+  segment names only. The SEG itself carries the patient/study module of its source (it goes back into that
+  patient's record in the PACS): keep the export folder with the same care as the source DICOM (it is not a DVC
+  output and the pipeline never uploads it anywhere but to ``--stow``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Settings
+from ..errors import InputError, SiteadaptError
+
+log = logging.getLogger("siteadapt.export")
+
+
+class ExportError(SiteadaptError):
+    """A subject cannot be exported (missing UID record, source files or a grid that does not match)."""
+
+
+def _sct(value: str, meaning: str):
+    from pydicom.sr.coding import Code
+
+    return Code(value, "SCT", meaning)
+
+
+def structure_code_table() -> dict:
+    """``{structure name: (segmented property category, segmented property type)}`` for the tasks' structures."""
+    from pydicom.sr.codedict import codes
+
+    anat = codes.SCT.AnatomicalStructure
+    return {
+        # cardiac (MM-WHS / SIFA label ids): left ventricle myocardium, left atrium / left ventricle blood cavities,
+        # ascending aorta
+        "MYO": (codes.SCT.Tissue, codes.SCT.LeftVentricleMyocardium),
+        "LAC": (anat, codes.SCT.LeftAtrium),
+        "LVC": (anat, codes.SCT.LeftVentricle),
+        "AA": (anat, codes.SCT.AscendingAorta),
+        # chest X-ray lungs
+        "right_lung": (anat, _sct("3341006", "Right lung")),
+        "left_lung": (anat, _sct("44029006", "Left lung")),
+    }
+
+
+def structure_codes(name: str):
+    """``(category, property type)`` coded concepts of a task structure (see the module docstring)."""
+    table = structure_code_table()
+    if name in table:
+        return table[name]
+    from pydicom.sr.codedict import codes
+
+    return codes.SCT.AnatomicalStructure, codes.SCT.AnatomicalStructure
+
+
+
+def labels_on_source(pred: np.ndarray, affine: np.ndarray, datasets) -> np.ndarray:
+    """The label map ``pred`` (NIfTI order, voxel -> RAS ``affine``) on the source slices, ``(n, rows, cols)`` in the
+    order of ``datasets``; raises :class:`ExportError` when a pixel centre is not a voxel centre of ``pred``."""
+    inv = np.linalg.inv(np.asarray(affine, float))
+    out = []
+    for n, ds in enumerate(datasets):
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "ImagePositionPatient" not in ds:
+            raise ExportError(f"slice {n}: only single-frame source images with slice geometry can be exported "
+                              "(multi-frame and projection images: not yet)")
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+        dr, dc = (float(v) for v in ds.PixelSpacing)  # between rows, between columns
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        m, k = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+        lps = ipp[None, None] + k[..., None] * dc * iop[None, None, :3] + m[..., None] * dr * iop[None, None, 3:]
+        ras = lps * np.array([-1.0, -1.0, 1.0])
+        ijk = ras @ inv[:3, :3].T + inv[:3, 3]
+        idx = np.rint(ijk)
+        err = float(np.abs(ijk - idx).max())
+        idx = idx.astype(int)
+        inside = np.all((idx >= 0) & (idx < np.array(pred.shape[:3])), axis=-1)
+        if err > 1e-3 or not inside.all():
+            raise ExportError(f"slice {n}: the source geometry does not fall on the prediction's voxel grid "
+                              f"(off by {err:.3g} voxel, {int((~inside).sum())} pixels outside)")
+        out.append(pred[idx[..., 0], idx[..., 1], idx[..., 2]])
+    return np.stack(out).astype(np.uint8)
+
+
+def _source_datasets(entry: dict, cid: str, pacs: str | None = None) -> list:
+    """The source headers, in the order of the UID record: read from the files it names, or, when those are gone
+    and the site is a PACS (``pacs``: its DICOMweb URI), from the PACS as WADO-RS series metadata."""
+    import pydicom
+
+    missing = [i for i in entry["instances"] if not Path(i["file"]).is_file()]
+    if not missing:
+        return [pydicom.dcmread(i["file"], stop_before_pixels=True) for i in entry["instances"]]
+    if pacs is None:
+        raise ExportError(f"{cid}: {len(missing)} of {len(entry['instances'])} source files are gone; ingest the "
+                          "site again")
+    from ..io import dicomweb
+
+    root = dicomweb.parse(pacs).root
+    try:
+        meta = dicomweb.client(root).retrieve_series_metadata(entry["study"], entry["series"])
+    except Exception as e:  # noqa: BLE001
+        raise dicomweb._fail(root, "WADO-RS series metadata", e) from None
+    by_sop = {}
+    for item in meta:
+        ds = pydicom.Dataset.from_json(item, bulk_data_uri_handler=lambda *a: b"")
+        by_sop[str(ds.get("SOPInstanceUID", ""))] = ds
+    absent = [i for i in entry["instances"] if i["sop"] not in by_sop]
+    if absent:
+        raise ExportError(f"{cid}: {len(absent)} of {len(entry['instances'])} source instances are no longer on "
+                          "the PACS")
+    return [by_sop[i["sop"]] for i in entry["instances"]]
+
+
+def registry_version(settings: Settings, site: str, method: str) -> str | None:
+    """The MLflow registry version of ``method`` on ``site`` (alias champion, else candidate); None when unknown."""
+    from .. import tracking
+
+    if not tracking.enabled():
+        return None
+    try:
+        from .register import model_name
+
+        client = tracking.connect()
+        name = model_name(settings.site(site).task, site)
+        for alias in ("champion", "candidate"):
+            try:
+                mv = client.get_model_version_by_alias(name, alias)
+            except Exception:  # noqa: BLE001 (no such alias / model)
+                continue
+            if (mv.tags or {}).get("method") in (None, method):
+                return str(mv.version)
+    except Exception as e:  # noqa: BLE001 (the export does not need the registry)
+        log.warning("%s/%s: registry version unknown (%s)", site, method, type(e).__name__)
+    return None
+
+
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
+          "StudyTime", "ReferringPhysicianName")
+
+
+def _uid(key: bytes, *parts) -> str:
+    from pydicom.uid import generate_uid
+
+    mac = hmac.new(key, "|".join(map(str, parts)).encode(), hashlib.sha256).hexdigest()
+    return generate_uid(entropy_srcs=[mac])
+
+
+def build_seg(datasets, labels: np.ndarray, structures: dict[str, int], *, method: str, version: str,
+              series_uid: str, sop_uid: str):
+    """A binary highdicom Segmentation of ``datasets`` from the label map ``labels`` ``(n, rows, cols)``."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from .. import __version__
+    from ..io.dicomweb import quiet_libraries
+
+    quiet_libraries()  # highdicom logs the source datasets' UIDs at INFO
+    for ds in datasets:  # type 2 attributes that highdicom copies and some exports leave out: present, empty
+        for kw in _TYPE2:
+            if kw not in ds:
+                setattr(ds, kw, None)
+
+    order = sorted(structures.items(), key=lambda kv: kv[1])
+    seg_arr = np.zeros(labels.shape, np.uint8)
+    algo = hd.AlgorithmIdentificationSequence(name=method, family=codes.DCM.ArtificialIntelligence, version=version,
+                                              source="siteadapt")
+    descs = []
+    for number, (name, lid) in enumerate(order, start=1):
+        seg_arr[labels == lid] = number
+        category, prop = structure_codes(name)
+        descs.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=name, segmented_property_category=category,
+            segmented_property_type=prop, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo))
+    return hd.seg.Segmentation(
+        source_images=datasets, pixel_array=seg_arr, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descs, series_instance_uid=series_uid, series_number=9901, sop_instance_uid=sop_uid,
+        instance_number=1, manufacturer="siteadapt", manufacturer_model_name=method,
+        software_versions=f"siteadapt {__version__}", device_serial_number="siteadapt",
+        series_description=f"siteadapt {method} {version}"[:64], omit_empty_frames=False,
+        content_label="SITEADAPT", content_description=f"{method} segmentation"[:64])
+
+
+def export(settings: Settings, site: str, method: str, *, fmt: str = "seg", out: str | Path | None = None,
+           stow: str | None = None, model_version: str | None = None, seed: int | None = None) -> dict:
+    """Write one DICOM SEG per predicted subject of ``site`` / ``method`` and STOW-RS them to ``stow`` when given.
+    Returns ``{"site", "method", "version", "out", "subjects": [...], "stored"}`` (anonymous ids only)."""
+    import nibabel as nib
+
+    from .. import __version__
+    from ..io import dicomweb, uidmap
+    from ..io.atomic import atomic_path, write_json
+    from ..io.deid import load_key
+    from .train import run_name
+
+    if fmt != "seg":
+        raise ExportError(f"unknown export format {fmt!r} (supported: seg)")
+    task = settings.task_of(site)
+    if task.kind != "segmentation":
+        raise ExportError(f"site {site}: task {settings.site(site).task} is a {task.kind} task; SEG export needs "
+                          "a segmentation task")
+    pred_dir = settings.paths.predictions / site / run_name(settings, method, seed)
+    listing = pred_dir / "predictions.json"
+    if not listing.is_file():
+        raise InputError(listing, f"no predictions: run `siteadapt predict --site {site} --method {method}` first")
+    import json
+
+    subjects = json.loads(listing.read_text())["subjects"]
+    ids = uidmap.load(site)
+    images = settings.site(site).images
+    pacs = str(images) if dicomweb.is_dicomweb(str(images)) else None
+    registered = model_version or registry_version(settings, site, method) or "unregistered"
+    version = f"{__version__}+model.{registered}"
+    key = load_key()
+    out = Path(out) if out else settings.paths.ingested.parent / "export" / site / run_name(settings, method, seed)
+    written, segs = [], []
+    for cid in subjects:
+        entry = ids.get(cid)
+        if entry is None:
+            raise ExportError(f"{cid}: no original UIDs on record for site {site} (not a DICOM series, or ingested "
+                              f"before the UID key file existed: run `siteadapt ingest --site {site}` again)")
+        datasets = _source_datasets(entry, cid, pacs)
+        img = nib.load(str(pred_dir / f"{cid}.nii.gz"))
+        pred = np.asarray(img.dataobj).astype(np.uint8)
+        labels = labels_on_source(pred, img.affine, datasets)
+        seg = build_seg(datasets, labels, task.structures, method=method, version=version,
+                        series_uid=_uid(key, "seg-series", site, cid, method, version),
+                        sop_uid=_uid(key, "seg-instance", site, cid, method, version))
+        with atomic_path(out / f"{cid}.dcm", suffix="") as tmp:
+            seg.save_as(tmp)
+        written.append({"id": cid, "file": f"{cid}.dcm", "frames": int(seg.NumberOfFrames),
+                        "segments": [s.SegmentLabel for s in seg.SegmentSequence]})
+        segs.append(seg)
+        log.info("%s/%s: %s -> SEG (%d frames)", site, method, cid, int(seg.NumberOfFrames))
+    stored = 0
+    if stow:
+        from ..io.dicomweb import stow as stow_rs
+
+        stored = stow_rs(stow, segs)
+        log.info("%s/%s: %d SEG stored over STOW-RS", site, method, stored)
+    result = {"site": site, "method": method, "version": version, "format": fmt, "out": str(out),
+              "subjects": written, "stored": stored}
+    write_json(out / "export.json", {k: v for k, v in result.items() if k != "out"})
+    return result
