@@ -142,6 +142,7 @@ def test_secrets_and_config_the_workloads_and_the_pipeline_use_exist():
     # the pipeline's secret -> env and config map -> env mappings
     assert set(P.OBJECT_STORE_KEYS.values()) <= secrets[P.OBJECT_STORE_SECRET]
     assert set(P.DEID_KEYS.values()) <= secrets[P.DEID_SECRET]
+    assert set(P.DICOMWEB_KEYS.values()) <= secrets[P.DICOMWEB_SECRET]  # optional at run time; the template has all
     assert set(P.CONFIG_KEYS.values()) <= config[P.CONFIG_MAP]
     # every secret / config map a workload references exists (as a template / in the kustomization)
     for _p, d in _resources():

@@ -124,8 +124,14 @@ def test_component_steps_in_process_on_an_unlabeled_s3_site(tmp_path, monkeypatc
                                   "max_fragmented_fraction": 1.0})  # recorded at registration: promotion uses them
     cand = R.run_register(lenient, [json.dumps(summary)], [art / d for d in ("ing_src", "ing_tgt", "prep_src",
                                                                              "prep_tgt", "src_model", "model",
-                                                                             "eval")])
+                                                                             "eval")],
+                          predictions_out=art / "predictions")
     assert cand["registered"]["name"] == "siteadapt-chestxray-new_site" and cand["registered"]["alias"] == "candidate"
+    # the candidate's predictions, for the PACS export step: files (not links) equal to its evaluation's
+    got = sorted(p.relative_to(art / "predictions") for p in (art / "predictions").rglob("*") if p.is_file())
+    assert got and got == sorted(p.relative_to(art / "eval") for p in (art / "eval" / "predictions").rglob("*")
+                                 if p.is_file())
+    assert not any(p.is_symlink() for p in (art / "predictions").rglob("*"))
     assert cand["selection"]["rule"] == "label_free" and cand["selection"]["labeled_best"] is None  # no labels
     assert [c["method"] for c in cand["compared"]] == ["noadapt"]
     res = R.check_gates(lenient, cand)

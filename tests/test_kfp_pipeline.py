@@ -77,8 +77,9 @@ def test_secrets_and_config_reach_every_step_as_env(compiled):
                    for s in k8s[label]["secretAsEnv"]}
         assert secrets["siteadapt-object-store"] == {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                                                      "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
-        # the de-identification key only where identifiers are read
-        assert ("siteadapt-deid" in secrets) == label.startswith("exec-ingest"), label
+        # the de-identification key only where anonymous ids are derived (ingest; export finds its subjects by them)
+        assert ("siteadapt-deid" in secrets) == label.startswith(("exec-ingest", "exec-export")), label
+        assert ("siteadapt-dicomweb" in secrets) == (label == "exec-export"), label
         cms = {c["configMapName"]: {m["envVar"] for m in c["keyToEnv"]} for c in k8s[label]["configMapAsEnv"]
                if not c.get("optional")}  # optional entries: GPU steps' SITEADAPT_CHECKPOINTS (test_resume_runs)
         assert cms["siteadapt-config"] == {"AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI"}
@@ -119,7 +120,7 @@ def test_caching_on_for_data_and_training_off_for_side_effects(compiled):
     assert cached["train-source"] == {True}  # the source segmenter is trained once per source, data and settings
     for comp in ("ingest", "preprocess", "adapt", "evaluate"):
         assert cached[comp] == {True}, comp
-    for comp in ("fingerprint", "register", "gates", "promote"):
+    for comp in ("fingerprint", "register", "gates", "promote", "export"):
         assert cached[comp] == {False}, comp
     # steps that read a location are keyed by its fingerprint, so changed data is not served from the cache
     for _d, _n, t in _by_component(spec, "ingest"):
@@ -142,6 +143,33 @@ def test_promotion_only_when_gates_pass(compiled):
     assert gates["inputs"]["parameters"]["candidate"]["taskOutputParameter"]["producerTask"] == "register"
     assert spec["components"]["comp-gates"]["outputDefinitions"]["parameters"]["Output"]["parameterType"] == \
         "BOOLEAN"
+
+
+def test_pacs_export_runs_after_promotion_only_with_a_pacs_and_gets_the_dicomweb_secret(compiled):
+    spec, k8s = compiled
+    ((dag_name, _name, task),) = _by_component(spec, "export")
+    # the export's DAG is the pacs_uri condition, itself inside the gates-passed condition that holds promote
+    ((outer, _n, cond),) = [(d, n, t) for d, n, t in _tasks(spec) if t["componentRef"]["name"] == dag_name]
+    assert cond["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--pacs_uri'] != ''"
+    assert cond["dependentTasks"] == ["promote"]
+    ((promote_dag, _p, _t),) = _by_component(spec, "promote")
+    assert outer == promote_dag and promote_dag.startswith("comp-condition")
+    assert cond["inputs"]["parameters"]["pipelinechannel--promote-Output"]["taskOutputParameter"] == {
+        "outputParameterKey": "Output", "producerTask": "promote"}
+    params = task["inputs"]["parameters"]
+    assert params["promotion"]["componentInputParameter"] == "pipelinechannel--promote-Output"
+    assert params["candidate"]["componentInputParameter"] == "pipelinechannel--register-Output"
+    assert task["inputs"]["artifacts"]["predictions"]["componentInputArtifact"] == \
+        "pipelinechannel--register-predictions"
+    assert spec["root"]["inputDefinitions"]["parameters"]["pacs_uri"]["defaultValue"] == ""  # default: no export
+    plat = k8s[_executor_of(spec, task)]
+    secrets = {s["secretName"]: s for s in plat["secretAsEnv"]}
+    dicomweb = secrets["siteadapt-dicomweb"]
+    assert {m["envVar"]: m["secretKey"] for m in dicomweb["keyToEnv"]} == {
+        k: k for k in ("SITEADAPT_DICOMWEB_USER", "SITEADAPT_DICOMWEB_PASSWORD", "SITEADAPT_DICOMWEB_TOKEN")}
+    assert dicomweb["optional"] is True  # basic auth, a token, or neither
+    assert secrets["siteadapt-deid"]["keyToEnv"] == [{"envVar": "SITEADAPT_DEID_KEY",
+                                                      "secretKey": "SITEADAPT_DEID_KEY"}]
 
 
 def test_components_run_on_the_project_image_without_installing(compiled):
@@ -167,7 +195,8 @@ def test_cli_compile_writes_the_committed_yaml(tmp_path, monkeypatch):
     written = sorted(p.name for p in (tmp_path / "c").glob("*.yaml"))
     assert written == sorted(p.name for p in (REPO / "components").glob("*.yaml"))
     assert written == sorted(f"{n.replace('_', '-')}.yaml" for n in (
-        "fingerprint", "ingest", "preprocess", "train_source", "adapt", "evaluate", "register", "gates", "promote"))
+        "fingerprint", "ingest", "preprocess", "train_source", "adapt", "evaluate", "register", "gates", "promote",
+        "export"))
     for name in written:
         assert (tmp_path / "c" / name).read_text() == (REPO / "components" / name).read_text(), \
             f"components/{name} is stale: run `siteadapt pipeline compile`"

@@ -278,6 +278,7 @@ def test_watch_a_pacs_submits_one_run_for_a_new_site(pacs, tmp_path):
     assert w.poll() == ["hospital_x"]
     (args,) = rec.runs.values()
     assert args["target_uri"] == str(stage / "hospital_x") and args["site"] == "hospital_x"
+    assert args["pacs_uri"] == uri  # the run stores its champion's SEGs back there
     assert len([f for f in (stage / "hospital_x" / "images").rglob("*.dcm")]) > 0
     assert w.poll() == []
     assert Watcher(uri, state, rec, defaults=defaults, site="hospital_x", stage=str(stage)).poll() == []  # restart
@@ -354,3 +355,110 @@ def test_labels_land_on_the_source_slices_voxel_exact_or_are_refused(tmp_path):
     shifted[:3, 3] += 0.5 * affine[:3, 0]
     with pytest.raises(ExportError, match="voxel grid"):
         labels_on_source(lab, shifted, heads)
+
+
+@needs_orthanc
+def test_kfp_export_step_finds_the_uids_on_the_pacs_and_stores_the_champions_segs(pacs, tmp_path, monkeypatch,
+                                                                                   caplog):
+    """The pipeline's export step (:func:`siteadapt.kfp.runtime.run_export`, what the component calls) as in a fresh
+    pod: no UID key file, no pulled files, only the de-identification key, the DICOMweb credentials and the
+    candidate's predictions artifact. A PACS of its own holds the site's CT studies (the module's one also holds the
+    CLI's SEGs): nothing is stored before the promotion, then one SEG per test subject, equal to the predictions."""
+    import shutil
+
+    from siteadapt.io import dicomweb
+    from siteadapt.kfp import runtime as R
+
+    s, root = pacs["settings"], pacs["root"]
+    pred_dir = s.paths.predictions / "pacs_ct" / "noadapt"
+    subjects = json.loads((pred_dir / "predictions.json").read_text())["subjects"]
+    ids = json.loads((root / "site-keys" / "uids" / "pacs_ct.json").read_text())["items"]  # for the checks only
+    art = tmp_path / "predictions-artifact"
+    shutil.copytree(pred_dir, art / "predictions" / "pacs_ct" / "noadapt")
+    monkeypatch.setenv("SITEADAPT_UID_MAP_DIR", str(tmp_path / "no-key-file"))
+    monkeypatch.chdir(tmp_path)
+    srv = orthanc_server.OrthancServer(tmp_path / "orthanc").start()
+    try:
+        for f in sorted(f for st in pacs["studies"] for f in st.rglob("*") if f.is_file()):
+            srv.upload(f)
+        for k, v in srv.env().items():
+            monkeypatch.setenv(k, v)
+        uri = f"dicomweb+{srv.dicomweb}?Modality=CT&StudyDate=20100101-20301231"
+        job = R.Job(task="cardiac", source_site="cardiac_mr", site="pacs_ct",
+                    params_yaml=(root / "params.yaml").read_text())
+        cand = {"method": "noadapt", "registered": {"name": "siteadapt-cardiac-pacs_ct", "version": "3"}}
+        refused = R.run_export(job, cand, {"promoted": False, "version": "3"}, uri, art)
+        other = R.run_export(job, cand, {"promoted": True, "version": "4"}, uri, art)  # another run's candidate
+        assert refused["exported"] == other["exported"] == 0 and refused["skipped"] and other["skipped"]
+        assert dicomweb.search_series(uri, {"Modality": "SEG"}) == []
+        caplog.set_level(logging.DEBUG)
+        res = R.run_export(job, cand, {"promoted": True, "version": "3"}, uri, art)
+        assert not (tmp_path / "no-key-file").exists()
+        assert res["exported"] == res["stored"] == len(subjects) >= 2 and res["model_version"] == "3"
+        found = dicomweb.search_series(uri, {"Modality": "SEG"})
+        assert len(found) == len(subjects)
+        _assert_segs_equal_predictions(dicomweb.client(srv.dicomweb), found, subjects, ids, pred_dir, "+model.3")
+        raw = [f for st in pacs["studies"] for f in st.rglob("*") if f.is_file()]
+        blob = json.dumps(res) + "\n".join(r.getMessage() for r in caplog.records)
+        assert not [u for u in _uids_of(raw) if len(u) > 4 and u in blob]  # no UID in the summary or the logs
+        assert not any(c in json.dumps(res) for c in subjects)  # the summary is counts only
+    finally:
+        srv.stop()
+
+
+def _assert_segs_equal_predictions(client, found, subjects, ids, pred_dir, version_suffix):
+    """Each SEG series of ``found`` read back with highdicom equals its subject's predicted label map, voxel for
+    voxel, on the original slices (ordered as the ingested grid); it joins the source study and frame of
+    reference."""
+    import highdicom as hd
+    import nibabel as nib
+    import pydicom
+
+    nonempty = 0
+    for item in found:
+        study, series = item["0020000D"]["Value"][0], item["0020000E"]["Value"][0]
+        (ds,) = client.retrieve_series(study, series)
+        seg = hd.seg.Segmentation.from_dataset(ds)
+        cid = next(c for c in subjects if ids[c]["series"] in seg.get_source_image_uids()[0])
+        entry = ids[cid]
+        assert seg.StudyInstanceUID == entry["study"] and seg.FrameOfReferenceUID == entry["frame_of_reference"]
+        algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+        assert algo.AlgorithmName == "noadapt" and algo.AlgorithmVersion.endswith(version_suffix)
+        heads = [pydicom.dcmread(i["file"], stop_before_pixels=True) for i in entry["instances"]]
+        normal = np.cross(*np.reshape([float(v) for v in heads[0].ImageOrientationPatient], (2, 3)))
+        heads.sort(key=lambda d: float(np.dot(normal, [float(v) for v in d.ImagePositionPatient])))
+        back = seg.get_pixels_by_source_instance([str(d.SOPInstanceUID) for d in heads], combine_segments=True,
+                                                 relabel=False)
+        expected = np.asarray(nib.load(str(pred_dir / f"{cid}.nii.gz")).dataobj).transpose(2, 1, 0)
+        assert back.shape == expected.shape
+        np.testing.assert_array_equal(back, expected)
+        nonempty += int(expected.any())
+    assert nonempty >= 1
+
+
+def test_series_identities_of_headers_are_the_ones_ingest_gives_the_files(tmp_path):
+    """The export step recomputes anonymous ids from PACS headers: its grouping must be ingest's, split series
+    (here one SeriesInstanceUID holding stacks of two sizes) included, and leave non-image objects out."""
+    import pydicom
+
+    from siteadapt.io.dicom import scan_dicom_files, series_identities
+    from siteadapt.io.dicom_write import write_series
+
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    patient = {"PatientName": "TEST^SPLIT", "PatientID": "P2"}
+    files = write_series(tmp_path / "a", np.zeros((6, 5, 3), np.int16), affine, modality="CT", patient=patient,
+                         series_uid="1.2.826.0.1.3680043.8.498.1", study_uid="1.2.826.0.1.3680043.8.498.9")
+    files += write_series(tmp_path / "b", np.zeros((4, 4, 2), np.int16), affine, modality="CT", patient=patient,
+                          series_uid="1.2.826.0.1.3680043.8.498.1", study_uid="1.2.826.0.1.3680043.8.498.9", seed=1)
+    files += write_series(tmp_path / "c", np.zeros((4, 4, 2), np.int16), affine, modality="CT", patient=patient,
+                          series_uid="1.2.826.0.1.3680043.8.498.2", study_uid="1.2.826.0.1.3680043.8.498.9", seed=2)
+    series, _ = scan_dicom_files(files)
+    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in reversed(files)]
+    seg_like = pydicom.Dataset()
+    seg_like.update({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.66.4", "Modality": "SEG", "Rows": 4, "Columns": 4,
+                     "SeriesInstanceUID": "1.2.826.0.1.3680043.8.498.2", "SOPInstanceUID": "1.2.3"})
+    got = series_identities(heads + [seg_like])
+    assert len(series) == 3 and any("+s" in s.uid for s in series)
+    assert sorted((uid, sorted(str(d.SOPInstanceUID) for d in ds)) for uid, ds in got) == sorted(
+        (s.uid, sorted(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in s.files))
+        for s in series)

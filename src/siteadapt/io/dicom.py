@@ -866,6 +866,34 @@ def scan_dicom_files(paths) -> tuple[list[DicomSeries], list[tuple[Path, str]]]:
     return series, skipped
 
 
+def series_identities(datasets) -> list[tuple[str, list]]:
+    """The series identities :func:`scan_dicom_files` gives a set of image *headers* (pydicom datasets, e.g. a PACS's
+    WADO-RS metadata, with no file behind them): ``[(identity, datasets of that series)]``, where identity is the
+    SeriesInstanceUID plus the suffix of a split series (``+e2``, ``+o1``, ``+s256x256``, ...), as ingest names it.
+
+    The grouping is scan_dicom_files' own (same frame facts, :func:`_split_frames`), so the keyed anonymous ids of
+    ingest can be computed again from headers alone (``siteadapt.steps.export``). Non-image objects (SEG, SR, ...)
+    and duplicate SOP instances are left out, as the scan leaves them out."""
+    by_uid: dict[str, list[_Frame]] = {}
+    by_path: dict[Path, object] = {}
+    seen_sop: set[str] = set()
+    for n, ds in enumerate(datasets):
+        sop = str(ds.get("SOPInstanceUID", "") or "")
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if _non_image_label(ds) is not None or "Rows" not in ds or not uid or (sop and sop in seen_sop):
+            continue
+        seen_sop.add(sop)
+        path = Path(f"header-{n}")  # the frames' stand-in file: maps a group back to its datasets
+        by_path[path] = ds
+        by_uid.setdefault(uid, []).extend(_frames_from_header(ds, path, "", True, None, None))
+    out = []
+    for uid in sorted(by_uid):
+        for suid, frames in _split_frames(uid, by_uid[uid]):
+            paths = sorted({f.info.path for f in frames}, key=lambda p: int(p.name.split("-")[1]))
+            out.append((suid, [by_path[p] for p in paths]))
+    return out
+
+
 # ====================================================================================================================
 # reading
 

@@ -38,7 +38,7 @@ def _run_arguments(args, **extra) -> dict:
     out = {}
     for opt, name in (("task", "task"), ("source_site", "source_site"), ("source_uri", "source_uri"),
                       ("profile", "profile"), ("target_modality", "target_modality"),
-                      ("target_pixel_spacing_mm", "target_pixel_spacing_mm")):
+                      ("target_pixel_spacing_mm", "target_pixel_spacing_mm"), ("pacs_uri", "pacs_uri")):
         v = getattr(args, opt, None)
         if v is not None:
             out[name] = v
@@ -88,7 +88,8 @@ def cmd_run_local(args) -> int:
     if args.gate:
         arguments["gate_thresholds"] = _gates(args.gate)
     arguments.update({k: v for k, v in (("target_modality", args.target_modality),
-                                         ("target_pixel_spacing_mm", args.target_pixel_spacing_mm))
+                                         ("target_pixel_spacing_mm", args.target_pixel_spacing_mm),
+                                         ("pacs_uri", args.pacs_uri))
                       if v is not None})
     submitter = LocalSubmitter(root / "kfp", cache=not args.no_cache)
     submitter.submit(f"siteadapt-{site}-local", arguments)
@@ -175,6 +176,9 @@ def _run_options(sp: argparse.ArgumentParser, *, with_images: bool = True) -> No
                          "e.g. min_target_dice=0.6")
     sp.add_argument("--target-modality", default=None, help="modality of NIfTI/2D target images (CT, MR, DX, ...)")
     sp.add_argument("--target-pixel-spacing-mm", type=float, default=None, help="for 2D target images without one")
+    sp.add_argument("--pacs-uri", default=None, help="the site's PACS (dicomweb+http(s)://...?query): the promoted "
+                                                     "champion's SEGs are stored back there (watch: its DICOMweb "
+                                                     "source by default)")
     if with_images:
         sp.add_argument("--host", default=os.environ.get("KF_PIPELINES_ENDPOINT"),
                         help="Kubeflow Pipelines API (default: $KF_PIPELINES_ENDPOINT, else in-cluster)")

@@ -116,10 +116,11 @@ def evaluate(params_yaml: str, profile: str, task: str, source_site: str, site: 
 def register(params_yaml: str, profile: str, task: str, source_site: str, site: str, methods: List[str],
              gate_thresholds: dict, summaries: List[str], models: Input[List[Model]], evaluations: Input[List[Dataset]],
              source_model: Input[Model], ingested_source: Input[Dataset], ingested_target: Input[Dataset],
-             prepared_source: Input[Dataset], prepared_target: Input[Dataset]) -> str:
+             prepared_source: Input[Dataset], prepared_target: Input[Dataset], predictions: Output[Dataset]) -> str:
     """Register the run's best method in the MLflow model registry (``siteadapt-<task>-<site>``, alias
     ``candidate``), recording the run's gate thresholds (params with ``gate_thresholds``) on the version: the
-    promotion may not loosen them. Returns the candidate (JSON) for the gates and the promotion."""
+    promotion may not loosen them. Returns the candidate (JSON) for the gates and the promotion; ``predictions``
+    receives the candidate's predictions (for the PACS export)."""
     import json
     import logging
 
@@ -129,7 +130,9 @@ def register(params_yaml: str, profile: str, task: str, source_site: str, site: 
     job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile,
                       methods=tuple(methods), gates=gate_thresholds)
     inputs = [a.path for a in (ingested_source, ingested_target, prepared_source, prepared_target, source_model)]
-    out = runtime.run_register(job, summaries, inputs + [m.path for m in models] + [e.path for e in evaluations])
+    out = runtime.run_register(job, summaries, inputs + [m.path for m in models] + [e.path for e in evaluations],
+                               predictions_out=predictions.path)
+    predictions.metadata.update({"method": out["method"]})
     return json.dumps(out, sort_keys=True)
 
 
@@ -168,8 +171,25 @@ def promote(params_yaml: str, profile: str, task: str, source_site: str, site: s
     return json.dumps(res, sort_keys=True, default=str)
 
 
+def export(params_yaml: str, profile: str, task: str, source_site: str, site: str, pacs_uri: str, candidate: str,
+           promotion: str, predictions: Input[Dataset]) -> str:
+    """Push the champion's segmentations of the site's test subjects to its PACS (one DICOM SEG each, STOW-RS to
+    ``pacs_uri``); the original UIDs are found again on the PACS with the de-identification key. Returns a summary
+    (JSON: counts and model version, no identifiers)."""
+    import json
+    import logging
+
+    from siteadapt.kfp import runtime
+
+    logging.basicConfig(level=logging.INFO)
+    job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile)
+    res = runtime.run_export(job, json.loads(candidate), json.loads(promotion), pacs_uri, predictions.path)
+    return json.dumps(res, sort_keys=True)
+
+
 STEPS = {"fingerprint": fingerprint, "ingest": ingest, "preprocess": preprocess, "train_source": train_source,
-         "adapt": adapt, "evaluate": evaluate, "register": register, "gates": gates, "promote": promote}
+         "adapt": adapt, "evaluate": evaluate, "register": register, "gates": gates, "promote": promote,
+         "export": export}
 GPU_STEPS = ("train_source", "adapt")
 """Steps that train networks: they run on the CUDA image and the GPU node pool."""
 

@@ -8,6 +8,7 @@
                                                                    ParallelFor(methods): adapt [GPU] -> evaluate
                                                                    -> register (best method, alias candidate)
                                                                    -> gates -> If(passed): promote (alias champion)
+                                                                      -> If(pacs_uri): export (DICOM SEG, STOW-RS)
 
 Cluster conventions (the manifests in ``k8s/`` create the other side of each):
 
@@ -16,7 +17,11 @@ Cluster conventions (the manifests in ``k8s/`` create the other side of each):
   and memory requests and limits (:data:`RESOURCES`).
 - Object-store credentials come from the secret ``siteadapt-object-store`` (keys ``AWS_ACCESS_KEY_ID``,
   ``AWS_SECRET_ACCESS_KEY``), endpoint, region and MLflow address from the config map ``siteadapt-config``, the
-  de-identification key from the secret ``siteadapt-deid`` (ingest only), all as environment variables.
+  de-identification key from the secret ``siteadapt-deid`` (ingest, and export, which recomputes the anonymous ids),
+  DICOMweb credentials from the optional secret ``siteadapt-dicomweb`` (export only), all as environment variables.
+- PACS export: with ``pacs_uri`` (the site's ``dicomweb+http(s)://`` URI) set and the candidate promoted, ``export``
+  pushes one DICOM SEG per test subject of the champion back to the PACS (:func:`siteadapt.kfp.runtime.run_export`);
+  with ``pacs_uri`` empty (the default) the step does not run.
 - Caching: on for the deterministic data and training steps (the source segmenter is trained once per source site,
   data and settings; steps that read a location are keyed by its fingerprint), off for steps with side effects or
   that read mutable state (``fingerprint``, ``register``, ``gates``, ``promote``).
@@ -49,6 +54,9 @@ CONFIG_KEYS = {"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION": "AW
 CHECKPOINT_KEYS = {"SITEADAPT_CHECKPOINTS": "SITEADAPT_CHECKPOINTS"}  # GPU steps, optional: kfp/checkpoints.py
 DEID_SECRET = "siteadapt-deid"
 DEID_KEYS = {"SITEADAPT_DEID_KEY": "SITEADAPT_DEID_KEY"}
+DEID_STEPS = ("ingest", "export")  # the steps that derive anonymous ids (export: to find the subjects on the PACS)
+DICOMWEB_SECRET = "siteadapt-dicomweb"  # optional keys: basic auth (user, password) or a bearer token
+DICOMWEB_KEYS = {k: k for k in ("SITEADAPT_DICOMWEB_USER", "SITEADAPT_DICOMWEB_PASSWORD", "SITEADAPT_DICOMWEB_TOKEN")}
 RUN_AS_USER = 10001  # the images' non-root user
 
 # step -> (cpu request, cpu limit, memory request, memory limit)
@@ -62,6 +70,7 @@ RESOURCES = {
     "register": ("500m", "2", "2Gi", "8Gi"),
     "gates": ("100m", "500m", "512Mi", "1Gi"),
     "promote": ("100m", "1", "512Mi", "2Gi"),
+    "export": ("500m", "2", "1Gi", "4Gi"),
 }
 CACHED = {"ingest", "preprocess", "train_source", "adapt", "evaluate"}
 GPU_TIMEOUT_S = 24 * 3600
@@ -80,8 +89,10 @@ def _configure(task: dsl.PipelineTask, step: str, display: str | None = None) ->
     k8s.add_pod_label(task, "app.kubernetes.io/part-of", "siteadapt")
     k8s.add_pod_label(task, "siteadapt.io/step", step.replace("_", "-"))
     k8s.set_security_context(task, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, run_as_non_root=True)
-    if step == "ingest":
+    if step in DEID_STEPS:
         k8s.use_secret_as_env(task, secret_name=DEID_SECRET, secret_key_to_env=DEID_KEYS)
+    if step == "export":  # optional: a PACS without authentication, or a secret with a token only
+        k8s.use_secret_as_env(task, secret_name=DICOMWEB_SECRET, secret_key_to_env=DICOMWEB_KEYS, optional=True)
     if step in C.GPU_STEPS:
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
         k8s.add_toleration(task, **GPU_TAINT)
@@ -116,6 +127,7 @@ def build_pipeline(cpu_image: str | None = None, gpu_image: str | None = None):
         target_pixel_spacing_mm: float = 0.0,
         gate_thresholds: dict = {},
         params_yaml: str = "",
+        pacs_uri: str = "",
     ) -> str:
         common = dict(params_yaml=params_yaml, profile=profile, task=task, source_site=source_site)
 
@@ -153,12 +165,19 @@ def build_pipeline(cpu_image: str | None = None, gpu_image: str | None = None):
                                            ingested_target=ing_tgt.outputs["ingested"],
                                            prepared_source=prep_src.outputs["prepared"],
                                            prepared_target=prep_tgt.outputs["prepared"]), "register")
-        gate = _configure(c.gates(**common, site=site, candidate=registered.output, gate_thresholds=gate_thresholds),
+        candidate = registered.outputs["Output"]  # register also outputs the candidate's predictions (export)
+        gate = _configure(c.gates(**common, site=site, candidate=candidate, gate_thresholds=gate_thresholds),
                           "gates", "evaluation gates")
         with dsl.If(gate.output == True, name="gates-passed"):  # noqa: E712 (a KFP condition, not a Python test)
-            _configure(c.promote(**common, site=site, candidate=registered.output, gate_thresholds=gate_thresholds,
-                                 actor=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "promote")
-        return registered.output
+            promoted = _configure(c.promote(**common, site=site, candidate=candidate,
+                                            gate_thresholds=gate_thresholds, actor=dsl.PIPELINE_JOB_NAME_PLACEHOLDER),
+                                  "promote")
+            # a PACS site: the champion's SEGs go back to it (the step itself checks that promote moved champion)
+            with dsl.If(pacs_uri != "", name="pacs-export"):
+                _configure(c.export(**common, site=site, pacs_uri=pacs_uri, candidate=candidate,
+                                    promotion=promoted.output, predictions=registered.outputs["predictions"]),
+                           "export", "export SEG to PACS")
+        return candidate
 
     return site_adaptation
 

@@ -358,7 +358,8 @@ def check_gates(job: Job, candidate: dict) -> dict:
     return {"passed": all(g["passed"] for g in gates), "gates": gates}  # no gate configured: passes, as promote
 
 
-def run_register(job: Job, summaries: list[str | dict], inputs: list[str | Path]) -> dict:
+def run_register(job: Job, summaries: list[str | dict], inputs: list[str | Path],
+                 predictions_out: str | Path | None = None) -> dict:
     """Choose the run's candidate with the select step (:func:`siteadapt.steps.select.select`: label-trained
     references excluded, the label-free gates, then shift consistency; or the labels, as ``registry.selection``
     says) and register it (registry alias ``candidate``) with the selection as ``selection.*`` tags.
@@ -366,7 +367,11 @@ def run_register(job: Job, summaries: list[str | dict], inputs: list[str | Path]
     ``inputs`` are the artifacts the select and registry steps read (both sites' ingested and prepared data, the
     source segmenter, every method's model and evaluation): they measure the models on them and the registry records
     their hashes. Returns the winner's evaluation summary with ``registered``, ``compared`` (per method: ``score``,
-    ``rank``, ``gates_passed``) and ``selection`` (the record ``siteadapt select`` writes to selection.json)."""
+    ``rank``, ``gates_passed``) and ``selection`` (the record ``siteadapt select`` writes to selection.json).
+
+    ``predictions_out``: an artifact folder that receives the winner's predictions (``predictions/<site>/<method>/``
+    of its evaluation artifact), for the PACS export after promotion; the export step cannot take the loop's
+    collected evaluations itself (KFP 2.17 does not compile a ``dsl.Collected`` input inside a ``dsl.If``)."""
     from ..steps.register import register_model
     from ..steps.select import select, selection_tags
 
@@ -379,6 +384,10 @@ def run_register(job: Job, summaries: list[str | dict], inputs: list[str | Path]
         s = settings_for(job, ws.root)
         sel = select(s, job.site, methods=methods)
         reg = register_model(s, job.site, sel["winner"], extra_tags=selection_tags(sel))
+        winner_predictions = s.paths.predictions / job.site / sel["winner"]
+        if predictions_out is not None and winner_predictions.is_dir():  # links are copied as the files they name
+            shutil.copytree(winner_predictions, Path(predictions_out) / "predictions" / job.site / sel["winner"],
+                            dirs_exist_ok=True)
         root = f"{ws.root}{os.sep}"
         for r in sel["methods"]:  # paths in the record: relative to the project layout, not this temporary folder
             for k in ("model", "metrics"):
@@ -404,3 +413,65 @@ def run_promote(job: Job, candidate: dict, actor: str, reason: str) -> dict:
         failed = [g for g in res.get("gates", []) if not g.get("passed")]
         log.warning("registry refused promotion of %s version %s: %s", job.site, res.get("version"), failed)
     return res
+
+
+def run_export(job: Job, candidate: dict, promotion: dict, pacs_uri: str, predictions: str | Path) -> dict:
+    """Push the champion's segmentations of the site's test subjects back to its PACS: one DICOM SEG per subject,
+    STOW-RS to ``pacs_uri`` (the site's ``dicomweb+http(s)://`` URI with its query). Returns a summary with counts
+    and the model version only (no UIDs, no ids).
+
+    - **Champion only.** Nothing is exported unless ``promotion`` (the promote step's result) says the registry
+      moved ``champion`` to the version this run registered (``candidate["registered"]``), and, with tracking on,
+      the alias still points there; otherwise the summary says why it was skipped.
+    - **Predictions** are the winner's label maps of the test subjects on their original grids, as its evaluate
+      step wrote them, in the artifact ``predictions`` (``predictions/<site>/<method>/``) that the register step
+      fills from the winner's evaluation artifact.
+    - **Original UIDs without a stored key file.** The ingest step's UID key file (:mod:`siteadapt.io.uidmap`)
+      stayed in its pod, and no UID may enter an artifact, MLflow or a log. The export finds the subjects' series
+      again on the PACS instead: QIDO-RS with the site's query, WADO-RS metadata, and the anonymous ids recomputed
+      with the de-identification key (``SITEADAPT_DEID_KEY``, the same secret the ingest step had) and the site
+      name (:func:`siteadapt.steps.export.pacs_uid_record`). Nothing extra is persisted; a subject no longer on the
+      PACS fails the step.
+    - The SEG files (they carry the patient and study of their source) are written to a temporary folder that is
+      removed with the step: they leave the pod only by STOW-RS, never as an artifact.
+    """
+    from ..steps.export import export
+
+    check_site_name(job.site or "")
+    reg = candidate.get("registered") or {}
+    version = str(promotion.get("version") or "")
+    summary = {"site": job.site, "method": candidate.get("method"), "model_version": version or None,
+               "exported": 0, "stored": 0}
+    if not promotion.get("promoted"):
+        return {**summary, "skipped": "the registry did not promote this run's candidate"}
+    if version != str(reg.get("version")):
+        return {**summary, "skipped": f"champion is version {version}, this run registered {reg.get('version')}"}
+    champion = _champion_version(job, reg.get("name"))
+    if champion is not None and champion != version:
+        return {**summary, "skipped": f"champion moved to version {champion} since the promotion"}
+    method = candidate["method"]
+    if not (Path(predictions) / "predictions" / job.site / method / "predictions.json").is_file():
+        raise InputError(None, f"no predictions of {method} for {job.site} in the predictions artifact")
+    with tempfile.TemporaryDirectory(prefix="siteadapt-export-") as tmp, Workspace(Path(tmp) / "ws") as ws:
+        ws.add(predictions)
+        s = settings_for(job, ws.root, target_location=pacs_uri)
+        res = export(s, job.site, method, out=Path(tmp) / "seg", stow=pacs_uri, model_version=version,
+                     from_pacs=True)
+    summary.update(exported=len(res["subjects"]), stored=res["stored"], seg_version=res["version"],
+                   frames=sum(x["frames"] for x in res["subjects"]))
+    log.info("export %s/%s (model version %s): %d SEG, %d stored over STOW-RS", job.site, method, version,
+             summary["exported"], summary["stored"])
+    return summary
+
+
+def _champion_version(job: Job, name: str | None) -> str | None:
+    """The registry's ``champion`` version of the site's model now (``"none"`` without one); None with tracking
+    off (then the promote step's result is all there is to go by)."""
+    from .. import tracking
+
+    if not name or not tracking.enabled():
+        return None
+    try:
+        return str(tracking.connect().get_model_version_by_alias(name, "champion").version)
+    except Exception:  # noqa: BLE001 (MlflowException: no such alias)
+        return "none"

@@ -29,7 +29,8 @@ A PACS as the source
     applies to the study set; ``marker`` does not), the matching series are pulled (WADO-RS, exactly once) into
     ``<stage>/<site>/images/`` (``stage`` a folder or ``s3://`` prefix) and one run is submitted for that location, as
     for an uploaded site. The state records the digest of the study set (keyed hashes, no UIDs); studies stored later
-    do not trigger another run of the same site (``--resubmit SITE`` does).
+    do not trigger another run of the same site (``--resubmit SITE`` does). The run also gets the source URI as its
+    ``pacs_uri``: once the run promotes a champion, its segmentations are stored back to that PACS as DICOM SEG.
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ class Watcher:
             self._save()
             return []
         # a PACS or object store failing here propagates: run() logs it and the next poll tries again
-        args = {**self.defaults, "site": site, "target_uri": self._stage_pacs_site()}
+        args = {**self.defaults, "site": site, "target_uri": self._stage_pacs_site(), "pacs_uri": self.prefix}
         rec = self.sites[site] = {"state": "new", "digest": digest, "studies": len(studies), "arguments": args,
                                   "run_name": f"siteadapt-{site}-{digest[:8]}"}
         return [site] if self._submit(site, rec) else []

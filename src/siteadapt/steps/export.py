@@ -10,7 +10,10 @@ Choices it follows:
   SOPInstanceUID of each slice come from the site-local UID key file (:mod:`siteadapt.io.uidmap`, recorded by
   ingest), and the headers from the source files it names (for a PACS site whose files are gone: WADO-RS series
   metadata from the PACS); the SEG is built with highdicom from those headers, so it joins the original study,
-  patient and frame of reference, and references every source instance.
+  patient and frame of reference, and references every source instance. Where the key file is not at hand (the
+  Kubeflow export step runs in a fresh pod), ``from_pacs`` rebuilds the same record from the PACS: the site's
+  QIDO-RS query, WADO-RS metadata and the anonymous ids recomputed with the de-identification key
+  (:func:`pacs_uid_record`).
 - **Voxel-exact mapping.** Each pixel centre of each source slice is located in the prediction's voxel grid through
   the DICOM geometry (ImagePositionPatient, ImageOrientationPatient, PixelSpacing; LPS -> RAS as ingest built the
   affine); it must land on a voxel centre (within 1e-3 voxel) or the export refuses the subject. No resampling.
@@ -116,7 +119,7 @@ def _source_datasets(entry: dict, cid: str, pacs: str | None = None) -> list:
     and the site is a PACS (``pacs``: its DICOMweb URI), from the PACS as WADO-RS series metadata."""
     import pydicom
 
-    missing = [i for i in entry["instances"] if not Path(i["file"]).is_file()]
+    missing = [i for i in entry["instances"] if not (i.get("file") and Path(i["file"]).is_file())]
     if not missing:
         return [pydicom.dcmread(i["file"], stop_before_pixels=True) for i in entry["instances"]]
     if pacs is None:
@@ -125,19 +128,75 @@ def _source_datasets(entry: dict, cid: str, pacs: str | None = None) -> list:
     from ..io import dicomweb
 
     root = dicomweb.parse(pacs).root
-    try:
-        meta = dicomweb.client(root).retrieve_series_metadata(entry["study"], entry["series"])
-    except Exception as e:  # noqa: BLE001
-        raise dicomweb._fail(root, "WADO-RS series metadata", e) from None
-    by_sop = {}
-    for item in meta:
-        ds = pydicom.Dataset.from_json(item, bulk_data_uri_handler=lambda *a: b"")
-        by_sop[str(ds.get("SOPInstanceUID", ""))] = ds
+    by_sop = {str(ds.get("SOPInstanceUID", "")): ds
+              for ds in _metadata_datasets(dicomweb.client(root), root, entry["study"], entry["series"])}
     absent = [i for i in entry["instances"] if i["sop"] not in by_sop]
     if absent:
         raise ExportError(f"{cid}: {len(absent)} of {len(entry['instances'])} source instances are no longer on "
                           "the PACS")
     return [by_sop[i["sop"]] for i in entry["instances"]]
+
+
+def _metadata_datasets(dw, root: str, study: str, series: str) -> list:
+    """WADO-RS series metadata as header-only pydicom datasets (bulk data such as PixelData left empty)."""
+    import pydicom
+
+    from ..io import dicomweb
+
+    try:
+        meta = dw.retrieve_series_metadata(study, series)
+    except Exception as e:  # noqa: BLE001
+        raise dicomweb._fail(root, "WADO-RS series metadata", e) from None
+    return [pydicom.Dataset.from_json(item, bulk_data_uri_handler=lambda *a: b"") for item in meta]
+
+
+def pacs_uid_record(uri: str, site: str, subjects, key: bytes) -> tuple[dict, dict]:
+    """The UID record of ``subjects`` rebuilt from the PACS, without the site-local key file: ``(record, headers)``
+    with ``record`` in :func:`siteadapt.io.uidmap.load`'s shape (no source files) and ``headers`` the source
+    datasets per id.
+
+    Anonymous ids are keyed hashes of the series identity (:func:`siteadapt.io.deid.anon_id`), so they are computed
+    again rather than looked up: a QIDO-RS series search with the site's own query (``uri``) lists the candidate
+    series, the WADO-RS metadata of a series gives its headers, :func:`siteadapt.io.dicom.series_identities` groups
+    them as ingest did (a SeriesInstanceUID, or its split parts), and an identity whose keyed id is a subject is that
+    subject's series. Series whose plain SeriesInstanceUID gives a subject's id are read first; the metadata of the
+    other series is read only while subjects are still unmatched (a series ingest split has suffixed ids). Needs the
+    de-identification key and the site name of the ingest; an id not found is left out (the caller decides)."""
+    from ..io import dicomweb
+    from ..io.deid import anon_id
+    from ..io.dicom import series_identities
+
+    src = dicomweb.parse(uri)
+    dw = dicomweb.client(src.root)
+    try:
+        found = dw.search_for_series(search_filters=dict(src.filters), get_remaining=True,
+                                     fields=["StudyInstanceUID", "SeriesInstanceUID"])
+    except Exception as e:  # noqa: BLE001
+        raise dicomweb._fail(src.root, "QIDO-RS series search", e) from None
+    wanted = set(subjects)
+    pairs = {(dicomweb._value(it, "0020000D"), dicomweb._value(it, "0020000E")) for it in found}
+    pairs = sorted(((st, se) for st, se in pairs if st and se),
+                   key=lambda p: (anon_id(key, site, "dicom", p[1]) not in wanted, p))
+    record, headers = {}, {}
+    for study, series in pairs:
+        if anon_id(key, site, "dicom", series) not in wanted and not wanted - set(record):
+            break  # every subject found; the rest (train/val series, other results) need not be read
+        for identity, datasets in series_identities(_metadata_datasets(dw, src.root, study, series)):
+            cid = anon_id(key, site, "dicom", identity)
+            if cid not in wanted or cid in record:
+                continue
+            # in the order of the UID key file for a pulled site (files named by the keyed hash of the SOP UID):
+            # the SEG's frames come out as `siteadapt export` writes them
+            datasets = sorted(datasets, key=lambda d: dicomweb._hash(key, "instance", str(d.get("SOPInstanceUID"))))
+            first = datasets[0]
+            record[cid] = {"study": study, "series": series,
+                           "frame_of_reference": str(first.get("FrameOfReferenceUID", "")),
+                           "sop_class": str(first.get("SOPClassUID", "")),
+                           "instances": [{"sop": str(d.get("SOPInstanceUID", ""))} for d in datasets]}
+            headers[cid] = datasets
+    log.info("%s: %d of %d subjects found on the PACS (%d series searched)", site, len(record), len(wanted),
+             len(pairs))
+    return record, headers
 
 
 def registry_version(settings: Settings, site: str, method: str) -> str | None:
@@ -211,9 +270,14 @@ def build_seg(datasets, labels: np.ndarray, structures: dict[str, int], *, metho
 
 
 def export(settings: Settings, site: str, method: str, *, fmt: str = "seg", out: str | Path | None = None,
-           stow: str | None = None, model_version: str | None = None, seed: int | None = None) -> dict:
+           stow: str | None = None, model_version: str | None = None, seed: int | None = None,
+           from_pacs: bool = False) -> dict:
     """Write one DICOM SEG per predicted subject of ``site`` / ``method`` and STOW-RS them to ``stow`` when given.
-    Returns ``{"site", "method", "version", "out", "subjects": [...], "stored"}`` (anonymous ids only)."""
+    Returns ``{"site", "method", "version", "out", "subjects": [...], "stored"}`` (anonymous ids only).
+
+    ``from_pacs``: the original UIDs and headers come from the PACS the site's ``images`` URI names
+    (:func:`pacs_uid_record`), not from the site-local UID key file: for a machine that did not ingest the site (a
+    Kubeflow step in a fresh pod)."""
     import nibabel as nib
 
     from .. import __version__
@@ -235,12 +299,24 @@ def export(settings: Settings, site: str, method: str, *, fmt: str = "seg", out:
     import json
 
     subjects = json.loads(listing.read_text())["subjects"]
-    ids = uidmap.load(site)
     images = settings.site(site).images
     pacs = str(images) if dicomweb.is_dicomweb(str(images)) else None
     registered = model_version or registry_version(settings, site, method) or "unregistered"
     version = f"{__version__}+model.{registered}"
     key = load_key()
+    headers: dict = {}
+    if from_pacs:
+        if pacs is None:
+            raise ExportError(f"site {site}: its images are not a dicomweb+http(s):// URI; the UIDs can only be "
+                              "rebuilt from a PACS")
+        ids, headers = pacs_uid_record(pacs, site, subjects, key)
+        gone = [c for c in subjects if c not in ids]
+        if gone:
+            raise ExportError(f"{len(gone)} of {len(subjects)} subjects ({', '.join(gone[:5])}) are not on the PACS "
+                              f"under the site's query (deleted since, or ingested as another site name or with "
+                              "another de-identification key)")
+    else:
+        ids = uidmap.load(site)
     out = Path(out) if out else settings.paths.ingested.parent / "export" / site / run_name(settings, method, seed)
     written, segs = [], []
     for cid in subjects:
@@ -248,7 +324,7 @@ def export(settings: Settings, site: str, method: str, *, fmt: str = "seg", out:
         if entry is None:
             raise ExportError(f"{cid}: no original UIDs on record for site {site} (not a DICOM series, or ingested "
                               f"before the UID key file existed: run `siteadapt ingest --site {site}` again)")
-        datasets = _source_datasets(entry, cid, pacs)
+        datasets = headers.get(cid) or _source_datasets(entry, cid, pacs)
         img = nib.load(str(pred_dir / f"{cid}.nii.gz"))
         pred = np.asarray(img.dataobj).astype(np.uint8)
         labels = labels_on_source(pred, img.affine, datasets)
