@@ -177,6 +177,54 @@ def test_assumed_spacing_warned_once_recorded_and_fixed_by_the_setting(tmp_path,
     assert len(res.skipped) == 3
 
 
+def test_dicom_radiograph_without_pixel_spacing_is_flagged_and_takes_the_setting(tmp_path, deid_key, caplog):
+    import pydicom
+
+    from siteadapt.io.dicom_write import write_2d
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        f = write_2d(src / f"cr{i}.dcm", np.full((20, 30), 100 * (i + 1), np.uint16), patient={"PatientID": f"P{i}"},
+                     series_number=i + 1)
+        ds = pydicom.dcmread(f)
+        del ds.PixelSpacing, ds.ImagerPixelSpacing
+        ds.save_as(f)
+    caplog.set_level(logging.INFO, logger="siteadapt")
+    res = ingest(src, "crsite", tmp_path / "out")
+    warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warn) == 1 and "2 of 2 images carry no pixel spacing" in warn[0]
+    assert [it["spacing_assumed"] for it in res.items] == [True, True]
+    assert all(it["spacing"][:2] == [1.0, 1.0] for it in res.items)
+    caplog.clear()
+    res = ingest(src, "crsite", tmp_path / "out", pixel_spacing_mm=0.143)
+    assert len(res.written) == 2  # the setting is part of a DICOM item's fingerprint once it is set
+    assert [it["spacing_assumed"] for it in res.items] == [False, False]
+    assert all(np.allclose(it["spacing"][:2], [0.143, 0.143]) for it in res.items)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_object_store_errors_name_the_prefix_and_a_position_not_the_object(tmp_path, monkeypatch):
+    from siteadapt import storage
+    from siteadapt.errors import SiteadaptError
+
+    name = "Doe^Jane_MRN99887766.dcm"
+    monkeypatch.setattr(storage, "list_objects", lambda uri: {"a.dcm": (1, "x"), f"b/{name}": (1, "y")})
+
+    class Client:
+        def download_file(self, bucket, key, filename):
+            if key.endswith(name):  # what a full disk or a permission error says: the local file's path
+                raise OSError(28, "No space left on device", f"{filename}")
+            Path(filename).write_bytes(b"1")
+
+    monkeypatch.setattr(storage, "client", lambda: Client())
+    with pytest.raises(SiteadaptError) as ei:
+        storage.download("s3://bucket/sites/x", tmp_path / "mirror")
+    msg = str(ei.value)
+    assert "s3://bucket/sites/x (object 2 of 2 in key order)" in msg and "No space left" in msg
+    assert "Doe" not in msg and "MRN" not in msg and str(tmp_path) not in msg
+
+
 def test_patients_csv_gives_hashed_patient_and_one_split(tmp_path, deid_key):
     src = tmp_path / "in"
     for i in range(12):

@@ -186,7 +186,8 @@ class Site(_Strict):
         None, description="CSV with header stem,patient giving each image's patient (stems matched as labels are), "
                           "for patient-level splits of image folders; DICOM series use their PatientID without it. "
                           "Patient ids are only hashed (keyed), never written")
-    pixel_spacing_mm: float | None = Field(None, gt=0, description="for 2D images without spacing (PNG/JPEG)")
+    pixel_spacing_mm: float | None = Field(None, gt=0, description="for 2D images without spacing (PNG/JPEG, "
+                                           "DICOM radiographs without PixelSpacing)")
     synthetic: str | None = Field(None, description="'<task>/<site>' of `siteadapt synth` that produces `images`")
     roi_offset_mm: tuple[float, float, float] | None = Field(
         None, description="this site's label-free crop offset (mm along R, A, S), replacing the task's "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -64,18 +65,26 @@ def client():
                         config=cfg)
 
 
-def _fail(uri: str, e: Exception) -> StorageError:
+def _fail(uri: str, e: Exception, hide: tuple[str, ...] = (), under: Path | None = None) -> StorageError:
+    """A :class:`StorageError` for ``e`` at ``uri``; the strings in ``hide`` (an object key, a local file name) and
+    any path below the local folder ``under`` are replaced by ``<object>`` in the library's message."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    text = str(e)
+    if under is not None:
+        text = re.sub(re.escape(str(under)) + r"[^\s'\"]*", "<object>", text)
+    for h in sorted({h for h in hide if len(h) >= 4}, key=len, reverse=True):  # not a short stem such as "1"
+        text = text.replace(h, "<object>")
 
     where = f" (endpoint {endpoint_url()})" if endpoint_url() else ""
     if isinstance(e, NoCredentialsError):
         return StorageError(f"{uri}: no credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY{where}")
     if isinstance(e, EndpointConnectionError):
-        return StorageError(f"{uri}: cannot reach the object store{where}: {e}")
+        return StorageError(f"{uri}: cannot reach the object store{where}: {text}")
     if isinstance(e, ClientError):
         code = e.response.get("Error", {}).get("Code", "?")
         return StorageError(f"{uri}: the object store refused ({code}){where}")
-    return StorageError(f"{uri}: {type(e).__name__}: {e}{where}")
+    return StorageError(f"{uri}: {type(e).__name__}: {text}{where}")
 
 
 def list_objects(uri: str) -> dict[str, tuple[int, str]]:
@@ -120,7 +129,7 @@ def download(uri: str, dest: str | Path, *, mirror: bool = True) -> dict:
         raise StorageError(f"{uri}: no objects under this prefix")
     c = client()
     got = 0
-    for rel, (size, etag) in sorted(objs.items()):
+    for i, (rel, (size, etag)) in enumerate(sorted(objs.items()), 1):
         target = dest / rel
         if _same(target, size, etag):
             continue
@@ -128,8 +137,9 @@ def download(uri: str, dest: str | Path, *, mirror: bool = True) -> dict:
         try:
             with atomic_path(target, suffix="") as tmp:
                 c.download_file(bucket, key, str(tmp))
-        except Exception as e:  # noqa: BLE001
-            raise _fail(f"s3://{bucket}/{key}", e) from None
+        except Exception as e:  # noqa: BLE001 - the prefix and a position, never the object's name (often a patient's)
+            raise _fail(f"{uri} (object {i} of {len(objs)} in key order)", e,
+                        (key, rel, str(target), Path(rel).name, Path(rel).stem), dest) from None
         got += 1
     removed = 0
     if mirror and dest.is_dir():
@@ -155,15 +165,16 @@ def upload(src: str | Path, uri: str) -> dict:
     have = list_objects(uri) if src.is_dir() else {}
     c = client()
     sent = 0
-    for p in files:
+    for i, p in enumerate(files, 1):
         rel = p.name if src.is_file() else p.relative_to(src).as_posix()
         if src.is_dir() and rel in have and _same(p, *have[rel]):
             continue
         key = (f"{prefix}/{rel}" if prefix else rel) if src.is_dir() else (prefix or p.name)
         try:
             c.upload_file(str(p), bucket, key)
-        except Exception as e:  # noqa: BLE001
-            raise _fail(f"s3://{bucket}/{key}", e) from None
+        except Exception as e:  # noqa: BLE001 - the destination and a position, never the file's name
+            raise _fail(f"{uri} (file {i} of {len(files)} in path order)", e,
+                        (key, rel, str(p), p.name, p.stem), src if src.is_dir() else src.parent) from None
         sent += 1
     log.info("%s -> %s: %d files, %d uploaded", src, uri, len(files), sent)
     return {"files": len(files), "uploaded": sent}

@@ -1216,7 +1216,8 @@ def _read_2d(frame: _Frame, modality: str) -> Volume:
         origin = -row_cos * sp[1] * (info.cols - 1) / 2.0 - col_cos * sp[0] * (info.rows - 1) / 2.0
     th = frame.between or frame.thickness or 1.0
     affine = _lps_to_ras(row_cos, col_cos, sp, origin, normal * th)
-    return Volume(data=vals.T, affine=affine, modality=modality, meta=_meta([frame], is_2d=True))
+    return Volume(data=vals.T, affine=affine, modality=modality,
+                  meta=_meta([frame], is_2d=True, spacing_assumed=frame.spacing is None))
 
 
 def _read_mosaic(frames: list[_Frame], infos: list[_FileInfo], modality: str) -> Volume:

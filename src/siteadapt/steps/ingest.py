@@ -298,6 +298,10 @@ def _load(c: _Candidate, modality: str | None, pixel_spacing: float | None) -> V
         from ..io import dicom as D
 
         vol = D.read_series(c.series)
+        if vol.meta.get("spacing_assumed") and pixel_spacing:  # a radiograph without (Imager)PixelSpacing: the
+            vol.affine[:3, :2] *= float(pixel_spacing)            # site's pixel_spacing_mm replaces the assumed 1 mm
+            vol.meta["spacing_assumed"] = False
+            vol.meta["spacing_from_settings"] = True
         if vol.meta.get("photometric") == "MONOCHROME1":  # 0 = white: invert so that brighter = larger everywhere
             lo, hi = vol.data.min(), vol.data.max()
             vol.data = (hi + lo - vol.data).astype(vol.data.dtype)
@@ -574,8 +578,8 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
             extra.append(f"label_map={sorted(label_map.items())}")
         if c.class_label is not None:
             extra.append(f"class={c.class_label}")
-        if c.kind == "image2d":  # setting pixel_spacing_mm later must rewrite the items that assumed 1.0 mm
-            extra.append(f"spacing={pixel_spacing_mm or 'assumed'}")
+        if c.kind == "image2d" or (c.kind == "dicom" and pixel_spacing_mm):  # setting pixel_spacing_mm later
+            extra.append(f"spacing={pixel_spacing_mm or 'assumed'}")                # rewrites what assumed 1.0 mm
         if c.patient is not None:
             extra.append(f"patient={c.patient}")
         c.fingerprint = _fingerprint(c.files + ([c.label_path] if c.label_path else []), source, key, extra)
@@ -659,9 +663,9 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
         log.warning("%s: not used: %s %s (%s): %s", site, r["in"], r["file"], r["position"], r["reason"])
     assumed = sum(1 for it in items if it.get("spacing_assumed"))
     if assumed:
-        log.warning("%s: %d of %d images carry no pixel spacing (PNG/JPEG/TIFF): 1.0 mm is assumed, so every size "
-                    "in mm (spacing, crops, surface distances) is in pixels; set sites.%s.pixel_spacing_mm in "
-                    "params.yaml", site, assumed, len(items), site)
+        log.warning("%s: %d of %d images carry no pixel spacing (PNG/JPEG/TIFF, or DICOM without PixelSpacing): "
+                    "1.0 mm is assumed, so every size in mm (spacing, crops, surface distances) is in pixels; set "
+                    "sites.%s.pixel_spacing_mm in params.yaml", site, assumed, len(items), site)
 
     from ..io.uidmap import record as record_uids  # original DICOM UIDs for `siteadapt export`: a site-local key
 
