@@ -23,8 +23,8 @@ resumes too; the engine checks its own signature on load in any case (a mismatch
 
 Atomicity: each checkpoint is one object, overwritten in place, and the choice relies on S3 PUT atomicity: a reader
 gets the previous complete object or the new complete one, never a partial one (a multipart upload becomes visible
-only when it is completed). The pointer ``mlflow_run.json`` does not change during a step and is written once, after
-the first checkpoint. Downloads go to a temporary name and are renamed into place.
+only when it is completed). The pointer ``mlflow_run.json`` does not change during a step and is written once, just
+before the first checkpoint's upload, so a checkpoint on the store always has its run pointer beside it. Downloads go to a temporary name and are renamed into place.
 
 Uploads run in a background thread, so that training does not wait for the network: each checkpoint is hard-linked
 to a snapshot (the engine replaces ``checkpoint.pt`` by rename, so the snapshot keeps its content), and when a new
@@ -172,12 +172,13 @@ class Uploader:
                 (snap, step), self._pending = self._pending, None
                 self._busy = True
             try:
-                client.upload_file(str(snap), self.bucket, self.key + CHECKPOINT,
-                                   ExtraArgs={"Metadata": {"step": str(step)}})
+                # the pointer first: a pod killed right after the checkpoint's upload still finds its MLflow run
                 if not self._pointer_sent and (self.model_dir / POINTER).is_file():
                     client.put_object(Bucket=self.bucket, Key=self.key + POINTER,
                                       Body=(self.model_dir / POINTER).read_bytes())
                     self._pointer_sent = True
+                client.upload_file(str(snap), self.bucket, self.key + CHECKPOINT,
+                                   ExtraArgs={"Metadata": {"step": str(step)}})
                 self.uploaded.append(step)
             except Exception as e:  # noqa: BLE001 - a lost upload costs a longer resume, not the training
                 log.warning("checkpoint of iteration %d not copied to the object store: %s", step, type(e).__name__)
