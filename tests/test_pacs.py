@@ -174,10 +174,6 @@ def test_no_original_identifier_in_names_state_manifest_export_or_logs(pacs):
 
 @needs_orthanc
 def test_seg_round_trip_equals_the_prediction_on_the_original_grid(pacs):
-    import highdicom as hd
-    import nibabel as nib
-    import pydicom
-
     from siteadapt.io import dicomweb, uidmap
 
     s = pacs["settings"]
@@ -186,32 +182,11 @@ def test_seg_round_trip_equals_the_prediction_on_the_original_grid(pacs):
     assert len(subjects) >= 2
     found = dicomweb.search_series(pacs["uri"], {"Modality": "SEG"})
     assert len(found) == len(subjects)
-    client = dicomweb.client(pacs["srv"].dicomweb)
-    ids = uidmap.load("pacs_ct")
-    nonempty = 0
-    for item in found:
-        study, series = item["0020000D"]["Value"][0], item["0020000E"]["Value"][0]
-        (ds,) = client.retrieve_series(study, series)
-        seg = hd.seg.Segmentation.from_dataset(ds)
-        cid = next(c for c in subjects if ids[c]["series"] in seg.get_source_image_uids()[0])
-        entry = ids[cid]
-        assert seg.StudyInstanceUID == entry["study"] and seg.FrameOfReferenceUID == entry["frame_of_reference"]
+    segs = _assert_segs_equal_predictions(dicomweb.client(pacs["srv"].dicomweb), found, subjects,
+                                          uidmap.load("pacs_ct"), pred_dir, "+model.7")
+    for seg in segs:
         assert [d.SegmentLabel for d in seg.SegmentSequence] == ["MYO", "LAC", "LVC", "AA"]
-        algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
-        assert algo.AlgorithmName == "noadapt" and algo.AlgorithmVersion.endswith("+model.7")
         assert seg.SegmentSequence[2].SegmentedPropertyTypeCodeSequence[0].CodeValue == "87878005"  # left ventricle
-        # the original slices in the order of the ingested grid (position along the slice normal)
-        heads = [pydicom.dcmread(i["file"], stop_before_pixels=True) for i in entry["instances"]]
-        normal = np.cross(*np.reshape([float(v) for v in heads[0].ImageOrientationPatient], (2, 3)))
-        heads.sort(key=lambda d: float(np.dot(normal, [float(v) for v in d.ImagePositionPatient])))
-        back = seg.get_pixels_by_source_instance([str(d.SOPInstanceUID) for d in heads], combine_segments=True,
-                                                 relabel=False)
-        pred = np.asarray(nib.load(str(pred_dir / f"{cid}.nii.gz")).dataobj)
-        expected = pred.transpose(2, 1, 0)  # slice k of a series is data[:, :, k].T (io/dicom.py, io/dicom_write.py)
-        assert back.shape == expected.shape
-        np.testing.assert_array_equal(back, expected)
-        nonempty += int(expected.any())
-    assert nonempty >= 1  # the tiny model predicts something: the comparison is not one of empty maps
 
 
 @needs_orthanc
@@ -409,16 +384,18 @@ def test_kfp_export_step_finds_the_uids_on_the_pacs_and_stores_the_champions_seg
 def _assert_segs_equal_predictions(client, found, subjects, ids, pred_dir, version_suffix):
     """Each SEG series of ``found`` read back with highdicom equals its subject's predicted label map, voxel for
     voxel, on the original slices (ordered as the ingested grid); it joins the source study and frame of
-    reference."""
+    reference. Returns the SEGs read back. At least one predicted map is non-empty: the comparison is not one of empty
+    maps."""
     import highdicom as hd
     import nibabel as nib
     import pydicom
 
-    nonempty = 0
+    nonempty, segs = 0, []
     for item in found:
         study, series = item["0020000D"]["Value"][0], item["0020000E"]["Value"][0]
         (ds,) = client.retrieve_series(study, series)
         seg = hd.seg.Segmentation.from_dataset(ds)
+        segs.append(seg)
         cid = next(c for c in subjects if ids[c]["series"] in seg.get_source_image_uids()[0])
         entry = ids[cid]
         assert seg.StudyInstanceUID == entry["study"] and seg.FrameOfReferenceUID == entry["frame_of_reference"]
@@ -434,6 +411,7 @@ def _assert_segs_equal_predictions(client, found, subjects, ids, pred_dir, versi
         np.testing.assert_array_equal(back, expected)
         nonempty += int(expected.any())
     assert nonempty >= 1
+    return segs
 
 
 def test_series_identities_of_headers_are_the_ones_ingest_gives_the_files(tmp_path):

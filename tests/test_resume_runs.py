@@ -25,6 +25,7 @@ import yaml
 pytest.importorskip("mlflow")
 pytest.importorskip("moto.server")
 
+from test_engine import _slices  # noqa: E402
 from test_kfp_watch import s3  # noqa: E402,F401  (fixture: a local S3-compatible server on 127.0.0.1, port 0)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,13 +50,8 @@ def _job(site: str):
 
 def _prepared(root: Path, site: str, n: int = 12, seed: int = 0) -> Path:
     """A prepared 2D site (train split only) under ``root/prepared/<site>``: squares of label 1 with a label-2 core."""
-    rng = np.random.default_rng(seed)
-    y = np.zeros((n, 32, 32), np.uint8)
-    for i in range(n):
-        c = rng.integers(10, 22, 2)
-        y[i, c[0] - 5:c[0] + 5, c[1] - 5:c[1] + 5] = 1
-        y[i, c[0] - 2:c[0] + 2, c[1] - 2:c[1] + 2] = 2
-    x = (rng.normal(0, 0.1, y.shape) + 0.4 * y - 0.5).clip(-1, 1).astype(np.float32)
+    sl = _slices(n=n, seed=seed)  # the engine tests' slices, written as a prepared site's shards
+    x, y = sl.images, sl.labels
     d = root / "prepared" / site
     d.mkdir(parents=True)
     np.savez(d / "train.npz", images=x, subject=np.arange(n), slice=np.zeros(n, np.int64))
