@@ -27,8 +27,6 @@ status code and the server root only.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -39,6 +37,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import SiteadaptError
 from .atomic import atomic_path, write_json
+from .deid import keyed_digest
 
 log = logging.getLogger("siteadapt.dicomweb")
 
@@ -128,7 +127,7 @@ def _fail(root: str, what: str, e: Exception) -> DicomwebError:
 
 
 def _hash(key: bytes, kind: str, uid: str) -> str:
-    return hmac.new(key, f"dicomweb|{kind}|{uid}".encode(), hashlib.sha256).hexdigest()[:16]
+    return keyed_digest(key, f"dicomweb|{kind}|{uid}")[:16]
 
 
 def _value(item: dict, tag: str) -> str | None:
@@ -160,7 +159,7 @@ def pull(uri: str, mirror: str | Path, *, key: bytes | None = None) -> dict:
     key = key or load_key()
     mirror = Path(mirror)
     spath = state_path(mirror)
-    query = hmac.new(key, src.display.encode(), hashlib.sha256).hexdigest()[:16]
+    query = keyed_digest(key, src.display)[:16]
     state = _load_state(spath, query)
     done: dict = state["series"]
     dw = client(src.root)

@@ -106,6 +106,24 @@ def read_image2d(path: Path, *, spacing: float | None = None, modality: str = "O
     return Volume(data=np.ascontiguousarray(arr.T), affine=affine_2d(spacing or 1.0), modality=modality, meta=meta)
 
 
+def label_array(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A label file's values as stored, unchecked: NIfTI with its affine, a 2D image (rows x cols; palette and
+    integer modes as stored, others as 8-bit grey) with None. Raises InputError when it cannot be read."""
+    if kind_of(path) == "nifti":
+        try:
+            img = nib.load(str(path))
+            return np.asanyarray(img.dataobj), img.affine
+        except Exception as e:
+            raise InputError(path, f"unreadable label NIfTI: {why(e, path)}") from None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im if im.mode in ("I", "I;16", "L", "P") else im.convert("L")), None
+    except Exception as e:
+        raise InputError(path, f"unreadable label image: {why(e, path)}") from None
+
+
 def read_label(path: Path, like: Volume) -> np.ndarray:
     """Read a label map for image ``like`` and check it fits: same shape and, for NIfTI, the same geometry.
 
@@ -113,28 +131,18 @@ def read_label(path: Path, like: Volume) -> np.ndarray:
     """
     k = kind_of(path)
     if k == "nifti":
-        try:
-            img = nib.load(str(path))
-            lab = np.asanyarray(img.dataobj)
-        except Exception as e:
-            raise InputError(path, f"unreadable label NIfTI: {why(e, path)}") from None
+        lab, affine = label_array(path)
         while lab.ndim > like.data.ndim and lab.shape[-1] == 1:
             lab = lab[..., 0]
         if lab.shape != like.data.shape[: lab.ndim] or lab.ndim != min(like.data.ndim, 3):
             raise InputError(path, f"label shape {tuple(lab.shape)} differs from image shape {tuple(like.data.shape)}")
-        diff = float(np.abs(img.affine - like.affine).max())
+        diff = float(np.abs(affine - like.affine).max())
         if diff > 1e-2:
             raise InputError(path, f"label geometry differs from image geometry (affines differ by up to {diff:.3g} mm)")
     elif k == "image2d":
         if path.suffix.lower() in (".jpg", ".jpeg"):
             raise InputError(path, "label stored as lossy JPEG: label values are not exact")
-        from PIL import Image
-
-        try:
-            with Image.open(path) as im:
-                lab = np.asarray(im if im.mode in ("I", "I;16", "L", "P") else im.convert("L")).T
-        except Exception as e:
-            raise InputError(path, f"unreadable label image: {why(e, path)}") from None
+        lab = label_array(path)[0].T
         if lab.shape != like.data.shape:
             raise InputError(path, f"label shape {tuple(lab.shape[::-1])} (rows x cols) differs from image shape "
                                    f"{tuple(like.data.shape[::-1])}")

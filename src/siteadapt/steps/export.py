@@ -34,8 +34,6 @@ Choices it follows:
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 from pathlib import Path
 
@@ -43,6 +41,7 @@ import numpy as np
 
 from ..config import Settings
 from ..errors import InputError, SiteadaptError
+from ..io.deid import keyed_digest
 
 log = logging.getLogger("siteadapt.export")
 
@@ -229,7 +228,7 @@ _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "Accessi
 def _uid(key: bytes, *parts) -> str:
     from pydicom.uid import generate_uid
 
-    mac = hmac.new(key, "|".join(map(str, parts)).encode(), hashlib.sha256).hexdigest()
+    mac = keyed_digest(key, "|".join(map(str, parts)))
     return generate_uid(entropy_srcs=[mac])
 
 

@@ -378,20 +378,12 @@ def _label_file_values(path: Path) -> np.ndarray | None:
     """The distinct values of a label file, read as :func:`siteadapt.io.files.read_label` reads it; None when it
     cannot be read (the main pass then refuses it with read_label's reason)."""
     try:
-        if F.kind_of(path) == "nifti":
-            import nibabel as nib
-
-            lab = np.asanyarray(nib.load(str(path)).dataobj)
-        else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                lab = np.asarray(im if im.mode in ("I", "I;16", "L", "P") else im.convert("L"))
-        if lab.dtype.kind == "f" and not np.isfinite(lab).all():
-            return None
-        return np.unique(lab)
-    except Exception:  # unreadable here means unreadable in the main pass, which names the reason
+        lab = F.label_array(path)[0]
+    except InputError:  # unreadable here means unreadable in the main pass, which names the reason
         return None
+    if lab.dtype.kind == "f" and not np.isfinite(lab).all():
+        return None
+    return np.unique(lab)
 
 
 def _unexpected_values(values, allowed: set[int]) -> list[int]:
@@ -444,6 +436,8 @@ def _rejected_records(rejected_raw: list, key: bytes, site: str, source: Path, l
                       patients: Path | None, scrub: Scrubber) -> list[dict]:
     """The manifest's ``rejected`` entries: keyed reference, root, position and reason, never a path or name. The
     reason has the file's path, name and stem, the roots' paths and identifiers from DICOM headers replaced."""
+    if not rejected_raw:  # positions need a second walk of the input tree: only when something was refused
+        return []
     pos = {"input": _positions(source), "labels": _positions(labels)}
     roots = sorted({str(r) for r in (source, source.resolve(), labels, patients) if r is not None}, key=len,
                    reverse=True)

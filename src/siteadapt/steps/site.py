@@ -25,11 +25,9 @@ what the scan found, so a folder or file named after a patient does not end up i
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,7 +286,7 @@ def add_site(params: str | Path, name: str, *, task: str, images: str, labels: s
     fails. Paths are written as given; relative ones are checked from the current folder, as every step reads them."""
     from .. import dvcgen
     from ..config import load_settings
-    from ..io.atomic import write_text
+    from ..io.atomic import atomic_path, write_text
 
     params = Path(params)
     dvc_out = Path(dvc_out) if dvc_out is not None else params.parent / "dvc.yaml"
@@ -367,10 +365,7 @@ def add_site(params: str | Path, name: str, *, task: str, images: str, labels: s
 
     text = params.read_text()
     new_text = new_params_text(text, name, entry, task, direction)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{params.name}.", suffix=".tmp.yaml", dir=params.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(params) as tmp:  # replaces params.yaml only when the candidate passed both checks
         tmp.write_text(new_text)
         os.chmod(tmp, params.stat().st_mode & 0o777)  # mkstemp's 0600 would hide params.yaml from other users
         try:  # the project's loader on the candidate file: it refuses what every step would refuse
@@ -378,12 +373,6 @@ def add_site(params: str | Path, name: str, *, task: str, images: str, labels: s
             dvc_text = dvcgen.render(new_settings, dvcgen.load_raw(tmp), dvc_out.resolve().parent)
         except ConfigError as e:  # name the file the user knows, not the temporary one
             raise ConfigError(str(e).replace(str(tmp), f"{params} with site {name}")) from None
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, params)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     changed = not (dvc_out.is_file() and dvc_out.read_text() == dvc_text)
     if changed:
         write_text(dvc_out, dvc_text)
