@@ -231,7 +231,8 @@ def cmd_select(args) -> int:
 
     s = _settings(args)
     methods = [m for m in args.methods.split(",") if m] if args.methods else None
-    res = select(s, args.site, methods=methods, selection=args.selection)
+    res = select(s, args.site, methods=methods, selection=args.selection, score=args.score, margin=args.margin,
+                 seed=args.seed)
     measure = MEASURE[res["kind"]]
     print(f"{args.site}: rule {res['rule']} ({res['rule_text']})")
     for r in res["methods"]:
@@ -240,16 +241,25 @@ def cmd_select(args) -> int:
                                                                          if not g["passed"])
         labeled = r.get(f"target_{measure}")
         print(f"  {r['rank']}. {r['method']:24s} score {_fmt(r['score'])}  entropy {_fmt(r.get('entropy'))}  "
-              f"consistency {_fmt(r.get('consistency'))}  source {measure} drop {_fmt(drop)}  gates {gates}"
+              f"consistency {_fmt(r.get('consistency'))}  agreement {_fmt(r.get('agreement'))}  "
+              f"source {measure} drop {_fmt(drop)}  gates {gates}"
               + (f"  (target {measure} {_fmt(labeled)})" if labeled is not None else ""))
     for e in res["excluded"]:
         print(f"  -  {e['method']:24s} excluded: {e['reason']}")
     if res.get("labeled_best"):
         print(f"labels would pick {res['labeled_best']}; regret of the choice: "
               f"{_fmt(res[f'regret_{measure}'])} {measure}")
+    if res.get("decision"):
+        print(f"why: {res['decision']['reason']}")
     path = write_selection(s, args.site, res)
     if args.register:
-        reg = register_model(s, args.site, res["winner"], extra_tags=selection_tags(res))
+        winner = next(r for r in res["methods"] if r["method"] == res["winner"])
+        if winner.get("from_source_model"):  # no adaptation won without a run of its own: make it one to register
+            from .tracking import adapt, evaluate
+
+            adapt(s, args.site, res["winner"], seed=args.seed)
+            evaluate(s, args.site, res["winner"], seed=args.seed, predict=True)
+        reg = register_model(s, args.site, res["winner"], seed=args.seed, extra_tags=selection_tags(res))
         res["registered"] = {k: reg.get(k) for k in ("name", "version", "alias", "run_id")}
         write_selection(s, args.site, res)
         print(f"{reg['name']} version {reg['version']} (alias {reg['alias']}): {res['winner']}")
@@ -523,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rule (default: params registry.selection)")
     sp.add_argument("--register", action="store_true", help="register the winner (alias 'candidate') with the "
                                                             "selection as tags")
+    sp.add_argument("--score", choices=("consistency", "entropy", "agreement", "tta_entropy"), default=None,
+                    help="label-free score that ranks the candidates (default: params registry.selection_score)")
+    sp.add_argument("--margin", type=float, default=None,
+                    help="how much an adapted model's score must beat no adaptation's (default: params "
+                         "registry.selection_margin)")
+    sp.add_argument("--seed", type=int, default=None, help="seed of the runs compared (default: params seed)")
     sp.set_defaults(func=cmd_select)
 
     sp = sub.add_parser("promote", help="move alias 'champion' to the site's candidate if the gates pass")

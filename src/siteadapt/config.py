@@ -250,8 +250,16 @@ class Registry(_Strict):
     gates: Gates = Gates()
     selection: Literal["label_free", "labels", "auto"] = Field(
         "label_free", description="how `siteadapt select` picks a target's candidate: label_free (the label-free "
-                                  "gates, then consistency under a shift of the target's images), labels (target "
+                                  "gates, then selection_score, against noadapt by selection_margin), labels (target "
                                   "Dice / AUC) or auto (labels when every method has a labeled evaluation)")
+    selection_score: Literal["consistency", "entropy", "agreement", "tta_entropy"] = Field(
+        "consistency", description="the label-free score that orders the candidates passing the gates: consistency "
+                                   "(agreement with the prediction of shifted copies), entropy (negative mean "
+                                   "prediction entropy), agreement (with the consensus of every candidate) or "
+                                   "tta_entropy (negative entropy of the mean over the image and its shifted copies)")
+    selection_margin: float = Field(
+        0.02, ge=0, description="label-free rule: an adapted model is chosen only when its score beats noadapt's "
+                                "(the source model as is) by at least this much (units of the score); else noadapt")
 
 
 class Pipeline(_Strict):

@@ -383,6 +383,15 @@ def run_register(job: Job, summaries: list[str | dict], inputs: list[str | Path]
             ws.add(a, copy=(Path(a) / "models").is_dir())
         s = settings_for(job, ws.root)
         sel = select(s, job.site, methods=methods)
+        if next(r for r in sel["methods"] if r["method"] == sel["winner"]).get("from_source_model"):
+            # no adaptation won and this run has no model of it (not in the job's methods): make it here (nothing
+            # trains: the source segmenter as is), so that it can be registered with its own evaluation
+            from ..steps.evaluate import evaluate
+            from ..steps.train import adapt, predict
+
+            adapt(s, job.site, sel["winner"])
+            predict(s, job.site, sel["winner"])
+            evaluate(s, job.site, sel["winner"])
         reg = register_model(s, job.site, sel["winner"], extra_tags=selection_tags(sel))
         winner_predictions = s.paths.predictions / job.site / sel["winner"]
         if predictions_out is not None and winner_predictions.is_dir():  # links are copied as the files they name
@@ -392,7 +401,7 @@ def run_register(job: Job, summaries: list[str | dict], inputs: list[str | Path]
         for r in sel["methods"]:  # paths in the record: relative to the project layout, not this temporary folder
             for k in ("model", "metrics"):
                 r[k] = str(r[k]).removeprefix(root)
-    best = next(p for p in parsed if p["method"] == sel["winner"])
+    best = next((p for p in parsed if p["method"] == sel["winner"]), {"method": sel["winner"]})
     sel["registered"] = {k: reg.get(k) for k in ("name", "version", "alias", "run_id")}
     out = {**best, "registered": sel["registered"], "selection": sel,
            "compared": [{"method": r["method"], "score": r["score"], "rank": r["rank"],

@@ -154,6 +154,38 @@ class IterationState:
             self.iteration = int(state["iteration"])
 
 
+@torch.no_grad()
+def reestimate_bn(net: nn.Module, images, batch_size: int = 32) -> int:
+    """AdaBN (Li et al., "Revisiting Batch Normalization For Practical Domain Adaptation", 2016): every
+    ``BatchNorm2d`` of ``net`` forgets its running statistics and re-estimates them on ``images`` ((N, H, W) or
+    (N, 1, H, W), array or tensor): a forward pass in training mode over consecutive batches of ``batch_size`` with
+    ``momentum=None``, PyTorch's cumulative average, so the running mean is the mean of the batch means (with one
+    batch: exactly that batch's statistics; the variance is the unbiased batch variance). Nothing else of the
+    network changes (no gradient is taken) and each layer's momentum and the network's train/eval mode are restored.
+    Returns the number of batch-norm layers re-estimated."""
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not bns:
+        return 0
+    x = torch.as_tensor(images, dtype=torch.float32)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    dev = next(net.parameters()).device
+    saved = [(m, m.momentum) for m in bns]
+    was_training = net.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    try:
+        for i in range(0, len(x), batch_size):
+            net(x[i:i + batch_size].to(dev))
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        net.train(was_training)
+    return len(bns)
+
+
 def freeze(*modules: nn.Module) -> None:
     for m in modules:
         for p in m.parameters():
@@ -161,4 +193,4 @@ def freeze(*modules: nn.Module) -> None:
 
 
 __all__ = ["FrozenSourceMixin", "task_net", "source_net", "encode", "head", "feature_channels",
-           "encoder_modules", "head_modules", "task_loss", "bce_gan", "freeze", "ramp", "IterationState"]
+           "encoder_modules", "head_modules", "task_loss", "bce_gan", "freeze", "ramp", "IterationState", "reestimate_bn"]

@@ -9,7 +9,9 @@ A method is an ``nn.Module`` holding its networks. It declares
 - ``predict(images)``: segmentation logits (N, K, H, W), or class logits (N, K) when ``ctx.kind`` is
   ``classification``, for target images,
 and may override ``prepare(source, target)`` (one-off set-up before the loop, e.g. loading the source segmenter) and
-``extra_state`` / ``load_extra_state`` (non-parameter state such as image pools, for exact resume).
+``extra_state`` / ``load_extra_state`` (non-parameter state such as image pools, for exact resume) and
+``finish(source, target)`` (one-off step after the last iteration, before the model is saved: e.g. re-estimating
+batch-norm statistics on the target's images).
 ``total_iterations`` is set by the train step before ``prepare`` (None in unit tests) for methods whose schedule
 depends on the length of the run (learning-rate decay to 0, training phases).
 
@@ -97,6 +99,9 @@ class Method(nn.Module):
 
     def prepare(self, source, target, source_model: "Method | None" = None) -> None:
         """One-off set-up before training (data statistics, loading the source segmenter, ...)."""
+
+    def finish(self, source, target) -> None:
+        """One-off step after training and before the model is saved (runs for methods that do not train too)."""
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         raise NotImplementedError

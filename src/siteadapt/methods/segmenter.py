@@ -12,11 +12,19 @@ same for every method (the profile's ``augment``, off by default). This option, 
 intensity scale/shift (+-10%) and small translations (+-4 px) for this network only; no flips, which would swap left
 and right structures.
 
+``bigaug: true`` trains a robust source model: BigAug's nine stacked transformations (Zhang et al., IEEE TMI
+2020: sharpening, blurring, noise, brightness, contrast, intensity perturbation, rotation, scaling, elastic
+deformation, each with probability 0.5 and the paper's ranges; :func:`siteadapt.nn.bigaug.bigaug` lists them and every
+choice where the paper is silent) on each training batch, label maps moved with their images (nearest neighbour,
+background outside). With both flags on, the mild ``augment`` runs first and BigAug on its output. Draws come from
+torch's global RNG, which the engine checkpoints, so resume stays exact; with the flag off nothing is drawn and
+training is unchanged.
+
 Classification tasks (``ctx.kind == "classification"``): the same two classes with another network and loss — a
 ResNet-18-like classifier trained from scratch (:class:`~siteadapt.nn.networks.ResNetClassifier`; TUNA-Net's F_A
 starts from ImageNet weights, which siteadapt cannot download) and cross-entropy, eq. (3) of TUNA-Net (plain: the paper
 weights no class; ``class_weights`` as a list of floats weights them, ``"batch"`` and Dice apply to segmentation only).
-The same optimiser; augmentation moves the image only.
+The same optimiser; augmentation (``augment`` and ``bigaug``) moves the image only.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ..nn.bigaug import bigaug
 from ..nn.losses import WeightedCrossEntropyDiceLoss
 from ..nn.networks import DilatedResidualEncoder, PixelClassifier, ResNetClassifier
 from .base import Context, Method, MethodOptions, adam, scalars
@@ -37,6 +46,7 @@ class SegmenterOptions(MethodOptions):
     class_weights: list[float] | str | None = "batch"
     dice_weight: float = Field(1.0, ge=0)
     augment: bool = False
+    bigaug: bool = False  # BigAug's stacked transformations on each training batch (after ``augment`` when both)
 
 
 class SegmenterNet(nn.Module):
@@ -117,6 +127,8 @@ class Supervised(Method):
         x, y = batch.src_x, batch.src_y
         if self.opts.augment:
             x, y = augment_batch(x, y)
+        if self.opts.bigaug:
+            x, y = bigaug(x, y)
         with self.autocast():
             logits = self.net(x)
         loss = self.seg_loss(logits, y)

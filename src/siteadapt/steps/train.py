@@ -178,6 +178,8 @@ def adapt(settings: Settings, target: str, method_name: str, *, source: str | No
     summary = {"iterations": 0, "seconds": 0.0}
     if method.trains:
         summary = fit(method, train_set, target_set, cfg, out, tracker=tracker, on_checkpoint=on_checkpoint)
+    method.finish(train_set, target_set)
+    method.eval()
     save_model(method, out / "model.pt", source_site=d.source, target_site=target, summary=summary,
                seed=settings.seed if seed is None else seed, variant=method_name)
     if target_set is not None:
