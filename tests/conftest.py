@@ -48,6 +48,19 @@ def shared_data() -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module): tiny
+    convolutions gain nothing from a second thread, and on a shared 2-core machine two OpenMP threads per process
+    make every test several times slower under load."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def deid_key(monkeypatch):
     """A fixed de-identification key for tests (never a file inside the outputs)."""
     monkeypatch.setenv("SITEADAPT_DEID_KEY", "test-key-not-secret")

@@ -21,12 +21,7 @@ from siteadapt.methods.fda import FDA, TRANSLATION_KEY, charbonnier_entropy, fda
 CTX = Context(n_classes=3, image_size=32, width=0.125)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: torch on one thread
 
 
 def images(seed: int, b: int = 2, size: int = 32, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:

@@ -27,12 +27,7 @@ CLS_CTX = Context(n_classes=2, image_size=32, width=0.125, kind="classification"
 NEW = ["seuda", "cyuda", "dsan", "adaoutput", "dann", "adda", "cycada", "stl"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: torch on one thread
 
 
 def source_model(ctx: Context = CTX, seed: int = 7):

@@ -28,12 +28,7 @@ from siteadapt.train.engine import TrainConfig, fit
 CTX = Context(n_classes=3, image_size=32, width=0.125)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: torch on one thread
 
 
 def _slices(n: int = 8, seed: int = 0, labels: bool = True, shift: float = 0.0) -> SliceSet:

@@ -20,14 +20,7 @@ from siteadapt.train.engine import TrainConfig, fit
 CTX = Context(n_classes=3, image_size=32, width=0.125)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from a second thread, and on a shared 2-core machine two OpenMP threads per
-    process make every test several times slower under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: torch on one thread
 
 SIFA_MODULES = {"G_t", "D_t", "E", "C1", "C2", "U", "D_s", "D_p1", "D_p2"}
 OPTIMIZER_MODULES = {  # which modules each optimizer may change
@@ -381,9 +374,10 @@ def learning_run(tmp_path, seed: int = 0, iterations: int = 150, sifa_opts: dict
 
 
 def test_sifa_beats_noadapt_on_a_remapped_target(tmp_path):
-    """A short, seeded SIFA run (150 iterations at 32x32, width 0.125; E∘C at lr 1e-3 so that the segmenter learns
-    within the budget, as the source segmenter it is compared with) beats the source segmenter on the target."""
-    noadapt, sifa = learning_run(tmp_path)
+    """A short, seeded SIFA run (300 iterations at 32x32, width 0.125; E∘C at lr 1e-3 so that the segmenter learns
+    within the budget, as the source segmenter it is compared with) beats the source segmenter on the target. (At
+    150 iterations the margin depended on the CPU's kernels: +0.057 on one machine type, so the run is longer.)"""
+    noadapt, sifa = learning_run(tmp_path, iterations=300)
     assert sifa > noadapt + 0.1, (noadapt, sifa)
 
 

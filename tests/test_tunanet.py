@@ -18,12 +18,7 @@ CTX = Context(n_classes=2, image_size=32, width=0.125, kind="classification")
 SEG_CTX = Context(n_classes=3, image_size=32, width=0.125)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: torch on one thread
 
 
 FAST = {"generator_blocks": 1}  # one residual block per generator keeps the file fast; the paper's 9 are a number
