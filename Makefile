@@ -7,7 +7,7 @@ BIN     = $(CURDIR)/$(VENV)/bin
 RUN     = PATH="$(BIN):$$PATH"
 PROFILE ?= quick
 
-.PHONY: demo demo-nodvc test setup dvc-gen remote mlflow-ui clean-outputs
+.PHONY: demo demo-nodvc test setup dvc-gen remote mlflow-ui clean-outputs study-real-cxr
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or run: make PYTHON=python3 ...)"; exit 1; }
@@ -34,6 +34,10 @@ demo-nodvc: setup
 
 test: setup
 	$(RUN) $(PY) -m pytest -q
+
+# The real chest X-ray study (issue 26): needs ../shared/data/cxr_lungs; writes docs/study-real-cxr.md (aggregates only)
+study-real-cxr: setup
+	$(RUN) $(PY) benchmarks/study_real_cxr.py $(STUDY_ARGS)
 
 dvc-gen: setup
 	$(RUN) siteadapt dvc-gen

@@ -62,19 +62,35 @@ def _cli(ws: Path, *args: str, env: dict) -> None:
         raise SystemExit(f"study: `siteadapt {' '.join(args[:3])} ...` failed in {ws.name} (exit {r.returncode})")
 
 
-def workspace(work: Path, kit: Path, source: str, target: str, env: dict) -> Path:
-    """The direction's workspace with both sites added, ingested and preprocessed (idempotent)."""
-    ws = work / f"{source}_to_{target}"
+ROBUST_LINE = "      source: {bigaug: true}   # study arm: the robust (BigAug) source segmenter\n"
+
+
+def with_robust_source(text: str) -> str:
+    """params.yaml's text with ``tasks.chestxray.method_options.source: {bigaug: true}`` (the robust source arm)."""
+    lines = text.splitlines(keepends=True)
+    start = next(i for i, ln in enumerate(lines) if ln.split("#")[0].rstrip() == "  chestxray:")
+    for i in range(start + 1, len(lines)):
+        if lines[i].startswith("    method_options:"):
+            return "".join(lines[:i + 1] + [ROBUST_LINE] + lines[i + 1:])
+        if lines[i].strip() and not lines[i].startswith("    "):
+            break
+    raise SystemExit("study: params.yaml has no tasks.chestxray.method_options block to add the robust source to")
+
+
+def workspace(work: Path, kit: Path, source: str, target: str, env: dict, robust: bool = False) -> Path:
+    """The direction's workspace with both sites added, ingested and preprocessed (idempotent). ``robust``: the arm
+    whose source segmenter trains with BigAug (workspace ``<source>_to_<target>_robust``)."""
+    ws = work / (f"{source}_to_{target}" + ("_robust" if robust else ""))
     ws.mkdir(parents=True, exist_ok=True)
-    if not (ws / "params.yaml").is_file():
-        tmp = ws / "params.yaml.tmp"
-        shutil.copyfile(REPO / "params.yaml", tmp)
-        tmp.rename(ws / "params.yaml")
-        _cli(ws, "site", "add", source, "--task", "chestxray", "--images", str(kit / source / "images"),
-             "--labels", str(kit / source / "labels"), "--pixel-spacing", str(PIXEL_SPACING_MM), env=env)
-        _cli(ws, "site", "add", target, "--task", "chestxray", "--images", str(kit / target / "images"),
-             "--labels", str(kit / target / "labels"), "--pixel-spacing", str(PIXEL_SPACING_MM),
-             "--target-of", source, env=env)
+    # params.yaml is made afresh from the repository's each time (the study measures the current settings); runs
+    # made with other settings are redone (see run_direction's fingerprints)
+    text = (REPO / "params.yaml").read_text()
+    (ws / "params.yaml").write_text(with_robust_source(text) if robust else text)
+    _cli(ws, "site", "add", source, "--task", "chestxray", "--images", str(kit / source / "images"),
+         "--labels", str(kit / source / "labels"), "--pixel-spacing", str(PIXEL_SPACING_MM), env=env)
+    _cli(ws, "site", "add", target, "--task", "chestxray", "--images", str(kit / target / "images"),
+         "--labels", str(kit / target / "labels"), "--pixel-spacing", str(PIXEL_SPACING_MM),
+         "--target-of", source, env=env)
     for site in (source, target):
         if not (ws / "data" / "prepared" / site / "subjects.json").is_file():
             _cli(ws, "ingest", "--site", site, env=env)
@@ -98,28 +114,45 @@ def run_direction(ws: Path, source: str, target: str, methods: list[str], seeds:
     from siteadapt.config import load_settings
     from siteadapt.steps.evaluate import metrics_path
     from siteadapt.steps.select import select, write_selection
-    from siteadapt.steps.train import build_method, source_model_path
+    from siteadapt.steps.train import build_method, method_options, model_dir, source_model_path
 
     os.chdir(ws)
     s = load_settings("params.yaml")
     times_path = ws / "times.json"
     times = _load_json(times_path, {})
+    prof = s.profile_for("chestxray").model_dump()
+
+    def fingerprint(name: str, site: str) -> str:
+        _, raw, _, _ = method_options(s, name, site)
+        return json.dumps({"options": raw, "profile": prof}, sort_keys=True, default=str)
+
     for k in seeds:
         src = source_model_path(s, source, k)
-        if not src.is_file():
+        src_fp = fingerprint("source", source)
+        stale_source = (times.get("source_fp", {}).get(str(k)) != src_fp)
+        if not src.is_file() or stale_source or force:
+            if src.is_file():
+                shutil.rmtree(src.parent)  # other settings: the chain of this seed starts again
             t0 = time.perf_counter()
             tracking.train_source(s, source, seed=k)
             times.setdefault("source", {})[str(k)] = time.perf_counter() - t0
+            times.setdefault("source_fp", {})[str(k)] = src_fp
             _save_json(times_path, times)
         for m in methods:
             done = metrics_path(s, target, m, k)
-            if done.is_file() and not force:
+            fp = fingerprint(m, target) + src_fp
+            cell = times.get(m, {}).get(str(k), {})
+            if done.is_file() and not force and not stale_source and cell.get("fingerprint") == fp:
                 continue
+            mdir = model_dir(s, target, m, k)
+            if mdir.is_dir():
+                shutil.rmtree(mdir)  # never resume a checkpoint of other settings or of another source model
             t0 = time.perf_counter()
             tracking.adapt(s, target, m, source=source, seed=k)
             t_adapt = time.perf_counter() - t0
             tracking.evaluate(s, target, m, seed=k, predict=True)
-            times.setdefault(m, {})[str(k)] = {"adapt_s": t_adapt, "total_s": time.perf_counter() - t0}
+            times.setdefault(m, {})[str(k)] = {"adapt_s": t_adapt, "total_s": time.perf_counter() - t0,
+                                               "fingerprint": fp}
             _save_json(times_path, times)
             d = json.loads(done.read_text())["dice"]["mean"]
             print(f"[{source}->{target}] {m} seed {k}: Dice {100 * d:.1f} in {time.perf_counter() - t0:.0f} s",
@@ -268,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="re-run cells whose metrics exist")
     ap.add_argument("--render-only", action="store_true", help="only rewrite the report from the workspaces")
     ap.add_argument("--track", action="store_true", help="log every stage to MLflow (slower)")
+    ap.add_argument("--robust-source", action="store_true",
+                    help="the arm whose source segmenter trains with BigAug (its own workspaces and report section)")
     args = ap.parse_args(argv)
     kit, work = args.kit.resolve(), args.work.resolve()
     if not (kit / "shenzhen" / "images").is_dir() or not (kit / "montgomery" / "images").is_dir():
@@ -282,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     dirs = [tuple(d.split(":")) for d in args.directions.split(",") if d]
     done = []
     for source, target in dirs:
-        ws = workspace(work, kit, source, target, env)
+        ws = workspace(work, kit, source, target, env, robust=args.robust_source)
         if not args.render_only:
             run_direction(ws, source, target, methods, seeds, args.force)
         done.append((source, target, collect(ws, target, methods, seeds)))
