@@ -1,20 +1,28 @@
-"""The real chest X-ray study (issue 26): both directions of the real two-hospital kit, every method, several seeds,
-the label-free choice and its regret -> ``docs/study-real-cxr.md``.
+"""The real chest X-ray study (issue 26): both directions of the real two-hospital kit, the methods over seeds, the
+label-free choice and its regret -> ``docs/study-real-cxr.md``.
 
-    .venv/bin/python benchmarks/study_real_cxr.py [--kit ../shared/data/cxr_lungs] [--seeds 0-2] [--methods ...]
-        [--profile real2d] [--work runs/study-real-cxr] [--out docs/study-real-cxr.md] [--render-only]
+    make study-real-cxr            # = .venv/bin/python benchmarks/study_real_cxr.py
+    .venv/bin/python benchmarks/study_real_cxr.py [--arms main,robust,gan] [--seeds 0-2] [--methods ...]
+        [--directions shenzhen:montgomery,montgomery:shenzhen] [--kit ../shared/data/cxr_lungs]
+        [--work runs/study-real-cxr] [--out docs/study-real-cxr.md] [--render-only] [--track]
+
+Arms (``ARMS``): ``main``, the ``real2d`` profile with the test-time, source-model and self-training methods over
+three seeds; ``robust``, the same profile with the BigAug source segmenter; ``gan``, the papers' GAN and adversarial
+baselines at the ``quick`` profile (at ``real2d`` they cost 15-25 minutes per run on 2 cores each, see the note in
+the report), with that profile's own no-adaptation and supervised rows for their gap shares.
 
 What it does, as a new user would:
 
-1. One workspace per direction (``<work>/<source>_to_<target>/``): a copy of the repository's params.yaml (the one
-   settings file: profiles, methods, gates, selection), then ``siteadapt site add <source> --labels ...`` and
-   ``siteadapt site add <target> --labels ... --target-of <source>`` (the target's labels are for evaluation only:
-   no adaptation method reads them; ``supervised`` is the upper-bound reference that does), pixel spacing 1.4 mm
-   (the kit's PNGs carry none; 256 px over ~36 cm). Then ``ingest`` and ``preprocess`` of both sites.
-2. Per seed: the source segmenter of that seed, then every method with that seed (adapt, predict, evaluate), kept
-   when its metrics file exists (a rerun continues where it stopped).
+1. One workspace per direction and arm (``<work>/<source>_to_<target>[_robust][_<profile>]/``): the repository's
+   params.yaml copied afresh (the one settings file: profiles, methods, gates, selection), then ``siteadapt site add
+   <source> --labels ...`` and ``siteadapt site add <target> --labels ... --target-of <source>`` (the target's labels
+   are for evaluation only: no adaptation method reads them; ``supervised`` is the upper-bound reference that does),
+   pixel spacing 1.4 mm (the kit's PNGs carry none). Then ``ingest`` and ``preprocess`` of both sites.
+2. Per seed: the source segmenter of that seed, then every method with that seed (adapt, predict, evaluate). A cell
+   whose metrics exist and whose settings (method options, profile, source model) have not changed is kept, so a
+   rerun continues where it stopped and redoes what a settings change made stale.
 3. Per seed: ``siteadapt select``'s label-free choice among the adapted candidates (``noadapt`` always among them),
-   with every label-free score recorded; the labels only audit it (regret).
+   with every label-free score recorded; the labels only audit it (regret, share of the gap, rank correlations).
 4. ``docs/study-real-cxr.md``: aggregates only (means, standard deviations, shares, times, rank correlations): no
    image, no case id, no mask, no per-case number. The workspaces (models, predictions, per-subject metrics) stay
    under ``--work`` (git-ignored ``runs/``).
@@ -41,8 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_KIT = REPO.parent / "shared" / "data" / "cxr_lungs"
 SITES = ("shenzhen", "montgomery")
 PIXEL_SPACING_MM = 1.4
-DEFAULT_METHODS = ("supervised,noadapt,histmatch,adabn,tent,fda,selftrain,selftrain_hm,"
-                   "cyclegan,seuda,cyuda,sifa,adaoutput")
+DEFAULT_METHODS = "supervised,noadapt,histmatch,adabn,tent,fda,selftrain,selftrain_hm"
 
 
 def _seeds(text: str) -> list[int]:
@@ -80,7 +87,9 @@ def with_robust_source(text: str) -> str:
 def workspace(work: Path, kit: Path, source: str, target: str, env: dict, robust: bool = False) -> Path:
     """The direction's workspace with both sites added, ingested and preprocessed (idempotent). ``robust``: the arm
     whose source segmenter trains with BigAug (workspace ``<source>_to_<target>_robust``)."""
-    ws = work / (f"{source}_to_{target}" + ("_robust" if robust else ""))
+    profile = env.get("SITEADAPT_PROFILE", "real2d")
+    ws = work / (f"{source}_to_{target}" + ("_robust" if robust else "") + ("" if profile == "real2d" else
+                                                                            f"_{profile}"))
     ws.mkdir(parents=True, exist_ok=True)
     # params.yaml is made afresh from the repository's each time (the study measures the current settings); runs
     # made with other settings are redone (see run_direction's fingerprints)
@@ -201,18 +210,22 @@ def collect(ws: Path, target: str, methods: list[str], seeds: list[int]) -> dict
     return out
 
 
-def render(directions: list[tuple[str, str, dict]], methods: list[str], seeds: list[int], profile: str,
-           settings_note: str) -> str:
+def render_arm(title: str, note: str, directions: list[tuple[str, str, dict]], methods: list[str],
+               upper: dict | None = None) -> list[str]:
+    """One arm of the study (a profile / source-model setting): per direction, the method table, the label-free
+    choice per seed and the rank correlation of each label-free score with the true Dice. ``upper``: per direction,
+    the supervised rows of another arm of the same profile, for an arm that does not train its own (the upper bound
+    does not depend on the source model)."""
     from siteadapt.steps.select import SCORES, score_correlations
 
-    lines = ["# Real chest X-ray study: Shenzhen <-> Montgomery (issue 26)", "",
-             f"Generated by `benchmarks/study_real_cxr.py` on {_dt.date.today().isoformat()} "
-             f"(git {_git()}, Python {platform.python_version()}, {os.cpu_count()} CPU cores), profile "
-             f"`{profile}`, seeds {', '.join(map(str, seeds))}. Rebuild: `make study-real-cxr` (needs "
-             "`../shared/data/cxr_lungs`). Aggregates over the target's test subjects only: no image, case id or "
-             "mask of the kit is in this file.", "", settings_note, ""]
+    lines = [f"## {title}", "", note, ""]
     for source, target, data in directions:
         M = data["metrics"]
+        if not M:
+            continue
+        if "supervised" not in M and (upper or {}).get((source, target)):
+            M["supervised"] = upper[(source, target)]
+            lines += [f"(Supervised rows of {source} -> {target}: the main arm's, same profile and seeds.)", ""]
         sup = {k: v["dice"] for k, v in M.get("supervised", {}).items()}
         noa = {k: v["dice"] for k, v in M.get("noadapt", {}).items()}
 
@@ -221,11 +234,7 @@ def render(directions: list[tuple[str, str, dict]], methods: list[str], seeds: l
                 return None
             return (d - noa[k]) / (sup[k] - noa[k])
 
-        lines += [f"## {source.capitalize()} -> {target.capitalize()}", "",
-                  "Dice and share of the gap: % (mean ± std over seeds); ASSD, HD95: mm; gap share: "
-                  "(method - no adaptation) / (supervised - no adaptation), per seed, then the mean; minutes: "
-                  "adapt + predict + evaluate per seed on this machine (the source segmenter's training is counted "
-                  "once, in its own row).", "",
+        lines += [f"### {source.capitalize()} -> {target.capitalize()}", "",
                   "| method | seeds | Dice | ASSD | HD95 | gap share | minutes |",
                   "|---|---|---|---|---|---|---|"]
         for m in methods:
@@ -234,16 +243,19 @@ def render(directions: list[tuple[str, str, dict]], methods: list[str], seeds: l
                 continue
             ks = sorted(rows)
             t = data["times"].get(m, {})
-            mins = [t[str(k)]["total_s"] / 60 for k in ks if str(k) in t]
+            mins = [t[str(k)]["total_s"] / 60 for k in ks if isinstance(t.get(str(k)), dict)]
             lines.append(f"| {m} | {len(ks)} | {_ms([rows[k]['dice'] for k in ks], 100)} | "
                          f"{_ms([rows[k]['assd'] for k in ks], 1, 2)} | {_ms([rows[k]['hd95'] for k in ks], 1, 1)} | "
                          f"{_ms([share(k, rows[k]['dice']) for k in ks], 100, 0)} | {_ms(mins, 1, 1)} |")
         st = data["times"].get("source", {})
         if st:
-            lines.append(f"| (source segmenter training) | {len(st)} | | | | | {_ms([v / 60 for v in st.values()], 1, 1)} |")
-        lines += ["", "Label-free choice (`siteadapt select`, the settings of params.yaml: score "
-                  f"`{_first(data, 'score')}`, margin {_first(data, 'margin')} over no adaptation) per seed, "
-                  "audited with the target's labels:", "",
+            lines.append(f"| (source segmenter training) | {len(st)} | | | | | "
+                         f"{_ms([v / 60 for v in st.values()], 1, 1)} |")
+        if not data["selection"]:
+            lines.append("")
+            continue
+        lines += ["", f"Label-free choice (`siteadapt select`: score `{_first(data, 'score')}`, margin "
+                  f"{_first(data, 'margin')} over no adaptation), audited with the target's labels:", "",
                   "| seed | chosen | its Dice | no adaptation | labels' best | regret | gap share | why |",
                   "|---|---|---|---|---|---|---|---|"]
         shares = []
@@ -257,17 +269,18 @@ def render(directions: list[tuple[str, str, dict]], methods: list[str], seeds: l
             lines.append(f"| {k} | {w} | {_pc(wd)} | {_pc(noa.get(k))} | {best} ({_pc(bd)}) | "
                          f"{_pc(None if bd is None or wd is None else bd - wd)} | {_pc(sh, 0)} | "
                          f"{sel['decision']['reason']} |")
-        lines += ["", f"Mean share of the gap recovered by the label-free choice: **{_pc(_mean(shares), 0)}%**; "
-                  f"lowest seed: {_pc(min([s for s in shares if s is not None], default=None), 0)}%.", ""]
-        lines += ["Rank correlation (Spearman) of each label-free score with the true target Dice over the "
-                  "candidates (no adaptation included), per seed:", "",
+        data["chosen_shares"] = shares
+        lines += ["", f"Share of the gap recovered by the label-free choice: mean **{_pc(_mean(shares), 0)}%**, "
+                  f"lowest seed {_pc(min([x for x in shares if x is not None], default=None), 0)}%.", "",
+                  "Spearman rank correlation of each label-free score with the true target Dice over the candidates "
+                  "(no adaptation included):", "",
                   "| score | " + " | ".join(f"seed {k}" for k in sorted(data["selection"])) + " | mean |",
                   "|---|" + "---|" * (len(data["selection"]) + 1)]
         for sc in SCORES:
             vals = [score_correlations(sel).get(sc) for _, sel in sorted(data["selection"].items())]
             lines.append(f"| {sc} | " + " | ".join(_num(v) for v in vals) + f" | {_num(_mean(vals))} |")
         lines.append("")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _first(data: dict, key: str):
@@ -289,48 +302,85 @@ def _git() -> str:
     return r.stdout.strip() or "unknown"
 
 
+# the study's arms: (key, title, profile, robust source, methods, seeds)
+ARMS = {
+    "main": ("Main arm: the `real2d` profile", "real2d", False, DEFAULT_METHODS, "0-2"),
+    "robust": ("Robust source arm: BigAug source segmenter, `real2d`", "real2d", True,
+               "noadapt,histmatch,adabn,tent", "0"),
+    "gan": ("GAN and adversarial baselines at the `quick` profile (64 px, width 0.125)", "quick", False,
+            "supervised,noadapt,histmatch,adabn,adaoutput,cyclegan,seuda,cyuda,sifa", "0"),
+}
+DIRECTIONS = "shenzhen:montgomery,montgomery:shenzhen"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kit", type=Path, default=DEFAULT_KIT)
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "study-real-cxr")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "study-real-cxr.md")
-    ap.add_argument("--seeds", default="0-2")
-    ap.add_argument("--methods", default=DEFAULT_METHODS)
-    ap.add_argument("--profile", default="real2d")
-    ap.add_argument("--directions", default="shenzhen:montgomery,montgomery:shenzhen")
+    ap.add_argument("--arms", default="main,robust,gan", help=f"arms to run: {', '.join(ARMS)}")
+    ap.add_argument("--seeds", default=None, help="override the arms' seeds, e.g. 0-2")
+    ap.add_argument("--methods", default=None, help="override the arms' methods (comma-separated)")
+    ap.add_argument("--directions", default=DIRECTIONS)
     ap.add_argument("--force", action="store_true", help="re-run cells whose metrics exist")
     ap.add_argument("--render-only", action="store_true", help="only rewrite the report from the workspaces")
     ap.add_argument("--track", action="store_true", help="log every stage to MLflow (slower)")
-    ap.add_argument("--robust-source", action="store_true",
-                    help="the arm whose source segmenter trains with BigAug (its own workspaces and report section)")
     args = ap.parse_args(argv)
     kit, work = args.kit.resolve(), args.work.resolve()
     if not (kit / "shenzhen" / "images").is_dir() or not (kit / "montgomery" / "images").is_dir():
         print(f"study: the real kit is not at {kit} (needs shenzhen/ and montgomery/)", file=sys.stderr)
         return 2
-    seeds = _seeds(args.seeds)
-    methods = [m for m in args.methods.split(",") if m]
-    os.environ["SITEADAPT_PROFILE"] = args.profile
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        print(f"study: unknown arm(s) {unknown} (arms: {', '.join(ARMS)})", file=sys.stderr)
+        return 2
     if not args.track:
         os.environ["SITEADAPT_TRACKING"] = "off"
-    env = dict(os.environ)
     dirs = [tuple(d.split(":")) for d in args.directions.split(",") if d]
-    done = []
-    for source, target in dirs:
-        ws = workspace(work, kit, source, target, env, robust=args.robust_source)
-        if not args.render_only:
-            run_direction(ws, source, target, methods, seeds, args.force)
-        done.append((source, target, collect(ws, target, methods, seeds)))
-    os.chdir(REPO)
     from siteadapt.config import load_settings
 
-    s = load_settings(REPO / "params.yaml", profile=args.profile)
-    p = s.active
-    note = (f"Profile `{args.profile}`: {p.image_size} px, width {p.width}, batch {p.batch_size}, {p.iterations} "
-            f"iterations for segmenters, {p.adapt_iterations} for adaptation methods (times each method's "
-            "`iterations_factor`); method options as in params.yaml (`methods:` and `tasks.chestxray.method_options`)"
-            "; the same settings for both directions.")
-    text = render(done, methods, seeds, args.profile, note)
+    sections, seeds_all, upper = [], set(), {}
+    for key in ARMS:  # the report shows every arm with results, in this order; only the chosen arms run
+        title, profile, robust, methods, seeds = ARMS[key]
+        methods = [m for m in (args.methods or methods).split(",") if m]
+        seeds = _seeds(args.seeds or seeds)
+        env = {**os.environ, "SITEADAPT_PROFILE": profile}
+        os.environ["SITEADAPT_PROFILE"] = profile
+        done = []
+        for source, target in dirs:
+            run_it = key in arms and not args.render_only
+            if not run_it and not (work / (f"{source}_to_{target}" + ("_robust" if robust else "")
+                                          + ("" if profile == "real2d" else f"_{profile}"))).is_dir():
+                continue
+            ws = workspace(work, kit, source, target, env, robust=robust)
+            if run_it:
+                run_direction(ws, source, target, methods, seeds, args.force)
+            done.append((source, target, collect(ws, target, methods, seeds)))
+            seeds_all |= set(seeds)
+        os.chdir(REPO)
+        if not done:
+            continue
+        p = load_settings(REPO / "params.yaml", profile=profile).profile_for("chestxray")
+        note = (f"Profile `{profile}`: {p.image_size} px, width {p.width}, batch {p.batch_size}, {p.iterations} "
+                f"iterations for segmenters, {p.adapt_iterations} for adaptation methods (times each method's "
+                "`iterations_factor`); method options as in params.yaml (`methods:`, `tasks.chestxray.method_options`)"
+                + ("; the source segmenter with `bigaug: true`" if robust else "")
+                + "; the same settings for both directions. Dice and gap share in % (mean ± std over seeds); ASSD "
+                "and HD95 in mm; gap share = (method - no adaptation) / (supervised - no adaptation) per seed, then "
+                "the mean; minutes = adapt + predict + evaluate per seed on this machine (2 CPU cores shared by the "
+                "two directions' runs), the source segmenter's training in its own row.")
+        if key == "main":
+            upper = {(a, b): d["metrics"].get("supervised", {}) for a, b, d in done}
+        sections += render_arm(title, note, done, methods, upper if profile == "real2d" else None)
+    head = ["# Real chest X-ray study: Shenzhen <-> Montgomery (issue 26)", "",
+            f"Generated by `benchmarks/study_real_cxr.py` (`make study-real-cxr`; needs `../shared/data/cxr_lungs`) "
+            f"on {_dt.date.today().isoformat()}, git {_git()}, Python {platform.python_version()}, "
+            f"{os.cpu_count()} CPU cores. Each direction is a workspace made as a new user would: a copy of "
+            "params.yaml, `siteadapt site add` of both hospitals (1.4 mm pixels), ingest, preprocess, then the "
+            "methods. Aggregates over the target's test subjects only: no image, case id or mask of the kit is in "
+            "this file.", ""]
+    text = "\n".join(head + sections) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(f"study report -> {args.out}")

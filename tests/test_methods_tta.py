@@ -313,3 +313,31 @@ def test_tent_engine_run_then_save_and_load(tmp_path):
     x = images(target(n=3, seed=11))
     with torch.no_grad():  # the engine turned the trained copy channels_last: equal up to the convolution's rounding
         assert torch.allclose(loaded.predict(x), m.predict(x), atol=1e-5)
+
+
+def test_for_site_reestimates_a_copy_and_leaves_the_model_alone():
+    """``for_site`` (what the source-regression check measures on the source site): AdaBN's copy carries the other
+    site's statistics, exactly a re-estimation of the adapted network on those images, with the same weights; the
+    adapted model itself keeps the target's; a method without site statistics (noadapt) is returned as is."""
+    src, tgt = source_model(), target()
+    m = get_method("adabn")(CTX, get_method("adabn").Options(batch_size=32))
+    m.prepare(None, tgt, source_model=src)
+    kept = snapshot(m.net)
+    other = _slices(5, 9, False, scale=0.5, shift=0.3)
+    x = images(other)
+    site = m.for_site(x)
+    assert site is not m and all(torch.equal(kept[k], v) for k, v in m.net.state_dict().items())
+    ref = copy.deepcopy(m.net)
+    reestimate_bn(ref, x, batch_size=32)
+    for a, b in zip(bns(site.net), bns(ref)):
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+    assert all(torch.equal(p, q) for p, q in zip(site.net.parameters(), m.net.parameters()))
+    assert not torch.allclose(bns(site.net)[0].running_mean, bns(m.net)[0].running_mean)
+    noadapt = get_method("noadapt")(CTX)
+    noadapt.prepare(None, None, source_model=src)
+    assert noadapt.for_site(x) is noadapt and not get_method("noadapt").site_statistics
+    assert {n for n in ("adabn", "tent", "fda", "selftrain") if get_method(n).site_statistics} == \
+        {"adabn", "tent", "fda", "selftrain"}
+    st = get_method("selftrain")(CTX, get_method("selftrain").Options(adabn=False))
+    st.prepare(None, tgt, source_model=src)
+    assert st.for_site(x) is st  # without AdaBN it carries the source segmenter's statistics: nothing to redo

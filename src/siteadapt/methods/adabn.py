@@ -48,6 +48,7 @@ class AdaBN(FrozenSourceMixin, Method):
     Options = AdaBNOptions
     needs_source_model = True
     needs_target_images = True
+    site_statistics = True
     trains = False
 
     def __init__(self, ctx: Context, options: AdaBNOptions | None = None):
@@ -66,6 +67,10 @@ class AdaBN(FrozenSourceMixin, Method):
             p.requires_grad_(False)
         reestimate_bn(self.net, target.images, batch_size=self.opts.batch_size)
         self.net.eval()
+
+    def reestimate_statistics(self, images: torch.Tensor) -> bool:
+        reestimate_bn(self.net, images, batch_size=self.opts.batch_size)
+        return True
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         self.net.eval()

@@ -68,6 +68,7 @@ class Method(nn.Module):
     needs_source_model: ClassVar[bool] = False  # starts from / uses the trained source segmenter
     trains: ClassVar[bool] = True  # False: nothing to optimise (e.g. noadapt, histmatch)
     pools: ClassVar[tuple[str, ...]] = ()  # attributes holding image pools (saved with the iteration for exact resume)
+    site_statistics: ClassVar[bool] = False  # its batch-norm statistics belong to one site (AdaBN-like methods)
 
     def __init__(self, ctx: Context, options: MethodOptions | None = None):
         super().__init__()
@@ -105,6 +106,24 @@ class Method(nn.Module):
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         raise NotImplementedError
+
+    def reestimate_statistics(self, images: torch.Tensor) -> bool:
+        """Methods whose model carries one site's batch-norm statistics (``site_statistics``: AdaBN, TENT,
+        self-training with AdaBN, FDA) re-estimate them on ``images`` (N, 1, H, W) of another site and return True;
+        the others change nothing and return False."""
+        return False
+
+    def for_site(self, images: torch.Tensor) -> "Method":
+        """This model as it runs on a site whose images are ``images``: itself, or for a method with
+        ``site_statistics`` a copy with its batch-norm statistics re-estimated on them (label-free; this model is
+        left unchanged). The source-regression check measures an adapted model on the source site this way: the
+        adapted weights normalised for the source, as they would be deployed there."""
+        if not self.site_statistics:
+            return self
+        import copy
+
+        m = copy.deepcopy(self)
+        return m if m.reestimate_statistics(images) else self
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

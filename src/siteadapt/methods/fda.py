@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ._common import source_net
+from ._common import reestimate_bn, source_net
 from .base import Batch, Context, Method, MethodOptions, adam, scalars
 from .segmenter import SegmenterNet, task_loss
 
@@ -145,6 +145,7 @@ class FDA(Method):
     Options = FDAOptions
     needs_source_model = True  # per instance: only with init_from_source
     needs_target_images = True
+    site_statistics = True
 
     def __init__(self, ctx: Context, options: FDAOptions | None = None):
         super().__init__(ctx, options)
@@ -191,6 +192,10 @@ class FDA(Method):
             loss = terms["seg"]
         self.update(loss, "seg")
         return scalars(terms)
+
+    def reestimate_statistics(self, images: torch.Tensor) -> bool:
+        reestimate_bn(self.net, images)
+        return True
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)

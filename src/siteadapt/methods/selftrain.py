@@ -160,6 +160,7 @@ class SelfTrain(FrozenSourceMixin, IterationState, Method):
     Options = SelfTrainOptions
     needs_source_model = True
     needs_target_images = True
+    site_statistics = True  # with adabn (the default); see reestimate_statistics
 
     def __init__(self, ctx: Context, options: SelfTrainOptions | None = None):
         if ctx.kind != "segmentation":
@@ -193,6 +194,14 @@ class SelfTrain(FrozenSourceMixin, IterationState, Method):
     def finish(self, source, target) -> None:
         if self.opts.adabn:
             reestimate_bn(self.predictor, self.target_images(target))
+
+    def reestimate_statistics(self, images: torch.Tensor) -> bool:
+        """With ``adabn``: the predicting network's statistics re-estimated on ``images`` (matched as one pool with
+        ``input: histmatch``); without it the model carries the source segmenter's statistics: nothing to do."""
+        if not self.opts.adabn:
+            return False
+        reestimate_bn(self.predictor, self._input(images))
+        return True
 
     def target_images(self, target) -> torch.Tensor:
         """The target training images (N, 1, H, W) as the networks see them: matched subject by subject when

@@ -80,6 +80,7 @@ class Tent(FrozenSourceMixin, Method):
     Options = TentOptions
     needs_source_model = True
     needs_target_images = True
+    site_statistics = True
     trains = True
 
     def __init__(self, ctx: Context, options: TentOptions | None = None):
@@ -114,6 +115,10 @@ class Tent(FrozenSourceMixin, Method):
     def finish(self, source, target) -> None:
         if target is not None:
             reestimate_bn(self.net, target.images, batch_size=self.opts.reestimate_batch_size)
+
+    def reestimate_statistics(self, images: torch.Tensor) -> bool:
+        reestimate_bn(self.net, images, batch_size=self.opts.reestimate_batch_size)
+        return True
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)

@@ -170,11 +170,17 @@ def _weights_sha256(path: Path, h=None):
 def source_regression(settings: Settings, site: str, method: str, seed: int | None = None) -> dict:
     """Segmentation: Dice on the source site's labeled test slices (per subject, mean over structures, then over
     subjects) of the source segmenter and of the adapted model; ``source_dice_drop`` = source segmenter - adapted.
-    Classification: AUC on the source site's labeled test images of both; ``source_auc_drop`` = source - adapted."""
+    Classification: AUC on the source site's labeled test images of both; ``source_auc_drop`` = source - adapted.
+
+    The source segmenter is the one the adapted model was built from (its seed). An adapted model that carries the
+    target's batch-norm statistics (``site_statistics``: AdaBN, TENT, self-training with AdaBN, FDA) is measured as
+    it would run on the source site, its statistics re-estimated on the source test images
+    (:meth:`~siteadapt.methods.base.Method.for_site`; label-free): with the target's statistics on source images
+    every such model "drops" by design, which says nothing about whether its weights still solve the task."""
     import torch
 
     from ..data.shards import load_slices
-    from .train import load_for_prediction, load_model, model_dir
+    from .train import load_for_prediction, load_model, model_dir, source_model_path
 
     adapted = load_for_prediction(settings, site, method, seed)
     payload = torch.load(model_dir(settings, site, method, seed) / "model.pt", map_location="cpu", weights_only=False)
@@ -186,7 +192,8 @@ def source_regression(settings: Settings, site: str, method: str, seed: int | No
     except InputError as e:
         log.warning("source regression not measured: %s", e)
         return {}
-    src_model, _ = load_model(model_dir(settings, source, "source") / "model.pt")
+    src_model, _ = load_model(source_model_path(settings, source, payload.get("seed", seed)))
+    adapted = adapted.for_site(torch.from_numpy(np.ascontiguousarray(data.images)).unsqueeze(1))
     if settings.task_of(site).kind == "classification":
         return _source_auc(src_model, adapted, data)
     ids = sorted(settings.task_of(site).structures.values())
