@@ -117,12 +117,13 @@ def _save_json(path: Path, data) -> None:
     tmp.rename(path)
 
 
-def run_direction(ws: Path, source: str, target: str, methods: list[str], seeds: list[int], force: bool) -> None:
-    """Train, adapt, evaluate and select in ``ws`` (in-process, with the workspace as the current folder)."""
+def run_direction(ws: Path, source: str, target: str, methods: list[str], seeds: list[int], force: bool,
+                  select_only: bool = False) -> None:
+    """Train, adapt, evaluate and select in ``ws`` (in-process, with the workspace as the current folder).
+    ``select_only``: no training; the label-free choice of each seed among the methods evaluated with that seed."""
     from siteadapt import tracking
     from siteadapt.config import load_settings
     from siteadapt.steps.evaluate import metrics_path
-    from siteadapt.steps.select import select, write_selection
     from siteadapt.steps.train import build_method, method_options, model_dir, source_model_path
 
     os.chdir(ws)
@@ -136,6 +137,12 @@ def run_direction(ws: Path, source: str, target: str, methods: list[str], seeds:
         return json.dumps({"options": raw, "profile": prof}, sort_keys=True, default=str)
 
     for k in seeds:
+        if select_only:
+            done_here = [m for m in methods if metrics_path(s, target, m, k).is_file()]
+            adapted = [m for m in done_here if not build_method(s, m, target).trains_on_target_labels]
+            if adapted:
+                _select(ws, s, source, target, adapted, k)
+            continue
         src = source_model_path(s, source, k)
         src_fp = fingerprint("source", source)
         stale_source = (times.get("source_fp", {}).get(str(k)) != src_fp)
@@ -167,12 +174,19 @@ def run_direction(ws: Path, source: str, target: str, methods: list[str], seeds:
             print(f"[{source}->{target}] {m} seed {k}: Dice {100 * d:.1f} in {time.perf_counter() - t0:.0f} s",
                   flush=True)
         adapted = [m for m in methods if not build_method(s, m, target).trains_on_target_labels]
-        res = select(s, target, methods=adapted, selection="label_free", seed=k)
-        write_selection(s, target, res)  # the product's record of the pipeline seed; the study keeps its own
-        (ws / "selection").mkdir(exist_ok=True)
-        _save_json(ws / "selection" / f"seed{k}.json", res)
-        print(f"[{source}->{target}] seed {k}: label-free choice {res['winner']} ({res['decision']['reason']})",
-              flush=True)
+        _select(ws, s, source, target, adapted, k)
+
+
+def _select(ws: Path, s, source: str, target: str, adapted: list[str], k: int) -> None:
+    """``siteadapt select``'s label-free choice of seed ``k`` (the settings of params.yaml), kept per seed."""
+    from siteadapt.steps.select import select, write_selection
+
+    res = select(s, target, methods=adapted, selection="label_free", seed=k)
+    write_selection(s, target, res)  # the product's record of the pipeline seed; the study keeps its own
+    (ws / "selection").mkdir(exist_ok=True)
+    _save_json(ws / "selection" / f"seed{k}.json", res)
+    print(f"[{source}->{target}] seed {k}: label-free choice {res['winner']} ({res['decision']['reason']})",
+          flush=True)
 
 
 # ---- the report -------------------------------------------------------------------------------------------------------
@@ -324,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--directions", default=DIRECTIONS)
     ap.add_argument("--force", action="store_true", help="re-run cells whose metrics exist")
     ap.add_argument("--render-only", action="store_true", help="only rewrite the report from the workspaces")
+    ap.add_argument("--select-only", action="store_true",
+                    help="train nothing: redo each seed's label-free choice among the methods evaluated with it")
     ap.add_argument("--track", action="store_true", help="log every stage to MLflow (slower)")
     args = ap.parse_args(argv)
     kit, work = args.kit.resolve(), args.work.resolve()
@@ -355,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             ws = workspace(work, kit, source, target, env, robust=robust)
             if run_it:
-                run_direction(ws, source, target, methods, seeds, args.force)
+                run_direction(ws, source, target, methods, seeds, args.force, args.select_only)
             done.append((source, target, collect(ws, target, methods, seeds)))
             seeds_all |= set(seeds)
         os.chdir(REPO)
