@@ -116,7 +116,7 @@ STAGE_ENTRIES = {
     "evaluate": ("siteadapt.tracking:evaluate",),
     "select": ("siteadapt.steps.register:register_model", "siteadapt.steps.select:MEASURE",
                "siteadapt.steps.select:select", "siteadapt.steps.select:selection_tags",
-               "siteadapt.steps.select:write_selection"),
+               "siteadapt.steps.select:write_selection", "siteadapt.tracking:adapt", "siteadapt.tracking:evaluate"),
     "report": ("siteadapt.steps.report:report",),
 }
 # synth: data.synth.synthesize() hands the pneumonia task to synth_pneumonia and writes the other tasks' sites with
