@@ -47,11 +47,11 @@ def test_stage_params_are_narrow_and_topology_is_resolved():
     assert set(st["select"]["foreach"]) == {"cardiac_ct", "cardiac_mr", "cxr_b"}
     assert not any("supervised" in str(v) for v in st["select"]["foreach"]["cxr_b"].values())
     assert {v for k, v in st["select"]["foreach"]["cxr_b"].items() if k.startswith("c") and k[1:].isdigit()} == {
-        f"{d}/chestxray/cxr_b/{m}{x}" for m in ("noadapt", "histmatch", "adabn", "selftrain", "seuda")
+        f"{d}/chestxray/cxr_b/{m}{x}" for m in ("noadapt", "histmatch", "adabn", "tent", "seuda")
         for d, x in (("models", ""), ("metrics", ".json"))}
     assert set(st["adapt"]["foreach"]) == {f"{t}-{m}" for t in ("cardiac_ct", "cardiac_mr") for m in (
         "supervised", "noadapt", "histmatch", "sifa")} | {f"cxr_b-{m}" for m in ("supervised", "noadapt",
-                                                                                "histmatch", "adabn", "selftrain",
+                                                                                "histmatch", "adabn", "tent",
                                                                                 "seuda")}
     # every listed key must exist in params.yaml (DVC refuses missing ones): the generator names what is missing
     del raw["methods"]["histmatch"]
