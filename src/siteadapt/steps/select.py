@@ -331,28 +331,12 @@ def plausibility_of(settings: Settings, site: str, model, split: str = "test") -
     """Shape plausibility (:mod:`siteadapt.metrics.plausibility`) of ``model``'s raw label maps of the site's
     ``split`` subjects, mapped to their original grids as ``siteadapt predict`` writes them and ``siteadapt
     evaluate`` checks them (for a ``noadapt`` that was never predicted)."""
-    import torch
-
-    from ..data.geometry import to_original
-    from ..data.shards import load_slices
     from ..metrics.plausibility import shape_checks, summarize_plausibility
+    from .train import original_label_maps
 
-    task = settings.task_of(site)
-    ids = sorted(task.structures.values())
-    data = load_slices(settings.paths.prepared, site, split, labels=False)
-    shapes = []
-    with torch.no_grad():
-        for rec in data.subjects:
-            if rec["split"] != split:
-                continue
-            start, n = rec["rows"]
-            x = torch.from_numpy(np.ascontiguousarray(data.images[start:start + n])).unsqueeze(1)
-            lab = model.predict_subject(x).argmax(1).numpy().astype(np.uint8)
-            grid = np.moveaxis(lab, 0, rec["slice_axis"])
-            back = to_original(grid, np.array(rec["grid_affine"]), rec["orig_shape"], np.array(rec["orig_affine"]),
-                               ids=ids)
-            shapes.append(shape_checks(back.astype(np.uint8), task.structures))
-    return summarize_plausibility(shapes)
+    structures = settings.task_of(site).structures
+    return summarize_plausibility([shape_checks(back, structures)
+                                   for _, back in original_label_maps(settings, model, site, split)])
 
 
 def candidate_evidence(settings: Settings, site: str, method: str, seed: int | None = None) -> tuple[dict, object]:

@@ -242,27 +242,34 @@ def predict(settings: Settings, target: str, method_name: str, splits=("test",),
     out_dir = settings.paths.predictions / target / run_name(settings, method_name, seed)
     if task.kind == "classification":
         return predict_classes(settings, method, target, method_name, splits, out_dir)
-    ids = sorted(task.structures.values())
     written = []
     for split in splits:
-        data = load_slices(settings.paths.prepared, target, split, labels=False)
-        for si, rec in enumerate(data.subjects):
-            if rec["split"] != split:
-                continue
-            start, n = rec["rows"]
-            x = torch.from_numpy(data.images[start:start + n]).unsqueeze(1)
-            with torch.no_grad():
-                logits = method.predict_subject(x)
-            lab = logits.argmax(1).numpy().astype(np.uint8)  # (n, H, W) slices
-            grid = np.moveaxis(lab, 0, rec["slice_axis"])
-            back = to_original(grid, np.array(rec["grid_affine"]), rec["orig_shape"], np.array(rec["orig_affine"]),
-                               ids=ids)
-            save_nifti(back.astype(np.uint8), out_dir / f"{rec['id']}.nii.gz", np.array(rec["orig_affine"]))
+        for rec, back in original_label_maps(settings, method, target, split):
+            save_nifti(back, out_dir / f"{rec['id']}.nii.gz", np.array(rec["orig_affine"]))
             written.append(rec["id"])
     write_json(out_dir / "predictions.json", {"site": target, "method": method_name, "splits": list(splits),
                                               "subjects": written})
     log.info("%s/%s: %d label maps -> %s", target, method_name, len(written), out_dir)
     return out_dir
+
+
+def original_label_maps(settings: Settings, method: Method, site: str, split: str):
+    """(subject record, uint8 label map on the subject's original grid) for each subject of ``split`` of the site:
+    ``method`` segments the subject's prepared slices as a whole, and the argmax is mapped back through the crop
+    grid (what ``siteadapt predict`` writes; reads no label)."""
+    ids = sorted(settings.task_of(site).structures.values())
+    data = load_slices(settings.paths.prepared, site, split, labels=False)
+    for rec in data.subjects:
+        if rec["split"] != split:
+            continue
+        start, n = rec["rows"]
+        x = torch.from_numpy(np.ascontiguousarray(data.images[start:start + n])).unsqueeze(1)
+        with torch.no_grad():
+            lab = method.predict_subject(x).argmax(1).numpy().astype(np.uint8)  # (n, H, W) slices
+        grid = np.moveaxis(lab, 0, rec["slice_axis"])
+        back = to_original(grid, np.array(rec["grid_affine"]), rec["orig_shape"], np.array(rec["orig_affine"]),
+                           ids=ids)
+        yield rec, back.astype(np.uint8)
 
 
 def predict_classes(settings: Settings, method: Method, target: str, method_name: str, splits, out_dir: Path) -> Path:
