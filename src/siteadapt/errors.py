@@ -18,6 +18,9 @@ failed step; the codes tell a script or an operator which kind of failure it was
   ``--override-gates --reason``.
 - ``6``: :class:`UnverifiedChampionError`: ``promote --check``: the ``champion`` alias points at a version without a
   matching siteadapt promotion record (moved by another client, or a record that does not verify).
+- ``7``: :class:`IncompletePullError`: a PACS pull ended with series it could not fetch completely (the server
+  stopped answering, instances went missing); the complete series are kept and recorded, the incomplete ones are
+  neither recorded nor ingested, and the next pull fetches what they lack.
 """
 
 from __future__ import annotations
@@ -102,6 +105,13 @@ class UnverifiedChampionError(RegistryError):
     """The ``champion`` alias points at a version whose siteadapt promotion record is missing or does not match."""
 
     exit_code = 6
+
+
+class IncompletePullError(SiteadaptError):
+    """A PACS pull fetched some series only in part: they are left unrecorded (the next pull resumes them); the
+    message counts them and names the server root only."""
+
+    exit_code = 7
 
 
 class SiteRefused(ConfigError):
