@@ -76,13 +76,14 @@ class OrthancServer:
         """Store one DICOM file through the REST API (what a modality's C-STORE would do)."""
         self.request("/instances", data=Path(path).read_bytes(), method="POST")
 
-    def start(self, timeout_s: float = 30.0) -> "OrthancServer":
+    def start(self, timeout_s: float = 30.0, *, keep_port: bool = False) -> "OrthancServer":
+        """Start Orthanc; ``keep_port`` restarts a stopped server on its previous port (same URL, same storage)."""
         binary, plugin, why = find_orthanc()
         if why:
             raise RuntimeError(why)
         storage = self.folder / "storage"
         storage.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = self.port if keep_port and self.port else free_port()
         text = (HERE / "orthanc.json").read_text()
         for k, v in {"@STORAGE@": str(storage), "@HTTP_PORT@": str(self.port), "@DICOM_PORT@": str(free_port()),
                      "@USER@": self.user, "@PASSWORD@": self.password, "@PLUGINS@": plugin}.items():

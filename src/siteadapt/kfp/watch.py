@@ -28,7 +28,9 @@ A PACS as the source
     studies matching the query. When the site has none on record and the study set is not empty (and ready: ``settle_s``
     applies to the study set; ``marker`` does not), the matching series are pulled (WADO-RS, exactly once) into
     ``<stage>/<site>/images/`` (``stage`` a folder or ``s3://`` prefix) and one run is submitted for that location, as
-    for an uploaded site. The state records the digest of the study set (keyed hashes, no UIDs); studies stored later
+    for an uploaded site. The state records the digest of the series set (keyed hashes with each series' instance
+    count, no UIDs), so a series still receiving instances restarts ``settle_s``; a pull whose stability window
+    defers a series, or that ends incomplete, submits nothing and the next poll resumes it. Studies stored later
     do not trigger another run of the same site (``--resubmit SITE`` does). The run also gets the source URI as its
     ``pacs_uri``: once the run promotes a champion, its segmentations are stored back to that PACS as DICOM SEG.
 """
@@ -172,32 +174,38 @@ class Watcher:
             done.append(site)
         return done
 
-    def _stage_pacs_site(self) -> str:
-        """Pull the PACS site's series into ``<stage>/<site>/images`` (exactly once per series); the location."""
+    def _stage_pacs_site(self) -> str | None:
+        """Pull the PACS site's series into ``<stage>/<site>/images`` (exactly once per series); the location, or
+        None while the pull's stability window defers a series still changing (a later poll stages it). A pull that
+        ends incomplete raises (exit code 7's error): nothing is uploaded or submitted, the next poll resumes it."""
         from pathlib import Path
 
         from ..io.dicomweb import pull
         from ..storage import is_uri, upload
 
+        local = Path(".siteadapt") / "watch-stage" / self.site if is_uri(self.stage) else Path(self.stage) / self.site
+        res = pull(self.prefix, local / "images")  # git-ignored .siteadapt/ beside the keys for an s3:// stage
+        if res.get("deferred_series"):
+            log.info("site %s: %d series still changing on the PACS; not submitted yet", self.site,
+                     res["deferred_series"])
+            return None
         if is_uri(self.stage):
-            local = Path(".siteadapt") / "watch-stage" / self.site  # git-ignored, beside the keys
-            pull(self.prefix, local / "images")
             location = locations.join(self.stage, self.site)
             upload(local, location)
             return location
-        pull(self.prefix, Path(self.stage) / self.site / "images")
-        return str(Path(self.stage) / self.site)
+        return str(local)
 
     def _poll_pacs(self) -> list[str]:
-        from ..io.dicomweb import study_set
+        from ..io.dicomweb import series_state
 
         site, rec = self.site, self.sites.get(self.site)
         if rec and rec.get("state") in ("submitting", "submitted", "failed"):
             return []
-        studies = study_set(self.prefix)
+        entries = series_state(self.prefix)  # study/series hashes with instance counts: growth reads as a change
+        studies = sorted({e.split("/", 1)[0] for e in entries})
         if not studies:
             return []
-        digest = hashlib.sha256("\n".join(studies).encode()).hexdigest()
+        digest = hashlib.sha256("\n".join(entries).encode()).hexdigest()
         if rec and rec.get("state") == "invalid" and rec.get("digest") == digest:
             return []
         if self.settle_s > 0:
@@ -219,7 +227,10 @@ class Watcher:
             self._save()
             return []
         # a PACS or object store failing here propagates: run() logs it and the next poll tries again
-        args = {**self.defaults, "site": site, "target_uri": self._stage_pacs_site(), "pacs_uri": self.prefix}
+        target = self._stage_pacs_site()
+        if target is None:
+            return []
+        args = {**self.defaults, "site": site, "target_uri": target, "pacs_uri": self.prefix}
         rec = self.sites[site] = {"state": "new", "digest": digest, "studies": len(studies), "arguments": args,
                                   "run_name": f"siteadapt-{site}-{digest[:8]}"}
         return [site] if self._submit(site, rec) else []
