@@ -54,6 +54,12 @@ Not listed: ``cli.py``, which holds every command (listing it would re-run the w
 command; its commands only parse arguments and call the entries), and files read rather than imported (the pyfunc
 wrapper file that registration logs with a model).
 
+Training checkpoints are no stage's output: DVC deletes a stage's outputs before it runs the stage, so inside a stage
+the engine keeps its checkpoint in ``.siteadapt/checkpoints/<key>/`` (git-ignored; key: the run folder and the
+engine's signature of the settings and data, :func:`siteadapt.train.engine.cached_checkpoint`), and a ``dvc repro``
+killed in the middle of ``train_source`` or ``adapt`` resumes from it when run again. Nothing here lists that folder,
+so it never makes a stage changed.
+
 Registration: one ``select`` stage per target site (``siteadapt select --site T --register``, :mod:`siteadapt.steps.
 select`) ranks every candidate method of the target (not the label-trained references) and registers the winner as the
 site's ``candidate``, so the alias does not depend on which stage ran last. Its deps are the candidates' models and

@@ -4,7 +4,9 @@ Each function below is the body of one component. KFP copies a lightweight compo
 command and runs it on ``base_image``; our images (``docker/``) already contain siteadapt, kfp and their
 dependencies, so nothing is pip-installed when a step starts (``install_kfp_package=False``, no
 ``packages_to_install``). Every body is an import and one call into :mod:`siteadapt.kfp.runtime`, which calls the
-same step functions as the CLI and DVC.
+same step functions as the CLI and DVC, inside :func:`siteadapt.kfp.runtime.cli_errors`: bad input (a
+:class:`~siteadapt.errors.SiteadaptError`) ends the step as it ends the CLI, with the CLI's one-line message on stderr
+and its exit code (2 for bad settings or input, 3 for a site with nothing usable, ...), not a traceback and exit 1.
 
 Artifacts between steps are KFP artifacts (``Dataset``, ``Model``, ``Metrics``); on a cluster KFP stores them under
 the pipeline root in the object store, under ``kfp.local`` in a local folder. Each artifact folder is a partial
@@ -28,8 +30,9 @@ def fingerprint(location: str) -> str:
 
     from siteadapt.kfp import runtime
 
-    logging.basicConfig(level=logging.INFO)
-    return runtime.run_fingerprint(location)
+    with runtime.cli_errors("fingerprint"):  # a SiteadaptError exits as the CLI does
+        logging.basicConfig(level=logging.INFO)
+        return runtime.run_fingerprint(location)
 
 
 def ingest(params_yaml: str, profile: str, task: str, source_site: str, site: str, location: str, modality: str,
@@ -40,11 +43,12 @@ def ingest(params_yaml: str, profile: str, task: str, source_site: str, site: st
 
     from siteadapt.kfp import runtime
 
-    logging.basicConfig(level=logging.INFO)
-    job = runtime.Job(task=task, source_site=source_site, site=site or None, params_yaml=params_yaml,
-                      profile=profile, modality=modality, pixel_spacing_mm=pixel_spacing_mm)
-    summary = runtime.run_ingest(job, location, ingested.path)
-    ingested.metadata.update({**summary, "fingerprint": fingerprint})
+    with runtime.cli_errors("ingest"):  # a SiteadaptError exits as the CLI does
+        logging.basicConfig(level=logging.INFO)
+        job = runtime.Job(task=task, source_site=source_site, site=site or None, params_yaml=params_yaml,
+                          profile=profile, modality=modality, pixel_spacing_mm=pixel_spacing_mm)
+        summary = runtime.run_ingest(job, location, ingested.path)
+        ingested.metadata.update({**summary, "fingerprint": fingerprint})
 
 
 def preprocess(params_yaml: str, profile: str, task: str, source_site: str, site: str, ingested: Input[Dataset],
@@ -54,11 +58,13 @@ def preprocess(params_yaml: str, profile: str, task: str, source_site: str, site
 
     from siteadapt.kfp import runtime
 
-    logging.basicConfig(level=logging.INFO)
-    job = runtime.Job(task=task, source_site=source_site, site=site or None, params_yaml=params_yaml,
-                      profile=profile)
-    summary = runtime.run_preprocess(job, ingested.path, prepared.path)
-    prepared.metadata.update({"site": summary["site"], **{k: v["subjects"] for k, v in summary["counts"].items()}})
+    with runtime.cli_errors("preprocess"):  # a SiteadaptError exits as the CLI does
+        logging.basicConfig(level=logging.INFO)
+        job = runtime.Job(task=task, source_site=source_site, site=site or None, params_yaml=params_yaml,
+                          profile=profile)
+        summary = runtime.run_preprocess(job, ingested.path, prepared.path)
+        counts = {k: v["subjects"] for k, v in summary["counts"].items()}
+        prepared.metadata.update({"site": summary["site"], **counts})
 
 
 def train_source(params_yaml: str, profile: str, task: str, source_site: str, prepared_source: Input[Dataset],
@@ -69,9 +75,10 @@ def train_source(params_yaml: str, profile: str, task: str, source_site: str, pr
 
     from siteadapt.kfp import runtime
 
-    logging.basicConfig(level=logging.INFO)
-    job = runtime.Job(task=task, source_site=source_site, params_yaml=params_yaml, profile=profile)
-    source_model.metadata.update(runtime.run_train_source(job, prepared_source.path, source_model.path))
+    with runtime.cli_errors("train-source"):  # a SiteadaptError exits as the CLI does
+        logging.basicConfig(level=logging.INFO)
+        job = runtime.Job(task=task, source_site=source_site, params_yaml=params_yaml, profile=profile)
+        source_model.metadata.update(runtime.run_train_source(job, prepared_source.path, source_model.path))
 
 
 def adapt(params_yaml: str, profile: str, task: str, source_site: str, site: str, method: str,
@@ -82,10 +89,11 @@ def adapt(params_yaml: str, profile: str, task: str, source_site: str, site: str
 
     from siteadapt.kfp import runtime
 
-    logging.basicConfig(level=logging.INFO)
-    job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile)
-    model.metadata.update(runtime.run_adapt(job, method, prepared_source.path, prepared_target.path,
-                                            source_model.path, model.path))
+    with runtime.cli_errors("adapt"):  # a SiteadaptError exits as the CLI does
+        logging.basicConfig(level=logging.INFO)
+        job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile)
+        model.metadata.update(runtime.run_adapt(job, method, prepared_source.path, prepared_target.path,
+                                                source_model.path, model.path))
 
 
 def evaluate(params_yaml: str, profile: str, task: str, source_site: str, site: str, method: str,
@@ -99,18 +107,19 @@ def evaluate(params_yaml: str, profile: str, task: str, source_site: str, site: 
 
     from siteadapt.kfp import runtime
 
-    logging.basicConfig(level=logging.INFO)
-    job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile)
-    summary = runtime.run_evaluate(job, method, ingested_target.path, prepared_target.path, source_model.path,
-                                   model.path, evaluation.path)
-    values = {k: summary[k] for k in ("dice_mean", "assd_mean", "empty_fraction", "fragmented_fraction", "auc",
-                                      "score") if summary.get(k) is not None}
-    for key, value in values.items():
-        metrics.log_metric(key, value)
-    with open(metrics.path, "w") as fh:  # also as a file: the artifact then exists in the store (and caches locally)
-        json.dump(values, fh)
-    evaluation.metadata.update({"method": method, "score": summary["score"]})
-    return json.dumps(summary, sort_keys=True)
+    with runtime.cli_errors("evaluate"):  # a SiteadaptError exits as the CLI does
+        logging.basicConfig(level=logging.INFO)
+        job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile)
+        summary = runtime.run_evaluate(job, method, ingested_target.path, prepared_target.path, source_model.path,
+                                       model.path, evaluation.path)
+        values = {k: summary[k] for k in ("dice_mean", "assd_mean", "empty_fraction", "fragmented_fraction", "auc",
+                                          "score") if summary.get(k) is not None}
+        for key, value in values.items():
+            metrics.log_metric(key, value)
+        with open(metrics.path, "w") as fh:  # also a file: the artifact then exists in the store (and caches locally)
+            json.dump(values, fh)
+        evaluation.metadata.update({"method": method, "score": summary["score"]})
+        return json.dumps(summary, sort_keys=True)
 
 
 def register(params_yaml: str, profile: str, task: str, source_site: str, site: str, methods: List[str],
@@ -126,14 +135,15 @@ def register(params_yaml: str, profile: str, task: str, source_site: str, site: 
 
     from siteadapt.kfp import runtime
 
-    logging.basicConfig(level=logging.INFO)
-    job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile,
-                      methods=tuple(methods), gates=gate_thresholds)
-    inputs = [a.path for a in (ingested_source, ingested_target, prepared_source, prepared_target, source_model)]
-    out = runtime.run_register(job, summaries, inputs + [m.path for m in models] + [e.path for e in evaluations],
-                               predictions_out=predictions.path)
-    predictions.metadata.update({"method": out["method"]})
-    return json.dumps(out, sort_keys=True)
+    with runtime.cli_errors("register"):  # a SiteadaptError exits as the CLI does
+        logging.basicConfig(level=logging.INFO)
+        job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile,
+                          methods=tuple(methods), gates=gate_thresholds)
+        inputs = [a.path for a in (ingested_source, ingested_target, prepared_source, prepared_target, source_model)]
+        out = runtime.run_register(job, summaries, inputs + [m.path for m in models] + [e.path for e in evaluations],
+                                   predictions_out=predictions.path)
+        predictions.metadata.update({"method": out["method"]})
+        return json.dumps(out, sort_keys=True)
 
 
 def gates(params_yaml: str, profile: str, task: str, source_site: str, site: str, candidate: str,
@@ -145,12 +155,13 @@ def gates(params_yaml: str, profile: str, task: str, source_site: str, site: str
 
     from siteadapt.kfp import runtime
 
-    job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile,
-                      gates=gate_thresholds)
-    res = runtime.check_gates(job, json.loads(candidate))
-    for g in res["gates"]:
-        print(f"gate {g['name']}: {g['value']} (threshold {g['threshold']}): {'pass' if g['passed'] else 'FAIL'}")
-    return bool(res["passed"])
+    with runtime.cli_errors("gates"):  # a SiteadaptError exits as the CLI does
+        job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile,
+                          gates=gate_thresholds)
+        res = runtime.check_gates(job, json.loads(candidate))
+        for g in res["gates"]:
+            print(f"gate {g['name']}: {g['value']} (threshold {g['threshold']}): {'pass' if g['passed'] else 'FAIL'}")
+        return bool(res["passed"])
 
 
 def promote(params_yaml: str, profile: str, task: str, source_site: str, site: str, candidate: str,
@@ -161,14 +172,15 @@ def promote(params_yaml: str, profile: str, task: str, source_site: str, site: s
 
     from siteadapt.kfp import runtime
 
-    logging.basicConfig(level=logging.INFO)
-    job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile,
-                      gates=gate_thresholds)
-    cand = json.loads(candidate)
-    reason = (f"kubeflow run {actor}: {cand['method']} ranked first of "
-              f"{', '.join(c['method'] for c in cand['compared'])} and passed the gates")
-    res = runtime.run_promote(job, cand, actor=f"kubeflow:{actor}", reason=reason)
-    return json.dumps(res, sort_keys=True, default=str)
+    with runtime.cli_errors("promote"):  # a SiteadaptError exits as the CLI does
+        logging.basicConfig(level=logging.INFO)
+        job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile,
+                          gates=gate_thresholds)
+        cand = json.loads(candidate)
+        reason = (f"kubeflow run {actor}: {cand['method']} ranked first of "
+                  f"{', '.join(c['method'] for c in cand['compared'])} and passed the gates")
+        res = runtime.run_promote(job, cand, actor=f"kubeflow:{actor}", reason=reason)
+        return json.dumps(res, sort_keys=True, default=str)
 
 
 def export(params_yaml: str, profile: str, task: str, source_site: str, site: str, pacs_uri: str, candidate: str,
@@ -181,10 +193,11 @@ def export(params_yaml: str, profile: str, task: str, source_site: str, site: st
 
     from siteadapt.kfp import runtime
 
-    logging.basicConfig(level=logging.INFO)
-    job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile)
-    res = runtime.run_export(job, json.loads(candidate), json.loads(promotion), pacs_uri, predictions.path)
-    return json.dumps(res, sort_keys=True)
+    with runtime.cli_errors("export"):  # a SiteadaptError exits as the CLI does
+        logging.basicConfig(level=logging.INFO)
+        job = runtime.Job(task=task, source_site=source_site, site=site, params_yaml=params_yaml, profile=profile)
+        res = runtime.run_export(job, json.loads(candidate), json.loads(promotion), pacs_uri, predictions.path)
+        return json.dumps(res, sort_keys=True)
 
 
 STEPS = {"fingerprint": fingerprint, "ingest": ingest, "preprocess": preprocess, "train_source": train_source,

@@ -14,25 +14,43 @@ the link, not the file it points at).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
 from ..config import Paths, Settings, parse_settings
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, SiteadaptError
 from . import checkpoints, locations
 
 log = logging.getLogger("siteadapt.kfp")
 
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 DEFAULT_PARAMS = "params.yaml"
+
+
+@contextlib.contextmanager
+def cli_errors(command: str) -> Iterator[None]:
+    """A component body's errors as the CLI ends on them: a :class:`~siteadapt.errors.SiteadaptError` prints the
+    CLI's one line (``siteadapt <command>: error: ...``, :func:`siteadapt.cli.error_line`) on stderr and exits the
+    process with the error's ``exit_code`` (``SystemExit``: KFP's executor lets it through, the container ends with
+    that code and Python prints no traceback). Any other exception is a bug and keeps its traceback."""
+    try:
+        yield
+    except SiteadaptError as e:
+        from ..cli import error_line
+
+        print(error_line(command, e), file=sys.stderr, flush=True)
+        raise SystemExit(int(getattr(e, "exit_code", 2))) from None
 
 
 def check_site_name(name: str) -> str:
@@ -79,7 +97,8 @@ class Job:
     modality: str = ""  # of the target site; "" = from params (or DICOM)
     pixel_spacing_mm: float = 0.0  # of the target site's 2D images; 0 = from params / the files
     methods: tuple[str, ...] = ()
-    gates: dict | None = None  # overrides of registry.gates (params) for this run: the gates step and promotion
+    gates: dict | None = None  # overrides of registry.gates (params) for this run; at the gates step and promotion
+    #                            they only tighten the registered model's admin gate policy (steps/register.py)
 
 
 def settings_for(job: Job, root: Path, *, source_location: str | None = None,
@@ -346,16 +365,21 @@ def write_json_file(path: Path, obj) -> None:
 
 
 def check_gates(job: Job, candidate: dict) -> dict:
-    """The promotion gates, as the registry checks them: ``registry.gates`` of the run's settings (params, with the
-    run's overrides) applied to the measurements recorded on the candidate version at registration. Returns
-    ``{"passed": bool, "gates": [{name, value, threshold, passed}]}``."""
-    from ..steps.register import check_gates as registry_gates, version_gates
+    """The promotion gates, as the registry checks them (:func:`siteadapt.steps.register.preview_promotion`): the
+    registered model's gate policy (its admin policy, else the run's ``registry.gates``) tightened by the run's
+    settings, applied to the measurements recorded on the candidate version at registration. The run's
+    ``gate_thresholds`` can therefore tighten an admin policy but never loosen it, and a candidate recorded with
+    gates looser than the policy does not pass. Returns ``{"passed": bool, "gates": [{name, value, threshold,
+    passed}], "policy", "refused"}``."""
+    from ..steps.register import preview_promotion
 
     reg = candidate["registered"]
     with tempfile.TemporaryDirectory(prefix="siteadapt-gates-") as tmp:
         s = settings_for(job, Path(tmp))
-    gates = registry_gates(s.registry.gates, version_gates(reg["name"], reg["version"]), s.tasks[job.task].kind)
-    return {"passed": all(g["passed"] for g in gates), "gates": gates}  # no gate configured: passes, as promote
+    res = preview_promotion(s, reg["name"], str(reg["version"]), s.tasks[job.task].kind)
+    if res["refused"]:
+        log.warning("candidate %s version %s would be refused: %s", reg["name"], reg["version"], res["refused"])
+    return res  # no gate configured: passes, as promote
 
 
 def run_register(job: Job, summaries: list[str | dict], inputs: list[str | Path],

@@ -4,7 +4,11 @@ Paths (all under params ``paths``)::
 
     models/<task>/<site>/source/model.pt       the source segmenter (classifier) trained on <site>'s labels
     models/<task>/<target>/<method>/model.pt   a method adapted to <target> (from the direction's source)
-    models/.../checkpoint.pt                   the engine's resumable checkpoint beside it
+    models/.../checkpoint.pt                   the engine's resumable checkpoint beside it (not in a DVC stage)
+    .siteadapt/checkpoints/<key>/checkpoint.pt in a DVC stage: DVC deletes the stage's outputs before it runs
+                                               the stage, so the checkpoint waits here (git-ignored, no stage's
+                                               dependency or output), keyed by the run folder and the engine's
+                                               signature of the stage's inputs; deleted once model.pt is written
     data/predictions/<target>/<method>/<id>.nii.gz   label maps on each subject's original grid
     data/predictions/<target>/<method>/scores.json   classification: class probabilities of every val and test image
                                                      (+ scores.csv); evaluation needs val for the threshold
@@ -132,19 +136,48 @@ def load_model(path: Path, device: str = "cpu") -> tuple[Method, dict]:
     return m, payload
 
 
+CHECKPOINT_CACHE = Path(".siteadapt") / "checkpoints"
+
+
+def checkpoint_cache() -> Path | None:
+    """Where training keeps its checkpoints: ``<DVC project>/.siteadapt/checkpoints`` inside a DVC stage
+    (``$DVC_STAGE`` is set; ``$DVC_ROOT`` names the project), else None: the model folder, which nothing deletes
+    outside DVC and where Kubeflow's object-store copy restores its checkpoint (:mod:`siteadapt.kfp.checkpoints`)."""
+    import os
+
+    if not os.environ.get("DVC_STAGE"):
+        return None
+    return Path(os.environ.get("DVC_ROOT") or ".") / CHECKPOINT_CACHE
+
+
+def _fit(method: Method, train_set, target_set, cfg, out: Path, tracker, on_checkpoint) -> dict:
+    from ..train.engine import fit
+
+    return fit(method, train_set, target_set, cfg, out, tracker=tracker, on_checkpoint=on_checkpoint,
+               checkpoint_cache=checkpoint_cache())
+
+
+def _release(out: Path) -> None:
+    """The model is written: the run's cached checkpoints are no longer needed."""
+    cache = checkpoint_cache()
+    if cache is not None:
+        from ..train.engine import release_checkpoints
+
+        release_checkpoints(cache, out)
+
+
 def train_source(settings: Settings, site: str, tracker=None, seed: int | None = None, on_checkpoint=None) -> Path:
     """Train the source model of ``site`` in its model folder (resuming from the checkpoint there);
     ``on_checkpoint(path, step)`` runs after each checkpoint (Kubeflow copies it to the object store)."""
-    from ..train.engine import fit
-
     method = build_method(settings, "source", site, seed)
     data = load_slices(settings.paths.prepared, site, "train", labels=True)
     out = model_dir(settings, site, "source", seed)  # another seed: source.seed<k>, beside the pipeline's model
     cfg = _train_config(settings, site, method, seed)
     method.total_iterations = cfg.iterations
-    summary = fit(method, data, None, cfg, out, tracker=tracker, on_checkpoint=on_checkpoint)
+    summary = _fit(method, data, None, cfg, out, tracker, on_checkpoint)
     save_model(method, out / "model.pt", site=site, source_site=site, target_site=None, summary=summary,
                seed=settings.seed if seed is None else seed)
+    _release(out)
     log.info("source model for %s: %d iterations in %.0f s", site, summary["iterations"], summary["seconds"])
     return out / "model.pt"
 
@@ -153,8 +186,6 @@ def adapt(settings: Settings, target: str, method_name: str, *, source: str | No
           seed: int | None = None, on_checkpoint=None) -> Path:
     """Adapt ``method_name`` to ``target`` in its model folder (resuming from the checkpoint there);
     ``on_checkpoint(path, step)`` runs after each checkpoint."""
-    from ..train.engine import fit
-
     d = settings.direction_to(target, source)
     method = build_method(settings, method_name, target, seed)
     src_model = None
@@ -177,7 +208,7 @@ def adapt(settings: Settings, target: str, method_name: str, *, source: str | No
     method.prepare(train_set, target_set, source_model=src_model)
     summary = {"iterations": 0, "seconds": 0.0}
     if method.trains:
-        summary = fit(method, train_set, target_set, cfg, out, tracker=tracker, on_checkpoint=on_checkpoint)
+        summary = _fit(method, train_set, target_set, cfg, out, tracker, on_checkpoint)
     method.finish(train_set, target_set)
     method.eval()
     save_model(method, out / "model.pt", source_site=d.source, target_site=target, summary=summary,
@@ -187,6 +218,7 @@ def adapt(settings: Settings, target: str, method_name: str, *, source: str | No
                           two_d=settings.task_of(target).dims == 2)
     if src_model is not None:  # methods that apply the source segmenter keep a reference to its file
         write_json(out / "uses.json", {"source_model": str(src_path)})
+    _release(out)
     return out / "model.pt"
 
 

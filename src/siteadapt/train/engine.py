@@ -6,6 +6,12 @@
   pools), every optimizer, the sampler generator and the global RNG states. A killed run restarted with the same
   settings resumes from the last checkpoint and reaches the same state as an uninterrupted run (bit-identical on CPU;
   on CUDA up to non-deterministic kernels).
+- Checkpoints outside the run folder (``checkpoint_cache``): DVC deletes a stage's outputs before it runs the stage,
+  so a checkpoint in the model folder would not survive a killed ``dvc repro``. Given a cache folder, the checkpoint
+  goes to ``<cache>/<key>/checkpoint.pt`` instead, ``key`` being a digest of the run folder's name and the run's
+  signature (the settings and data digests below: what the stage's inputs determine), with a copy of the loss curve
+  and a ``run.json`` that names the run folder. The run folder still gets the curve and, from the caller, the model;
+  :func:`release_checkpoints` deletes the cache entries of a run folder once its model is written.
 - Augmentation (the profile's ``augment``; off by default): each drawn slice, source image with its label map and
   target image alike, gets its own random rotation, scaling and shear (:func:`random_affine`), drawn from the same
   seeded generator, so resume stays exact. Every trained method sees the same augmentation.
@@ -31,8 +37,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -133,11 +142,62 @@ def random_affine(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator,
     return x, y
 
 
+CHECKPOINT = "checkpoint.pt"
+CURVE = "losses.csv"
+RUN_RECORD = "run.json"  # in a cache entry: which run folder it belongs to
+
+
+def signature(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainConfig) -> dict:
+    """What a checkpoint must have been made with to be resumed: the method, its options and context, the batch
+    size, seed, augmentation, the sites and digests of the data (the iteration count is left out on purpose: a
+    longer run continues a shorter one)."""
+    return {"method": method.name, "options": method.opts.model_dump(), "context": method.ctx.to_dict(),
+            "batch_size": cfg.batch_size, "seed": cfg.seed, "augment": cfg.augment, "source": source.site,
+            "target": target.site if target is not None else None,
+            "data": [source.fingerprint(), target.fingerprint() if target is not None else None]}
+
+
+def _run_name(run_dir: Path, cache: Path) -> str:
+    """The run folder as a cache entry records it: relative to the project that holds the cache
+    (``<project>/.siteadapt/checkpoints``) when it lies inside, else absolute."""
+    run, project = Path(run_dir).resolve(), Path(cache).resolve().parents[1]
+    return run.relative_to(project).as_posix() if run.is_relative_to(project) else run.as_posix()
+
+
+def cached_checkpoint(cache: Path, run_dir: Path, sig: dict) -> Path:
+    """``<cache>/<key>/checkpoint.pt`` of a run: key = sha256 of the run folder's name and the run's signature, so
+    other settings or data (a changed input of the stage) never find it, and two run folders never share one."""
+    what = json.dumps({"run": _run_name(run_dir, cache), "signature": sig}, sort_keys=True, default=str)
+    return Path(cache) / hashlib.sha256(what.encode()).hexdigest()[:32] / CHECKPOINT
+
+
+def release_checkpoints(cache: Path, run_dir: Path) -> int:
+    """Delete every cache entry of ``run_dir`` (its ``run.json`` names it): the current settings' entry once the
+    model is written, and entries of earlier settings that were never resumed. Returns how many were deleted."""
+    cache = Path(cache)
+    if not cache.is_dir():
+        return 0
+    name, n = _run_name(run_dir, cache), 0
+    for rec in cache.glob(f"*/{RUN_RECORD}"):
+        try:
+            mine = json.loads(rec.read_text()).get("run") == name
+        except (OSError, ValueError):
+            mine = False
+        if mine:
+            shutil.rmtree(rec.parent, ignore_errors=True)
+            n += 1
+    return n
+
+
 def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainConfig, run_dir: Path,
         tracker: Tracker | None = None, stop_after: int | None = None,
-        on_checkpoint: Callable[[Path, int], None] | None = None) -> dict:
+        on_checkpoint: Callable[[Path, int], None] | None = None, checkpoint_cache: Path | None = None) -> dict:
     """Train ``method`` for ``cfg.iterations`` iterations, resuming from ``run_dir/checkpoint.pt`` when present.
 
+    ``checkpoint_cache``: keep the checkpoint in that folder instead (:func:`cached_checkpoint`; a DVC stage, whose
+    outputs DVC deletes before it runs); the loss curve is copied there at each checkpoint and restored into the
+    run folder on resume when the run folder lost it. The caller deletes the entry once the model is written
+    (:func:`release_checkpoints`).
     ``stop_after`` (tests) returns after that many iterations of *this call*, like a kill after a checkpoint.
     ``on_checkpoint(path, step)`` runs after each checkpoint is written (the file at ``path`` holds iteration
     ``step``).
@@ -158,14 +218,20 @@ def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainCon
     optims = method.attach_optimizers()
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
-    ckpt = run_dir / "checkpoint.pt"
-    signature = {"method": method.name, "options": method.opts.model_dump(), "context": method.ctx.to_dict(),
-                 "batch_size": cfg.batch_size, "seed": cfg.seed, "augment": cfg.augment, "source": source.site,
-                 "target": target.site if target is not None else None,
-                 "data": [source.fingerprint(), target.fingerprint() if target is not None else None]}
+    sig = signature(method, source, target, cfg)
+    curve = run_dir / CURVE
+    if checkpoint_cache is None:
+        ckpt, kept_curve = run_dir / CHECKPOINT, None
+    else:
+        ckpt = cached_checkpoint(checkpoint_cache, run_dir, sig)
+        kept_curve = ckpt.with_name(CURVE)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        from ..io.atomic import write_json
+
+        write_json(ckpt.with_name(RUN_RECORD), {"run": _run_name(run_dir, checkpoint_cache), "method": method.name})
     state = torch.load(ckpt, map_location=device, weights_only=False) if ckpt.exists() else None
-    if state is not None and state.get("signature") != signature:
-        log.warning("%s: checkpoint in %s was made with other settings; starting afresh", method.name, run_dir)
+    if state is not None and state.get("signature") != sig:
+        log.warning("%s: checkpoint %s was made with other settings; starting afresh", method.name, ckpt)
         state = None
     if state is not None:
         method.load_state_dict(state["model"])
@@ -176,6 +242,8 @@ def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainCon
         _set_rng_state(state["rng"])
         start = int(state["step"])
         log.info("resuming %s from iteration %d", method.name, start)
+        if kept_curve is not None and kept_curve.is_file() and not curve.is_file():
+            shutil.copyfile(kept_curve, curve)  # the stage's outputs were deleted: the curve up to the checkpoint
     if hasattr(tracker, "begin"):
         tracker.begin(start)
 
@@ -184,13 +252,15 @@ def fit(method: Method, source: SliceSet, target: SliceSet | None, cfg: TrainCon
         if (target is not None and method.needs_target_images) else None
 
     def save(step: int) -> None:
-        state = {"step": step, "signature": signature, "model": method.state_dict(), "extra": method.extra_state(),
+        state = {"step": step, "signature": sig, "model": method.state_dict(), "extra": method.extra_state(),
                  "optim": {n: o.state_dict() for n, o in optims.items()}, "sampler": gen.get_state(),
                  "rng": _rng_state()}
+        if kept_curve is not None and curve.is_file():  # before the checkpoint: never a curve behind it
+            with atomic_path(kept_curve) as tmp:
+                shutil.copyfile(curve, tmp)
         with atomic_path(ckpt) as tmp:
             torch.save(state, tmp)
 
-    curve = run_dir / "losses.csv"
     _truncate_curve(curve, start)
     method.train()
     losses: dict[str, float] = {}
