@@ -24,8 +24,20 @@ Choices it follows:
 - **Algorithm identification** (every segment, type AUTOMATIC): name = the method, family = DCM "Artificial
   Intelligence", version = siteadapt's version + the model registry version (``--model-version``, else the
   MLflow registry version carrying alias ``champion`` or ``candidate`` for this method, else ``unregistered``).
-- **Deterministic SEG UIDs** (keyed hash of id, method and version): exporting the same result again gives the same
-  SOPInstanceUID, so a second STOW stores no duplicate (a new model version gives a new SEG series).
+- **SEG UIDs follow the content** (keyed hash of id, method, version and a SHA-256 digest of the label values on
+  each source instance, :func:`content_digest`): exporting the same result again gives the same SeriesInstanceUID
+  and SOPInstanceUID, so a second STOW stores no duplicate; a prediction that changed (even under the same model
+  version) or a new model version gives a new SEG series, so a PACS that keeps the first copy of an instance never
+  hides the new result behind the old one.
+- **One orientation within a tolerance.** Scanners write ImageOrientationPatient per slice, and some (GE) write
+  values that differ in the last digits between slices of one stack; highdicom compares them as exact strings. The
+  export accepts a series whose direction cosines agree within :data:`ORIENTATION_TOLERANCE` (1e-4 per component,
+  the tolerance dcm2niix stacks slices with) and gives highdicom in-memory copies of the headers carrying the
+  series' most frequent value (the files are never changed); the labels are still placed with each slice's own
+  geometry. A series whose slices really differ is refused with its anonymous id.
+- **Library messages are scrubbed.** highdicom and pydicom quote header values (e.g. a PatientName that does not
+  look like a person name) in warnings and log records; during a subject's export their warnings are caught and
+  logged again with identifier values and quoted strings replaced, and their log records are rewritten the same way.
 - **No identifier outside the SEG.** File names are the anonymous ids; logs and ``export.json`` carry ids, counts and
   segment names only. The SEG itself carries the patient/study module of its source (it goes back into that
   patient's record in the PACS): keep the export folder with the same care as the source DICOM (it is not a DVC
@@ -34,14 +46,20 @@ Choices it follows:
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import hashlib
 import logging
+import re
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from ..config import Settings
 from ..errors import InputError, SiteadaptError
-from ..io.deid import keyed_digest
+from ..io.deid import Scrubber, keyed_digest
 
 log = logging.getLogger("siteadapt.export")
 
@@ -111,6 +129,112 @@ def labels_on_source(pred: np.ndarray, affine: np.ndarray, datasets) -> np.ndarr
                               f"(off by {err:.3g} voxel, {int((~inside).sum())} pixels outside)")
         out.append(pred[idx[..., 0], idx[..., 1], idx[..., 2]])
     return np.stack(out).astype(np.uint8)
+
+
+# Largest difference, per direction cosine component, between the ImageOrientationPatient of two slices that are still
+# one stack. dcm2niix stacks slices whose orientation components agree within 1e-4 (its GE kludge); at 1e-4 the
+# shared orientation moves the far edge of a 512-pixel row by at most 0.05 pixel, while the per-slice jitter scanners
+# write is far below it (the real GE oblique series in ../shared/data: 6.5e-8). highdicom itself calls orientations
+# equal within 1e-5 when it compares a SEG's to its source's (but demands identical strings among the sources).
+ORIENTATION_TOLERANCE = 1e-4
+
+
+def shared_orientation(datasets, name: str, tol: float = ORIENTATION_TOLERANCE) -> list:
+    """``datasets`` with one shared ImageOrientationPatient, as highdicom needs for a SEG of single-frame images.
+
+    When the slices' values are already identical (or no slice has one) ``datasets`` is returned as it is. When they
+    differ by at most ``tol`` per component, a list is returned in which each differing dataset is replaced by a
+    copy carrying the value most slices have (ties: the smallest in string order, so the choice does not depend on
+    the order of the slices); the inputs are left untouched. Larger differences raise :class:`ExportError` naming
+    ``name`` (a series' anonymous id, never a path)."""
+    values = [tuple(str(v) for v in ds.ImageOrientationPatient) if "ImageOrientationPatient" in ds else None
+              for ds in datasets]
+    present = [v for v in values if v is not None]
+    if not present or len(set(values)) == 1:
+        return list(datasets)
+    if len(present) != len(values):
+        raise ExportError(f"{name}: {len(values) - len(present)} of {len(values)} source slices have no "
+                          "ImageOrientationPatient")
+    arr = np.array([[float(x) for x in v] for v in present])
+    counts = Counter(present)
+    best = max(counts.values())
+    shared = min(v for v, c in counts.items() if c == best)
+    spread = float(np.abs(arr - np.array([float(x) for x in shared])).max())
+    if not spread <= tol:
+        raise ExportError(f"{name}: the source slices' orientations differ by up to {spread:.3g} per direction "
+                          f"cosine (more than the {tol:g} tolerance); a DICOM SEG needs one orientation for the "
+                          "whole series")
+    out = []
+    for ds, v in zip(datasets, values):
+        if v != shared:
+            ds = copy.deepcopy(ds)  # (a shallow copy of a pydicom Dataset shares its element dict)
+            ds.ImageOrientationPatient = list(shared)
+        out.append(ds)
+    log.debug("%s: %d of %d slice orientations set to the series' shared value (spread %.3g)", name,
+              sum(v != shared for v in values), len(values), spread)
+    return out
+
+
+def content_digest(datasets, labels: np.ndarray, structures: dict[str, int]) -> str:
+    """SHA-256 (hex) of what a SEG says: the task's structures and the label values on each source instance.
+
+    The slices are taken in SOPInstanceUID order, so the digest does not depend on the order the headers came in
+    (UID key file or PACS metadata); equal predictions give equal digests, any changed voxel another one."""
+    h = hashlib.sha256()
+    h.update(repr(sorted((str(k), int(v)) for k, v in structures.items())).encode())
+    sops = [str(ds.get("SOPInstanceUID", "")) for ds in datasets]
+    labels = np.asarray(labels)
+    if labels.shape[0] != len(sops):
+        raise ValueError(f"{labels.shape[0]} label slices for {len(sops)} source instances")
+    for n in sorted(range(len(sops)), key=lambda i: sops[i]):
+        sl = np.ascontiguousarray(labels[n], dtype=np.uint8)
+        h.update(f"|{sops[n]}|{sl.shape[0]}x{sl.shape[1]}|".encode())
+        h.update(sl.tobytes())
+    return h.hexdigest()
+
+
+_LIBRARIES = ("highdicom", "pydicom")
+_QUOTED = re.compile(r"\"[^\"\n]*\"|'[^'\n]*'")
+
+
+def _scrub_library_text(scrub: Scrubber, text: str) -> str:
+    """A library message without identifiers: collected header values, then every quoted string, replaced."""
+    return _QUOTED.sub(lambda m: m.group(0)[0] + "[redacted]" + m.group(0)[0], scrub(str(text)))
+
+
+@contextlib.contextmanager
+def library_messages(name: str, scrub: Scrubber):
+    """Keep header values that highdicom and pydicom quote out of warnings and logs while exporting ``name``.
+
+    Warnings raised inside are caught and, on leaving, logged once each on ``siteadapt.export`` with identifiers
+    removed (``scrub``'s values, which may still be added to inside, and any quoted string). Log records of the
+    ``highdicom`` and ``pydicom`` loggers created inside are rewritten the same way when they are made."""
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        record = previous(*args, **kwargs)
+        if record.name.split(".")[0] in _LIBRARIES:
+            try:
+                text = record.getMessage()
+            except Exception:  # noqa: BLE001 (a malformed library record: keep only its format string)
+                text = str(record.msg)
+            record.msg, record.args = _scrub_library_text(scrub, text), ()
+        return record
+
+    logging.setLogRecordFactory(factory)
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        logging.setLogRecordFactory(previous)
+        seen = set()
+        for w in caught:
+            text = _scrub_library_text(scrub, str(w.message))
+            if (w.category, text) not in seen:
+                seen.add((w.category, text))
+                log.warning("%s: %s: %s", name, w.category.__name__, text)
 
 
 def _source_datasets(entry: dict, cid: str, pacs: str | None = None) -> list:
@@ -233,8 +357,11 @@ def _uid(key: bytes, *parts) -> str:
 
 
 def build_seg(datasets, labels: np.ndarray, structures: dict[str, int], *, method: str, version: str,
-              series_uid: str, sop_uid: str):
-    """A binary highdicom Segmentation of ``datasets`` from the label map ``labels`` ``(n, rows, cols)``."""
+              series_uid: str, sop_uid: str, name: str = "series"):
+    """A binary highdicom Segmentation of ``datasets`` from the label map ``labels`` ``(n, rows, cols)``.
+
+    Slices whose orientations differ within :data:`ORIENTATION_TOLERANCE` are given one shared value first
+    (:func:`shared_orientation`; ``name`` names the series in its refusal)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -242,6 +369,7 @@ def build_seg(datasets, labels: np.ndarray, structures: dict[str, int], *, metho
     from ..io.dicomweb import quiet_libraries
 
     quiet_libraries()  # highdicom logs the source datasets' UIDs at INFO
+    datasets = shared_orientation(datasets, name)
     for ds in datasets:  # type 2 attributes that highdicom copies and some exports leave out: present, empty
         for kw in _TYPE2:
             if kw not in ds:
@@ -304,11 +432,16 @@ def export(settings: Settings, site: str, method: str, *, fmt: str = "seg", out:
     version = f"{__version__}+model.{registered}"
     key = load_key()
     headers: dict = {}
+    scrub = Scrubber()  # identifier values of every source header read: kept out of library warnings and logs
     if from_pacs:
         if pacs is None:
             raise ExportError(f"site {site}: its images are not a dicomweb+http(s):// URI; the UIDs can only be "
                               "rebuilt from a PACS")
-        ids, headers = pacs_uid_record(pacs, site, subjects, key)
+        with library_messages(site, scrub):
+            ids, headers = pacs_uid_record(pacs, site, subjects, key)
+            for datasets in headers.values():
+                for ds in datasets:
+                    scrub.add_dataset(ds)
         gone = [c for c in subjects if c not in ids]
         if gone:
             raise ExportError(f"{len(gone)} of {len(subjects)} subjects ({', '.join(gone[:5])}) are not on the PACS "
@@ -323,24 +456,35 @@ def export(settings: Settings, site: str, method: str, *, fmt: str = "seg", out:
         if entry is None:
             raise ExportError(f"{cid}: no original UIDs on record for site {site} (not a DICOM series, or ingested "
                               f"before the UID key file existed: run `siteadapt ingest --site {site}` again)")
-        datasets = headers.get(cid) or _source_datasets(entry, cid, pacs)
-        img = nib.load(str(pred_dir / f"{cid}.nii.gz"))
-        pred = np.asarray(img.dataobj).astype(np.uint8)
-        labels = labels_on_source(pred, img.affine, datasets)
-        seg = build_seg(datasets, labels, task.structures, method=method, version=version,
-                        series_uid=_uid(key, "seg-series", site, cid, method, version),
-                        sop_uid=_uid(key, "seg-instance", site, cid, method, version))
-        with atomic_path(out / f"{cid}.dcm", suffix="") as tmp:
-            seg.save_as(tmp)
+        with library_messages(cid, scrub):
+            datasets = headers.get(cid) or _source_datasets(entry, cid, pacs)
+            for ds in datasets:
+                scrub.add_dataset(ds)
+            # refused here, before the labels are placed, so that a series whose slices really are not one stack
+            # is named as such; labels_on_source still uses each slice's own orientation
+            shared = shared_orientation(datasets, cid)
+            img = nib.load(str(pred_dir / f"{cid}.nii.gz"))
+            pred = np.asarray(img.dataobj).astype(np.uint8)
+            try:
+                labels = labels_on_source(pred, img.affine, datasets)
+            except ExportError as e:
+                raise ExportError(f"{cid}: {e}") from None
+            digest = content_digest(datasets, labels, task.structures)
+            seg = build_seg(shared, labels, task.structures, method=method, version=version, name=cid,
+                            series_uid=_uid(key, "seg-series", site, cid, method, version, digest),
+                            sop_uid=_uid(key, "seg-instance", site, cid, method, version, digest))
+            with atomic_path(out / f"{cid}.dcm", suffix="") as tmp:
+                seg.save_as(tmp)
         written.append({"id": cid, "file": f"{cid}.dcm", "frames": int(seg.NumberOfFrames),
-                        "segments": [s.SegmentLabel for s in seg.SegmentSequence]})
+                        "segments": [s.SegmentLabel for s in seg.SegmentSequence], "content": digest[:16]})
         segs.append(seg)
         log.info("%s/%s: %s -> SEG (%d frames)", site, method, cid, int(seg.NumberOfFrames))
     stored = 0
     if stow:
         from ..io.dicomweb import stow as stow_rs
 
-        stored = stow_rs(stow, segs)
+        with library_messages(site, scrub):
+            stored = stow_rs(stow, segs)
         log.info("%s/%s: %d SEG stored over STOW-RS", site, method, stored)
     result = {"site": site, "method": method, "version": version, "format": fmt, "out": str(out),
               "subjects": written, "stored": stored}
