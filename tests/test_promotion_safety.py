@@ -256,3 +256,164 @@ def test_classifier_wrapper_refuses_non_finite_input():
     big = np.full((1, 1, 32, 32), 1e300)  # finite in float64, +Inf once cast to the model's float32
     with pytest.raises(NonFiniteInputError, match=r"1024 of 1024 values are not finite \(NaN 0, \+Inf 1024"):
         wrapper.predict(None, big)
+
+
+# ---- issue 27 item 2: the gate policy comes from an admin, never from the version's own params ----------------------
+KEY = "k8s-secret-value"
+PARAMS_POLICY = {"min_target_dice": 0.5, "max_source_dice_drop": 0.1, "max_empty_fraction": 0.1,
+                 "max_fragmented_fraction": 0.25, "min_target_auc": 0.7, "max_source_auc_drop": 0.1,
+                 "label_free": "auto"}
+
+
+def _canon(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def test_admin_policy_refuses_a_version_registered_with_looser_gates(registry, monkeypatch, capsys):
+    """The issue: a registrant whose params carry ``min_target_dice: 0.0`` registers a Dice-0.02 model and promotes
+    it with the same params. With an admin policy (min_target_dice 0.5) it is refused, exit 5, naming the policy."""
+    import hmac
+
+    from siteadapt.steps.register import preview_promotion
+
+    s, params, register, client = registry
+    monkeypatch.setenv("SITEADAPT_PROMOTION_KEY", KEY)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    assert main(["--params", str(params), "policy", "set", "--site", "cxr_b"]) == 0
+    assert f"{NAME}: gate policy v1 set by admin (mlflow)" in capsys.readouterr().out
+    mtags = client.get_registered_model(NAME).tags
+    doc = json.loads(mtags["policy.document"])
+    assert doc["name"] == NAME and doc["version"] == 1 and doc["gates"] == PARAMS_POLICY
+    assert doc["set_by"] == "admin" and doc["identity_source"] == "mlflow"
+    digest = hmac.new(KEY.encode(), _canon(doc), hashlib.sha256).hexdigest()
+    assert mtags["policy.digest"] == digest and mtags["policy.digest_alg"] == "hmac-sha256"
+    assert mtags["policy.v1"] == mtags["policy.document"]  # the audit trail
+    label = f"admin policy v1 of {NAME} (hmac-sha256 {digest[:12]})"
+
+    # a legitimate champion, promoted under the policy: the record names it
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "carol")
+    v1 = register(dice=0.8)
+    assert main(["--params", str(params), "promote", "--site", "cxr_b"]) == 0
+    t = client.get_model_version(NAME, v1).tags
+    assert (t["promotion.policy.source"], t["promotion.policy.version"]) == ("admin", "1")
+    assert t["promotion.policy.digest"] == digest and t["promotion.policy.digest_alg"] == "hmac-sha256"
+    record = json.loads(t["promotion.record"])
+    assert record["policy"]["version"] == 1 and record["policy"]["digest"] == digest
+    assert record["policy"]["gates"] == PARAMS_POLICY and record["thresholds"]["min_target_dice"] == 0.5
+    capsys.readouterr()
+
+    # the registrant's loose params: registered (the record says 0.0), promotion refused, exit 5, naming the policy
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "mallory")
+    loose = params_with(params, "loose.yaml", min_target_dice=0.0)
+    v2 = register(dice=0.02, seed=1, min_target_dice=0.0)
+    assert v2 != v1 and client.get_model_version(NAME, v2).tags["gates.min_target_dice"] == "0.0"
+    assert main(["--params", loose, "promote", "--site", "cxr_b"]) == 5
+    err = capsys.readouterr().err
+    assert (f"{NAME} version {v2}: refused by {label}: the gates recorded at registration are looser than the "
+            "policy: min_target_dice recorded 0.0, policy 0.5.") in err
+    assert _alias(client, "champion") == v1
+    t2 = client.get_model_version(NAME, v2).tags
+    assert t2["promotion_refused_by"] == "mallory"
+    assert json.loads(t2["promotion_refused_gates"]) == [{"gate": "min_target_dice", "recorded": 0.0, "policy": 0.5}]
+    refused_policy = json.loads(t2["promotion_refused_policy"])
+    assert (refused_policy["source"], refused_policy["version"], refused_policy["digest"]) == ("admin", 1, digest)
+    # an override does not reach below the policy; the gates step of Kubeflow sees the same refusal
+    assert main(["--params", loose, "promote", "--site", "cxr_b", "--override-gates", "--reason", "trust me"]) == 5
+    assert _alias(client, "champion") == v1
+    capsys.readouterr()
+    preview = preview_promotion(with_gates(s, min_target_dice=0.0), NAME, v2)
+    assert not preview["passed"] and preview["refused"] == f"gates recorded looser than {label}: min_target_dice"
+    assert [(g["name"], g["threshold"]) for g in preview["gates"]] == [("min_target_dice", 0.5)]
+    from siteadapt.kfp import runtime as KR
+
+    run = KR.Job(task="chestxray", source_site="cxr_a", site="cxr_b", params_yaml=params.read_text(),
+                 gates={"min_target_dice": 0.0})  # a run's gate_thresholds: cannot go below the policy
+    kfp = KR.check_gates(run, {"registered": {"name": NAME, "version": v2}})
+    assert not kfp["passed"] and kfp["refused"] == preview["refused"] and kfp["policy"]["version"] == 1
+    assert [(g["name"], g["threshold"], g["passed"]) for g in kfp["gates"]] == [("min_target_dice", 0.5, False)]
+
+    # the earlier champion still verifies, and names its policy
+    assert main(["--params", loose, "promote", "--site", "cxr_b", "--check"]) == 0
+    assert f"champion version {v1} verified: promoted by carol (mlflow)" in capsys.readouterr().out
+
+    # the policy tags edited without the key: refused (exit 2), the champion does not verify (exit 6)
+    forged = {**doc, "gates": {**doc["gates"], "min_target_dice": 0.0}}
+    client.set_registered_model_tag(NAME, "policy.document", json.dumps(forged, sort_keys=True))
+    assert main(["--params", loose, "promote", "--site", "cxr_b"]) == 2
+    assert f"refused: the admin gate policy of {NAME} does not match its hmac-sha256 digest" in capsys.readouterr().err
+    client.set_registered_model_tag(NAME, "policy.digest", hashlib.sha256(_canon(forged)).hexdigest())
+    client.set_registered_model_tag(NAME, "policy.digest_alg", "sha256")  # recomputed: still not the key's
+    assert main(["--params", loose, "promote", "--site", "cxr_b"]) == 2
+    assert (f"the admin gate policy of {NAME} is not signed (sha256) but SITEADAPT_PROMOTION_KEY is set"
+            in capsys.readouterr().err)
+    assert _alias(client, "champion") == v1
+    assert json.loads(client.get_model_version(NAME, v2).tags["promotion_refused_gates"]) == [
+        f"the admin gate policy of {NAME} is not signed (sha256) but SITEADAPT_PROMOTION_KEY is set: it may have "
+        "been written without the key"]
+    assert main(["--params", loose, "promote", "--site", "cxr_b", "--check"]) == 6
+    assert "the gate policy in force does not verify: the admin gate policy" in capsys.readouterr().err
+    assert main(["--params", loose, "policy", "show", "--site", "cxr_b"]) == 2
+    capsys.readouterr()
+
+    # the policy tags deleted: not a fallback to the registrant's params.yaml, since v1 promoted the champion
+    for k in ("policy.document", "policy.digest", "policy.digest_alg"):
+        client.delete_registered_model_tag(NAME, k)
+    assert main(["--params", loose, "promote", "--site", "cxr_b"]) == 2
+    assert (f"the admin gate policy of {NAME} is missing, but admin policy v1 promoted the current champion"
+            in capsys.readouterr().err)
+
+    # the admin sets a stricter policy (v2): the champion, promoted under v1, is flagged until replaced
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    strict = params_with(params, "admin2.yaml", min_target_dice=0.9)
+    assert main(["--params", strict, "policy", "set", "--site", "cxr_b"]) == 0
+    assert f"{NAME}: gate policy v2 set by admin (mlflow)" in capsys.readouterr().out  # v1 kept in policy.v1
+    mtags = client.get_registered_model(NAME).tags
+    assert json.loads(mtags["policy.document"])["version"] == 2 and "policy.v1" in mtags
+    assert main(["--params", str(params), "promote", "--site", "cxr_b", "--check"]) == 6
+    assert (f"the champion was promoted under {label}, looser than admin policy v2 of {NAME} (hmac-sha256 "
+            f"{mtags['policy.digest'][:12]}) in force now: min_target_dice 0.5, policy 0.9") in capsys.readouterr().err
+    # a promoter's looser params.yaml cannot go below it either: the policy's 0.9 applies
+    assert main(["--params", str(params), "promote", "--site", "cxr_b"]) == 5  # v2 recorded 0.0 < 0.9
+    capsys.readouterr()
+
+
+def test_without_admin_policy_the_deployment_params_decide_not_the_version(registry, capsys):
+    """No admin policy: the promoter's params.yaml is the policy (source ``params.yaml``); the gates the registrant
+    recorded on the version never loosen it."""
+    s, params, register, client = registry
+    v1 = register(dice=0.02, min_target_dice=0.0)  # registered under loose gates
+    assert client.get_model_version(NAME, v1).tags["gates.min_target_dice"] == "0.0"
+    sha = hashlib.sha256(_canon(PARAMS_POLICY)).hexdigest()
+    assert main(["--params", str(params), "promote", "--site", "cxr_b"]) == 1
+    err = capsys.readouterr().err
+    assert "refused: gate min_target_dice failed with value 0.0200 (threshold 0.5)" in err
+    assert f"version {v1} stays 'candidate' (under params.yaml policy (sha256 {sha[:12]}))" in err
+    assert _alias(client, "champion") is None
+    ref = json.loads(client.get_model_version(NAME, v1).tags["promotion_refused_policy"])
+    assert (ref["source"], ref["version"], ref["digest"], ref["gates"]) == ("params.yaml", None, sha, PARAMS_POLICY)
+
+    v2 = register(dice=0.6, seed=1, min_target_dice=0.0)  # passes the deployment's 0.5, not only its own 0.0
+    assert main(["--params", str(params), "promote", "--site", "cxr_b"]) == 0
+    t = client.get_model_version(NAME, v2).tags
+    assert (t["promotion.policy.source"], t["promotion.policy.version"], t["promotion.policy.digest"],
+            t["promotion.policy.digest_alg"]) == ("params.yaml", "none", sha, "sha256")
+    assert json.loads(t["promotion.record"])["thresholds"]["min_target_dice"] == 0.5
+    assert main(["--params", str(params), "policy", "show", "--site", "cxr_b"]) == 0
+    assert (f"{NAME}: params.yaml policy (sha256 {sha[:12]}) (no admin policy: promote applies the promoter's "
+            "registry.gates)") in capsys.readouterr().out
+
+    # an admin policy set afterwards: each set is a new version with the changes printed; a champion promoted under
+    # the looser params.yaml policy is flagged by --check (exit 6) once the admin policy is stricter
+    assert main(["--params", str(params), "policy", "set", "--site", "cxr_b"]) == 0
+    capsys.readouterr()
+    assert main(["--params", str(params), "promote", "--site", "cxr_b", "--check"]) == 0  # same gates: fine
+    capsys.readouterr()
+    stricter = params_with(params, "admin.yaml", min_target_dice=0.65, label_free="always")
+    assert main(["--params", stricter, "policy", "set", "--site", "cxr_b"]) == 0
+    out = capsys.readouterr().out
+    assert "gate policy v2 set by" in out and "changed: min_target_dice 0.5 -> 0.65, label_free auto -> always" in out
+    v2_digest = client.get_registered_model(NAME).tags["policy.digest"]
+    assert main(["--params", str(params), "promote", "--site", "cxr_b", "--check"]) == 6
+    assert (f"the champion was promoted under params.yaml policy (sha256 {sha[:12]}), looser than admin policy v2 of "
+            f"{NAME} (sha256 {v2_digest[:12]}) in force now: label_free auto, policy always; min_target_dice 0.5, "
+            "policy 0.65") in capsys.readouterr().err

@@ -4,19 +4,49 @@ which version serves the site.
 - :func:`register_model` logs an adapted model as an MLflow ``pyfunc`` model (a thin wrapper around the method's
   ``predict_subject``, with an input example and signature) into the model's training run, registers it as a new
   version of ``siteadapt-<task>-<site>``, tags it (method, variant, source and target site, sha256 of the sites' data,
-  the method options, git commit, the gate measurements, the gate thresholds in force) and moves the alias
+  the method options, git commit, the gate measurements, the registrant's gate thresholds) and moves the alias
   ``candidate`` to it. Registering the same weights again re-uses their version (only the alias moves; the recorded
   thresholds can only get stricter).
-- :func:`promote` moves the alias ``champion`` to the ``candidate`` version if every configured gate passes
-  (``registry.gates`` in params.yaml, which may be stricter than the thresholds recorded at registration but not
-  looser: :class:`GateLoosenedError`, unless overridden with a reason, which is recorded) and records the
-  authenticated identity, when and why as tags, with a signed promotion record; a failed gate refuses the promotion
-  (recorded as well) and is reported in the returned ``gates`` list.
+- :func:`promote` moves the alias ``champion`` to the ``candidate`` version if every gate of the gate policy in force
+  passes (see "Gate policy" below) and records the authenticated identity, when, why and which policy decided as
+  tags, with a signed promotion record; a failed gate refuses the promotion (recorded as well) and is reported in
+  the returned ``gates`` list.
 - :func:`verify_champion` (``siteadapt promote --check``) tells whether the ``champion`` alias was put where it is
-  by :func:`promote` (any MLflow client can move an alias; k8s/MLFLOW-AUTH.md puts the server behind authentication).
+  by :func:`promote` (any MLflow client can move an alias; k8s/MLFLOW-AUTH.md puts the server behind authentication)
+  under a policy no looser than the one in force now.
+- :func:`set_policy` (``siteadapt policy set``) is the admin command that writes the gate policy of a registered
+  model; :func:`policy_in_force` (``siteadapt policy show``) reads it.
 
-Gates (measured and their thresholds recorded at registration; promotion applies the promoter's ``registry.gates``,
-which may tighten the recorded thresholds but not loosen them):
+Gate policy (issue 27). The thresholds a version is judged by never come from the version itself: whoever registers
+chooses the ``gates.*`` tags recorded on it (their own params.yaml, a Kubeflow run's ``gate_thresholds``), so those
+tags can only make a promotion harder. The policy in force (:func:`read_policy`) is
+
+1. the registered model's admin policy, when one was set: registered-model tags ``policy.document`` (canonical JSON:
+   model name, policy version, gates, who, when) and ``policy.digest`` / ``policy.digest_alg``, written by
+   ``siteadapt policy set`` from the admin's params.yaml ``registry.gates``. The digest is an HMAC-SHA256 with
+   ``$SITEADAPT_PROMOTION_KEY`` when set: a registrant without the key can change the tags but not make them verify.
+   Without the key it is a plain SHA-256, a consistency check only. A document that does not verify, names another
+   model, or is absent or older than the admin version named by the current (verified) champion's record (a deleted
+   or copied-back tag) refuses the promotion (:class:`RegistryError`, exit 2);
+2. else the deployment's ``registry.gates`` (the params.yaml of whoever runs ``promote``), source ``params.yaml``,
+   with its digest. Without an admin policy nothing stops the promoter's own params.yaml from being loose: a
+   deployment where registrants can also run ``promote`` (or submit Kubeflow runs, whose ``params_yaml`` and
+   ``gate_thresholds`` they choose) needs an admin policy and the key.
+
+At promotion a version whose recorded gates are looser than the admin policy in any gate is refused
+(:class:`GateLoosenedError`, exit 5, naming the policy: source, version, digest prefix, and each looser gate; no
+override: register it again under the policy's gates). The thresholds applied are per gate the stricter of the
+policy and the promoter's ``registry.gates`` (:func:`effective_gates`), so the version's own gates never loosen
+anything. Under the params.yaml policy the promoter's gates *are* the policy: a version recorded with looser ones is
+simply judged by the policy's thresholds (a failing gate refuses it, exit 1, the refusal naming the policy), because
+a promoter tightening their own params.yaml must not be reported as a loosening registrant. Applied thresholds
+looser than the version's recorded ones are refused (exit 5) unless overridden with ``--override-gates --reason``
+(recorded), which therefore never goes below the admin policy. The promotion record and the version tags
+``promotion.policy.*`` name the policy that decided (source, version, digest); a refusal records it in
+``promotion_refused_policy``.
+
+Gates (measured and the registrant's thresholds recorded at registration; promotion applies the policy in force,
+tightened by the promoter's ``registry.gates``):
 
 - segmentation, a site with labeled test subjects: ``min_target_dice`` (mean Dice over structures and test
   subjects, from ``siteadapt evaluate``);
@@ -408,6 +438,194 @@ def promoter_identity() -> tuple[str, str]:
     return _user(), "os"
 
 
+# ---- gate policy: admin-owned, the floor of every promotion ---------------------------------------------------------
+POLICY_TAG = "policy.document"        # registered-model tags: the admin gate policy (canonical JSON) and its digest
+POLICY_DIGEST = "policy.digest"
+POLICY_DIGEST_ALG = "policy.digest_alg"
+POLICY_HISTORY = "policy.v"           # policy.v<N>: every policy document set, for the audit trail
+PARAMS_SOURCE = "params.yaml"         # the source named when no admin policy exists
+
+
+def _loose_against(reference: dict, other: dict) -> list[str]:
+    """The gates of ``reference`` for which ``other`` is looser (gates ``other`` does not know are skipped)."""
+    return [k for k in reference if k in other and _looser(k, reference[k], other[k])]
+
+
+def policy_label(policy: dict) -> str:
+    """``admin policy v3 of siteadapt-t-s (hmac-sha256 1a2b3c4d5e6f)`` / ``params.yaml policy (sha256 ...)``: how
+    messages and records name the policy that decided."""
+    where = (f"admin policy v{policy.get('version')} of {policy.get('name')}" if policy.get("source") == "admin"
+             else f"{policy.get('source')} policy")
+    if not policy.get("digest"):
+        return where
+    return f"{where} ({policy.get('digest_alg')} {str(policy['digest'])[:12]})"
+
+
+def _policy_ref(policy: dict) -> dict:
+    """What a promotion (or refusal) records about the policy that decided: source, model, version, digest, gates."""
+    return {k: policy.get(k) for k in ("source", "name", "version", "digest", "digest_alg", "gates")}
+
+
+def _champion_policy_floor(client, name: str) -> int | None:
+    """The admin policy version named by the current champion's promotion record when that record verifies: the
+    admin policy in force may not be older (a copied-back old document) nor absent (a deleted tag)."""
+    try:
+        mv = client.get_model_version_by_alias(name, CHAMPION)
+        record = json.loads(mv.tags.get(RECORD_TAG) or "null")
+    except Exception:  # noqa: BLE001 - no champion, or no readable record
+        return None
+    if not isinstance(record, dict) or _digest_problem(record, mv.tags.get(RECORD_SIG_ALG), mv.tags.get(RECORD_SIG),
+                                                       "the promotion record"):
+        return None
+    ref = record.get("policy") or {}
+    return int(ref["version"]) if ref.get("source") == "admin" and ref.get("version") is not None else None
+
+
+def _model_tags(client, name: str) -> dict | None:
+    """The registered model's tags, None when it does not exist. Any other registry error propagates: a policy that
+    cannot be read must not silently become the params.yaml fallback."""
+    try:
+        return client.get_registered_model(name).tags
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def read_policy(client, name: str, settings: Settings) -> tuple[dict, str | None]:
+    """(the gate policy in force for registered model ``name``, why it cannot be trusted or None).
+
+    The registered model's admin policy (tags ``policy.document`` + ``policy.digest``, written by :func:`set_policy`)
+    when present; else the deployment's ``registry.gates`` (``settings``: the params.yaml of whoever runs
+    ``promote``), source ``params.yaml``, digested the way the version's gate record is. The problem is set when the
+    admin document does not parse, names another model, does not verify against its digest (an HMAC with
+    ``$SITEADAPT_PROMOTION_KEY`` when set), or is absent / older than the admin version that promoted the current
+    champion (a deleted or copied-back tag)."""
+    tags = _model_tags(client, name) or {}  # no model yet: nothing can have set a policy on it
+    floor = _champion_policy_floor(client, name) if tags else None
+    if POLICY_TAG not in tags and POLICY_DIGEST not in tags:
+        gates = gate_policy(settings.registry.gates)
+        alg, digest = _digest(gates)
+        policy = {"source": PARAMS_SOURCE, "version": None, "name": name, "gates": gates, "digest": digest,
+                  "digest_alg": alg}
+        if floor is not None:
+            return policy, (f"the admin gate policy of {name} is missing, but admin policy v{floor} promoted the "
+                            f"current champion (the policy tag was removed)")
+        return policy, None
+    try:
+        doc = json.loads(tags.get(POLICY_TAG) or "")
+        if not isinstance(doc, dict) or not isinstance(doc.get("gates"), dict):
+            raise ValueError
+    except ValueError:
+        return {"source": "admin", "name": name, "version": None, "gates": {}, "digest": tags.get(POLICY_DIGEST),
+                "digest_alg": tags.get(POLICY_DIGEST_ALG)}, f"the admin gate policy of {name} is not a policy document"
+    policy = {"source": "admin", "name": name, "version": doc.get("version"), "gates": doc["gates"],
+              "set_by": doc.get("set_by"), "set_at": doc.get("set_at"), "digest": tags.get(POLICY_DIGEST),
+              "digest_alg": tags.get(POLICY_DIGEST_ALG)}
+    problem = _digest_problem(doc, tags.get(POLICY_DIGEST_ALG), tags.get(POLICY_DIGEST), f"the admin gate policy of "
+                                                                                          f"{name}")
+    if problem is None and doc.get("name") != name:
+        problem = f"the admin gate policy of {name} was written for {doc.get('name')}"
+    if problem is None and floor is not None and int(doc.get("version") or 0) < floor:
+        problem = (f"the admin gate policy of {name} is v{doc.get('version')}, older than admin policy v{floor} that "
+                   f"promoted the current champion")
+    return policy, problem
+
+
+def policy_in_force(settings: Settings, site: str, task: str | None = None) -> dict:
+    """The gate policy :func:`promote` applies to the site's model now (:func:`read_policy`), plus ``problem`` (None
+    when it can be trusted) and ``name``. ``siteadapt policy show``."""
+    from .. import tracking
+
+    name = model_name(task or settings.site(site).task, site)
+    policy, problem = read_policy(tracking.connect(), name, settings)
+    return {**policy, "name": name, "problem": problem}
+
+
+def effective_gates(policy: dict, requested: Gates) -> Gates:
+    """Per gate the stricter of the policy's and ``requested`` (the promoter's ``registry.gates``, or a Kubeflow
+    run's ``gate_thresholds``): a promoter can tighten the policy, never loosen it."""
+    merged = stricter_policy(policy["gates"], gate_policy(requested))
+    return Gates(**{k: v for k, v in merged.items() if k in Gates.model_fields})
+
+
+def preview_promotion(settings: Settings, name: str, version: str, kind: str | None = None) -> dict:
+    """What :func:`promote` would decide on version ``version`` of ``name`` with ``settings``, without recording
+    anything (the Kubeflow gates step): ``{"passed", "gates", "policy", "refused", "loosened"}``. ``refused`` names
+    why promote would refuse the version whatever the gates say (a policy that does not verify, no recorded gates,
+    recorded gates looser than the admin policy); then ``passed`` is False. ``loosened`` lists the applied thresholds
+    looser than the recorded ones: promote refuses those unless overridden, so they are reported, not folded into
+    ``passed`` (as before this check existed). The thresholds are the policy's tightened by
+    ``settings.registry.gates`` (:func:`effective_gates`)."""
+    from .. import tracking
+
+    client = tracking.connect()
+    tags = client.get_model_version(name, version).tags
+    policy, problem = read_policy(client, name, settings)
+    applied = effective_gates(policy, settings.registry.gates)
+    recorded = recorded_policy(tags)
+    refused = problem
+    if refused is None and recorded is None:
+        refused = f"{name} version {version} has no gate thresholds recorded"
+    loose: list[dict] = []
+    if refused is None:
+        below = _loose_against(policy["gates"], recorded)
+        if below and policy["source"] == "admin":
+            refused = f"gates recorded looser than {policy_label(policy)}: {', '.join(below)}"
+        loose = loosened_gates(recorded, applied)
+    values = {k.removeprefix("gate."): _float_tag(v) for k, v in tags.items() if k.startswith("gate.")}
+    gates = check_gates(applied, values, tags.get("kind") or kind)
+    return {"passed": refused is None and all(g["passed"] for g in gates), "gates": gates,
+            "policy": _policy_ref(policy), "refused": refused, "loosened": loose}
+
+
+def set_policy(settings: Settings, site: str, task: str | None = None) -> dict:
+    """Admin command (``siteadapt policy set``): make the deployment's ``registry.gates`` the gate policy of
+    ``siteadapt-<task>-<site>``, as registered-model tags that every later promotion applies as a floor.
+
+    The document ``{"name", "version", "gates", "set_by", "identity_source", "set_at"}`` is stored as canonical JSON
+    (``policy.document``) with its digest (``policy.digest``, ``policy.digest_alg``): HMAC-SHA256 with
+    ``$SITEADAPT_PROMOTION_KEY`` when set, which a registrant without the key cannot forge; else SHA-256, a
+    consistency check only (anyone who can write tags can recompute it; a warning says so). ``version`` is one more
+    than the previous document's (read even when it no longer verifies), and each document is also kept as
+    ``policy.v<N>``. The registered model is created when it does not exist yet. Returns the document with ``digest``
+    and ``digest_alg`` and ``previous`` (the gates it replaced, or None)."""
+    from .. import tracking
+
+    name = model_name(task or settings.site(site).task, site)
+    client = tracking.connect()
+    tags = _model_tags(client, name)
+    if tags is None:  # no such model yet: the policy can come first
+        client.create_registered_model(name, description=f"siteadapt models for site {site} (alias {CHAMPION}: "
+                                                         f"serving, {CANDIDATE}: newest)")
+        tags = {}
+    try:
+        prev = json.loads(tags.get(POLICY_TAG) or "null")
+    except ValueError:
+        prev = None
+    prev = prev if isinstance(prev, dict) else None
+    old_versions = [int(k.removeprefix(POLICY_HISTORY)) for k in tags
+                    if k.startswith(POLICY_HISTORY) and k.removeprefix(POLICY_HISTORY).isdigit()]
+    try:
+        old_versions.append(int((prev or {}).get("version") or 0))
+    except (TypeError, ValueError):
+        pass
+    identity, source = promoter_identity()
+    doc = {"name": name, "version": max(old_versions, default=0) + 1, "gates": gate_policy(settings.registry.gates),
+           "set_by": identity, "identity_source": source,
+           "set_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    alg, digest = _digest(doc)
+    if alg != "hmac-sha256":
+        log.warning("%s is not set: the gate policy of %s carries a plain SHA-256 digest, a consistency check only "
+                    "(whoever can write registry tags can rewrite it)", ENV_PROMOTION_KEY, name)
+    raw = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    for k, v in {POLICY_TAG: raw, POLICY_DIGEST: digest, POLICY_DIGEST_ALG: alg,
+                 f"{POLICY_HISTORY}{doc['version']}": raw}.items():
+        client.set_registered_model_tag(name, k, v)
+    log.info("%s: gate policy v%s set by %s", name, doc["version"], identity)
+    return {**doc, "digest": digest, "digest_alg": alg, "previous": (prev or {}).get("gates")}
+
+
 # ---- registry -------------------------------------------------------------------------------------------------------
 def _tag_value(v) -> str:
     if v is None:
@@ -432,9 +650,10 @@ def register_model(settings: Settings, site: str, method: str, seed: int | None 
     ``candidate``. ``extra_tags`` are set on the version as well (``siteadapt select`` records why the method won:
     :func:`siteadapt.steps.select.selection_tags`). Returns ``{"name", "version", "alias": "candidate", "run_id"}``.
 
-    The gate thresholds in force (all of ``registry.gates``) are recorded on the version (``gates.<name>`` tags and
-    their digest, :func:`policy_tags`): :func:`promote` refuses looser ones. Registering the same weights again keeps
-    per gate the stricter of the recorded and the current threshold."""
+    The registrant's gate thresholds (all of ``registry.gates``) are recorded on the version (``gates.<name>`` tags
+    and their digest, :func:`policy_tags`): :func:`promote` refuses a promotion with looser ones, and refuses the
+    version when they are looser than the gate policy in force (a warning says so here). Registering the same
+    weights again keeps per gate the stricter of the recorded and the current threshold."""
     import torch
 
     from .. import tracking
@@ -464,6 +683,12 @@ def register_model(settings: Settings, site: str, method: str, seed: int | None 
     policy = gate_policy(settings.registry.gates)
 
     name = model_name(task, site)
+    in_force, problem = read_policy(client, name, settings)
+    below = _loose_against(in_force["gates"], policy)
+    if problem or below:
+        log.warning("%s: %s", name, problem or (
+            f"registry.gates are looser than {policy_label(in_force)} ({', '.join(below)}): `siteadapt promote` "
+            "will refuse this version"))
     for mv in client.search_model_versions(f"name='{name}'"):
         if mv.tags.get("model_sha256") == sha:
             for k, v in values.items():  # the evaluation may have changed (e.g. post-processing): fresh measurements
@@ -555,11 +780,17 @@ def promote(settings: Settings, site: str, task: str | None = None, actor: str |
     Returns ``{"promoted": bool, "version": str, "gates": [{"name", "value", "threshold", "passed"}, ...],
     "identity": str, "override": None | {...}}``.
 
-    The thresholds applied are ``settings.registry.gates``, but they may not be looser than the ones recorded on the
-    version at registration (:func:`loosened_gates`): looser ones raise :class:`GateLoosenedError` (naming each gate,
-    its recorded and its requested value; the refusal is tagged on the version, no alias moves) unless
-    ``override_gates`` is set with a ``reason``, which is recorded on the version (``promotion.override.*``: who,
-    when, which gates, why) and in the promotion record. Stricter thresholds always apply as given.
+    The gate policy in force (:func:`read_policy`: the model's admin policy, else ``settings.registry.gates`` as
+    the params.yaml policy) must verify (else :class:`RegistryError`), and the version's recorded gates may not be
+    looser than an admin policy in any gate (else :class:`GateLoosenedError` naming the policy; no override). The
+    thresholds
+    applied are per gate the stricter of the policy and ``settings.registry.gates``; applied thresholds looser than
+    the ones recorded on the version (:func:`loosened_gates`) raise :class:`GateLoosenedError` (naming each gate, its
+    recorded and its requested value) unless ``override_gates`` is set with a ``reason``, which is recorded on the
+    version (``promotion.override.*``: who, when, which gates, why) and in the promotion record. Every refusal is
+    tagged on the version (``promotion_refused_*``, with the policy) and no alias moves. The result carries
+    ``policy`` (source, version, digest, digest_alg, gates), recorded as well in the promotion record and the
+    ``promotion.policy.*`` version tags.
 
     Who: the identity of :func:`promoter_identity` (the authenticated MLflow user, else the OS user) is recorded as
     ``promoted_by``; ``actor`` (``--actor``, else ``$SITEADAPT_ACTOR``) is only a display note,
@@ -584,13 +815,22 @@ def promote(settings: Settings, site: str, task: str | None = None, actor: str |
         client.set_registered_model_tag(name, f"promotion.{int(_dt.datetime.now().timestamp() * 1000)}",
                                         json.dumps(record, default=str)[:5000])
 
+    policy: dict = {}
+
     def refuse(what: str, details) -> None:
+        ref = _policy_ref(policy) if policy else None
         for k, v in {"promotion_refused_by": identity, "promotion_refused_at": now,
-                     "promotion_refused_gates": json.dumps(details, default=str)[:5000]}.items():
+                     "promotion_refused_gates": json.dumps(details, default=str)[:5000],
+                     "promotion_refused_policy": json.dumps(ref, sort_keys=True, default=str)[:5000]}.items():
             client.set_model_version_tag(name, version, k, v)
         history({"version": version, "by": identity, "actor_note": note, "at": now, "promoted": False,
-                 "refused": what, "details": details})
+                 "refused": what, "details": details, "policy": ref})
 
+    policy, problem = read_policy(client, name, settings)
+    if problem:
+        refuse("gate policy does not verify", [problem])
+        raise RegistryError(f"{name} version {version}: refused: {problem}; an admin sets the policy again "
+                            f"(`siteadapt policy set --site {site}` with {ENV_PROMOTION_KEY})")
     recorded = recorded_policy(mv.tags)
     loose: list[dict] = []
     if recorded is None:
@@ -604,13 +844,25 @@ def promote(settings: Settings, site: str, task: str | None = None, actor: str |
         if problem:
             refuse("recorded gates do not verify", [problem])
             raise RegistryError(f"{name} version {version}: {problem}; register it again to record the gates")
-        loose = loosened_gates(recorded, settings.registry.gates)
+        below = [{"gate": k, "recorded": recorded[k], "policy": policy["gates"][k]}
+                 for k in _loose_against(policy["gates"], recorded)]
+        if below and policy["source"] == "admin":  # a version registered under looser gates than the admin's
+            refuse("recorded gates looser than the gate policy", below)
+            raise GateLoosenedError(
+                f"{name} version {version}: refused by {policy_label(policy)}: the gates recorded at registration "
+                "are looser than the policy: "
+                + "; ".join(f"{g['gate']} recorded {g['recorded']}, policy {g['policy']}" for g in below)
+                + f". Register the version again under the policy's gates (`siteadapt policy show --site {site}`)")
+    applied = effective_gates(policy, settings.registry.gates)
+    if recorded is not None:
+        loose = loosened_gates(recorded, applied)
         if loose and not override_gates:
             refuse("gates looser than recorded", loose)
             raise GateLoosenedError(
                 f"{name} version {version}: gates looser than recorded at registration: "
                 + "; ".join(f"{g['gate']} recorded {g['recorded']}, requested {g['requested']}" for g in loose)
-                + ". Promote with the recorded gates, or with --override-gates --reason TEXT (recorded)")
+                + f" (under {policy_label(policy)}). Promote with the recorded gates, or with --override-gates "
+                  "--reason TEXT (recorded)")
     override = None
     if override_gates and (loose or recorded is None):
         override = {"by": identity, "at": now, "gates": loose if recorded is not None else "no recorded gates",
@@ -618,19 +870,22 @@ def promote(settings: Settings, site: str, task: str | None = None, actor: str |
 
     values = {k.removeprefix("gate."): _float_tag(v) for k, v in mv.tags.items() if k.startswith("gate.")}
     kind = mv.tags.get("kind") or (settings.tasks[task].kind if task in settings.tasks else None)
-    gates = check_gates(settings.registry.gates, values, kind)
+    gates = check_gates(applied, values, kind)
     ok = all(g["passed"] for g in gates)
     reason = reason or ("gates passed" if ok else "refused by gates")
+    ref = _policy_ref(policy)
     summary = {"version": version, "by": identity, "identity_source": source, "actor_note": note, "at": now,
-               "reason": reason, "promoted": ok, "gates": gates, "override": override}
+               "reason": reason, "promoted": ok, "gates": gates, "override": override, "policy": ref}
     if ok:
         record = {"name": name, "version": version, "model_sha256": mv.tags.get("model_sha256"),
-                  "gates_digest": mv.tags.get(GATES_DIGEST), "thresholds": gate_policy(settings.registry.gates),
+                  "gates_digest": mv.tags.get(GATES_DIGEST), "thresholds": gate_policy(applied), "policy": ref,
                   "at": now, "by": identity, "identity_source": source, "override": override}
         alg, sig = _digest(record)
         tags = {RECORD_TAG: json.dumps(record, sort_keys=True, default=str), RECORD_SIG: sig, RECORD_SIG_ALG: alg,
                 "promoted_by": identity, "promoted_at": now, "promotion_reason": reason[:1000],
-                "promotion.identity_source": source, "promotion.actor_note": note or ""}
+                "promotion.identity_source": source, "promotion.actor_note": note or "",
+                "promotion.policy.source": ref["source"], "promotion.policy.version": _tag_value(ref["version"]),
+                "promotion.policy.digest": ref["digest"] or "", "promotion.policy.digest_alg": ref["digest_alg"] or ""}
         if override:
             tags.update({"promotion.override.by": identity, "promotion.override.at": now,
                          "promotion.override.gates": json.dumps(override["gates"], default=str),
@@ -644,8 +899,10 @@ def promote(settings: Settings, site: str, task: str | None = None, actor: str |
         history(summary)
     else:
         refuse("refused by gates", [g for g in gates if not g["passed"]])
-    log.info("%s: version %s %s", name, version, "promoted to champion" if ok else "NOT promoted")
-    return {"promoted": ok, "version": version, "gates": gates, "identity": identity, "override": override}
+    log.info("%s: version %s %s under %s", name, version, "promoted to champion" if ok else "NOT promoted",
+             policy_label(policy))
+    return {"promoted": ok, "version": version, "gates": gates, "identity": identity, "override": override,
+            "policy": ref}
 
 
 def verify_champion(settings: Settings, site: str, task: str | None = None) -> dict:
@@ -654,7 +911,10 @@ def verify_champion(settings: Settings, site: str, task: str | None = None) -> d
     ``$SITEADAPT_PROMOTION_KEY`` when set; without the key only a SHA-256 consistency digest can be checked, which
     anyone able to write tags could recompute), whose weights digest is the version's (gates tightened by a later
     registration are fine), and the model's ``champion.version`` tag names the same version. Returns ``{"name",
-    "version", "verified", "problems": [...], "record"}``; raises :class:`RegistryError` when there is no champion.
+    "version", "verified", "problems": [...], "record", "policy"}``; raises :class:`RegistryError` when there is no
+    champion. The gate policy in force now (:func:`read_policy`) must verify, and the policy the record names (for a
+    record written before policies, its applied thresholds) may not be looser than it in any gate: a policy tightened
+    after the promotion flags the champion until one promoted under it replaces it.
     Detection only: without server authentication any MLflow client can still move the alias (k8s/MLFLOW-AUTH.md)."""
     from .. import tracking
 
@@ -683,7 +943,18 @@ def verify_champion(settings: Settings, site: str, task: str | None = None) -> d
     pointer = client.get_registered_model(name).tags.get("champion.version")
     if pointer != version:
         problems.append(f"siteadapt last promoted version {pointer}, the alias points at {version}")
-    return {"name": name, "version": version, "verified": not problems, "problems": problems, "record": record}
+    policy, problem = read_policy(client, name, settings)
+    if problem:
+        problems.append(f"the gate policy in force does not verify: {problem}")
+    elif record is not None:
+        ref = record.get("policy") or {"source": "an older siteadapt", "gates": record.get("thresholds") or {}}
+        looser = _loose_against(policy["gates"], ref.get("gates") or {})
+        if looser:
+            problems.append(f"the champion was promoted under {policy_label(ref)}, looser than {policy_label(policy)}"
+                            " in force now: " + "; ".join(f"{k} {ref['gates'][k]}, policy {policy['gates'][k]}"
+                                                          for k in looser))
+    return {"name": name, "version": version, "verified": not problems, "problems": problems, "record": record,
+            "policy": _policy_ref(policy)}
 
 
 def _user() -> str:
