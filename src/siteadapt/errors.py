@@ -14,8 +14,9 @@ failed step; the codes tell a script or an operator which kind of failure it was
 - ``4``: :class:`LabelError` and its subclasses: labels would be lost or carry nothing to score
   (:class:`LabelValuesError`: label values that are not the task's ids; :class:`EmptyReferenceError`: a labelled
   site's references hold no structure).
-- ``5``: :class:`GateLoosenedError`: ``promote`` with gates looser than those recorded at registration, without
-  ``--override-gates --reason``.
+- ``5``: :class:`GateLoosenedError`: ``promote`` of a version whose recorded gates are looser than the model's admin
+  gate policy (``siteadapt policy set``; no override), or with gates looser than those recorded at registration,
+  without ``--override-gates --reason``.
 - ``6``: :class:`UnverifiedChampionError`: ``promote --check``: the ``champion`` alias points at a version without a
   matching siteadapt promotion record (moved by another client, or a record that does not verify).
 - ``7``: :class:`IncompletePullError`: a PACS pull ended with series it could not fetch completely (the server
@@ -96,7 +97,9 @@ class RegistryError(SiteadaptError):
 
 class GateLoosenedError(RegistryError):
     """A promotion asked for gates looser than the ones recorded on the version at registration, without an explicit
-    override; the message names each gate with its recorded and requested value. Nothing is moved."""
+    override, or the version was registered with gates looser than the model's admin gate policy (never
+    overridable); the message names the policy or each gate with its recorded and requested value. Nothing is
+    moved."""
 
     exit_code = 5
 
