@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import redact
 from .errors import ConfigError, SiteadaptError
 
 log = logging.getLogger("siteadapt")
@@ -273,10 +274,11 @@ def _fmt(v) -> str:
 
 
 def cmd_promote(args) -> int:
-    """Promote the site's candidate (exit 0 promoted, 1 refused by a gate, 5 gates looser than recorded without an
-    override), or with --check verify the champion's promotion record (exit 0 verified, 6 not)."""
+    """Promote the site's candidate (exit 0 promoted, 1 refused by a gate, 2 a gate policy that does not verify, 5
+    the version's recorded gates looser than the gate policy, or gates looser than recorded without an override),
+    or with --check verify the champion's promotion record and its policy (exit 0 verified, 6 not)."""
     from .errors import UnverifiedChampionError
-    from .steps.register import format_gate, promote, verify_champion
+    from .steps.register import format_gate, policy_label, promote, verify_champion
 
     s = _settings(args)
     if args.check:
@@ -286,11 +288,14 @@ def cmd_promote(args) -> int:
                                           + "; ".join(v["problems"]))
         r = v["record"]
         print(f"{v['name']} champion version {v['version']} verified: promoted by {r['by']} ({r['identity_source']}) "
-              f"at {r['at']}" + (" with a gate override" if r.get("override") else ""))
+              f"at {r['at']}" + (" with a gate override" if r.get("override") else "")
+              + (f" under {policy_label(r['policy'])}" if r.get("policy") else ""))
         return 0
     res = promote(s, args.site, task=args.task, actor=args.actor, reason=args.reason,
                   override_gates=args.override_gates)
     task = args.task or s.site(args.site).task
+    if res.get("policy"):
+        print(f"  policy: {policy_label(res['policy'])}")
     if res.get("override"):
         print("  gates OVERRIDDEN (recorded on the version): " + ", ".join(
             f"{g['gate']} {g['recorded']} -> {g['requested']}" for g in res["override"]["gates"])
@@ -307,8 +312,37 @@ def cmd_promote(args) -> int:
         v = "missing" if g["value"] is None else f"{g['value']:.4f}"
         print(f"siteadapt promote: refused: gate {g['name']} failed with value {v} (threshold {g['threshold']})",
               file=sys.stderr)
-    print(f"siteadapt-{task}-{args.site} version {res['version']} stays 'candidate'", file=sys.stderr)
+    print(f"siteadapt-{task}-{args.site} version {res['version']} stays 'candidate'"
+          + (f" (under {policy_label(res['policy'])})" if res.get("policy") else ""), file=sys.stderr)
     return 1
+
+
+def cmd_policy(args) -> int:
+    """Admin gate policy of a site's registered model: ``set`` writes params.yaml's registry.gates as the next policy
+    version (HMAC-signed with $SITEADAPT_PROMOTION_KEY when set), ``show`` prints the policy promote applies now
+    (exit 2 when it does not verify)."""
+    import json
+
+    from .errors import RegistryError
+    from .steps.register import policy_in_force, policy_label, set_policy
+
+    s = _settings(args)
+    if args.action == "set":
+        doc = set_policy(s, args.site, task=args.task)
+        print(f"{doc['name']}: gate policy v{doc['version']} set by {doc['set_by']} ({doc['identity_source']}) at "
+              f"{doc['set_at']}, {doc['digest_alg']} {doc['digest'][:12]}")
+        if doc["previous"] is not None:
+            changed = {k: (doc["previous"].get(k), v) for k, v in doc["gates"].items() if doc["previous"].get(k) != v}
+            print("  changed: " + (", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) or "nothing"))
+        print("  gates: " + json.dumps(doc["gates"], sort_keys=True))
+        return 0
+    p = policy_in_force(s, args.site, task=args.task)
+    print(f"{p['name']}: {policy_label(p)}" + (f", set by {p['set_by']} at {p['set_at']}" if p.get("set_by") else "")
+          + ("" if p["source"] == "admin" else " (no admin policy: promote applies the promoter's registry.gates)"))
+    print("  gates: " + json.dumps(p["gates"], sort_keys=True))
+    if p["problem"]:
+        raise RegistryError(f"{p['name']}: {p['problem']}")
+    return 0
 
 
 def cmd_dvc_gen(args) -> int:
@@ -370,6 +404,9 @@ def cmd_summary(args) -> int:
 def cmd_export(args) -> int:
     from .steps.export import export
 
+    refused = redact.inline_secret_message("--stow", args.stow, "dicomweb") if args.stow else None
+    if refused:  # before any work: the URI would reach the HTTP client, messages and logs
+        raise ConfigError(refused)
     s = _settings(args)
     res = export(s, args.site, args.method, fmt=args.format, out=args.out, stow=args.stow,
                  model_version=args.model_version, seed=args.seed)
@@ -384,6 +421,10 @@ def cmd_watch(args) -> int:
     from .io.dicomweb import is_dicomweb
     from .kfp import cli as kfp_cli
 
+    for opt, value in (("--prefix", args.prefix), ("--stage", args.stage), ("--state", args.state)):
+        refused = redact.inline_secret_message(opt, value) if value else None
+        if refused:  # the watcher records its locations in the state file and the runs' arguments
+            raise ConfigError(refused)
     if not is_dicomweb(args.prefix):
         if args.site or args.stage:
             raise ConfigError("--site and --stage are for a DICOMweb source (--prefix dicomweb+http(s)://...)")
@@ -418,7 +459,7 @@ def cmd_sync(args) -> int:
     from .storage import sync
 
     res = sync(args.src, args.dst)
-    print(f"{args.src} -> {args.dst}: {res}")
+    print(redact.redact_text(f"{args.src} -> {args.dst}: {res}"))
     return 0
 
 
@@ -443,8 +484,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors redacted (they quote the offending argument, which may be a URI with
+    credentials); subcommand parsers are of the same class."""
+
+    def error(self, message):
+        super().error(redact.redact_text(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="siteadapt", description=__doc__.splitlines()[0])
+    p = _Parser(prog="siteadapt", description=__doc__.splitlines()[0])
     p.add_argument("--params", default="params.yaml", help="settings file (default: ./params.yaml)")
     p.add_argument("--profile", default=None, help="settings profile (quick, paper, ...)")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -555,6 +604,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "matching siteadapt promotion record (exit 6 if not)")
     sp.set_defaults(func=cmd_promote)
 
+    sp = sub.add_parser("policy", help="admin: the gate policy of a site's registered model (`set` from params.yaml "
+                                       "registry.gates, `show`)")
+    sp.add_argument("action", choices=["set", "show"])
+    sp.add_argument("--site", required=True)
+    sp.add_argument("--task", default=None, help="task of the registered model (default: the site's task)")
+    sp.set_defaults(func=cmd_policy)
+
     sp = sub.add_parser("report", help="paper-style tables and figures from every evaluated method")
     sp.add_argument("--experiments", action="store_true",
                     help="also tabulate DVC experiments (`dvc exp show`) into <reports>/<task>/experiments.md")
@@ -620,14 +676,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def error_line(command: str, err: SiteadaptError) -> str:
+    """The one line the CLI prints for an error it ends on (Kubeflow components print the same,
+    :func:`siteadapt.kfp.runtime.cli_errors`)."""
+    return f"siteadapt {command}: error: {redact.redact_text(err)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    redact.install()  # log records and uncaught tracebacks: no credential of a URI is printed
     try:
         return args.func(args)
     except SiteadaptError as e:
-        print(f"siteadapt {args.command}: error: {e}", file=sys.stderr)
+        print(error_line(args.command, e), file=sys.stderr)
         return int(getattr(e, "exit_code", 2))
 
 

@@ -169,9 +169,14 @@ def _path_or_uri(v):
     """Local folders become ``Path``; object-store URIs (``s3://bucket/prefix``) stay strings (``Path`` would
     collapse the ``//``)."""
     if isinstance(v, str) and "://" in v:
+        from .redact import inline_secret_message, redact_uri
+
         if not v.startswith(("s3://", "dicomweb+http://", "dicomweb+https://")):
-            raise ValueError(f"unsupported URI scheme in {v!r} (local paths, s3:// and dicomweb+http(s):// are "
-                             "supported)")
+            raise ValueError(f"unsupported URI scheme in {redact_uri(v)!r} (local paths, s3:// and dicomweb+http(s):// "
+                             "are supported)")
+        refused = inline_secret_message("", v)  # a secret edited into params.yaml: refused, never echoed
+        if refused:
+            raise ValueError(refused)
         return v
     return Path(v) if isinstance(v, str) else v
 
@@ -374,6 +379,8 @@ class Settings(_Strict):
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
+    from .redact import redact_text
+
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -382,9 +389,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             lines.append(f"{source}: {loc}: required key is missing")
         else:
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {loc}: {msg} (got {e.get('input')!r})" if loc != "(top level)"
-                         else f"{source}: {msg}")
+            msg = redact_text(e["msg"].removeprefix("Value error, "))
+            got = redact_text(repr(e.get("input")))  # the value as given, without a URI's credentials
+            lines.append(f"{source}: {loc}: {msg} (got {got})" if loc != "(top level)" else f"{source}: {msg}")
     return "\n".join(lines)
 
 
@@ -422,5 +429,7 @@ def load_settings(path: str | Path = "params.yaml", *, profile: str | None = Non
     try:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        from .redact import redact_text
+
+        raise ConfigError(f"{path}: not valid YAML: {redact_text(e)}") from None  # the snippet may quote a URI
     return parse_settings(data or {}, source=str(path), profile=profile)

@@ -46,8 +46,13 @@ def endpoint_url() -> str | None:
 
 
 def split_uri(uri: str) -> tuple[str, str]:
+    from .redact import inline_secret_message
+
     if not is_uri(uri):
         raise StorageError(f"{uri!r}: not an s3:// URI")
+    refused = inline_secret_message("s3 location", uri, "s3")
+    if refused:  # a presigned URL's signature or a key in the query: credentials come from the AWS chain only
+        raise StorageError(refused)
     rest = uri[len("s3://"):]
     bucket, _, prefix = rest.partition("/")
     if not bucket:

@@ -54,7 +54,6 @@ import os
 import subprocess
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -95,14 +94,11 @@ def tracking_uri(root: str | Path | None = None) -> str:
 
 
 def redact(uri: str) -> str:
-    """The URI without user:password (for messages, tags and files)."""
-    p = urllib.parse.urlsplit(uri)
-    if p.password or p.username:
-        host = p.hostname or ""
-        if p.port:
-            host += f":{p.port}"
-        return urllib.parse.urlunsplit((p.scheme, host, p.path, p.query, p.fragment))
-    return uri
+    """The URI without user:password and with token-like query values masked (for messages, tags and files):
+    :func:`siteadapt.redact.redact_uri`, the userinfo dropped rather than masked."""
+    from .redact import redact_uri
+
+    return redact_uri(uri, drop_userinfo=True)
 
 
 def ui_command(uri: str | None = None) -> str:
@@ -113,9 +109,15 @@ def ui_command(uri: str | None = None) -> str:
 
 
 def check_reachable(uri: str) -> None:
-    """Fail fast, naming the URI, when a tracking server does not answer (no retries, a few seconds at most)."""
+    """Fail fast, naming the URI, when a tracking server does not answer (no retries, a few seconds at most), or
+    when its URI carries credentials (they belong in ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``TOKEN``)."""
+    from .redact import inline_secret_message
+
     if not uri.startswith(("http://", "https://")):
         return
+    refused = inline_secret_message(ENV_URI, uri, "mlflow")  # user:password@ or ?token=... in a server URI
+    if refused:
+        raise TrackingError(refused)
     url = uri.rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(url, timeout=PREFLIGHT_TIMEOUT_S) as resp:

@@ -177,6 +177,10 @@ def _transient(e: Exception) -> bool:
 def _fail(root: str, what: str, e: Exception) -> DicomwebError:
     import requests
 
+    from ..redact import redact_uri
+
+    root = redact_uri(root)  # a --stow root given with user:password@ or ?access_token=... is never quoted whole
+
     if isinstance(e, requests.HTTPError) and e.response is not None:
         code = e.response.status_code
         hint = " (set SITEADAPT_DICOMWEB_USER/PASSWORD or SITEADAPT_DICOMWEB_TOKEN)" if code in (401, 403) else ""

@@ -44,6 +44,9 @@ def cli_errors(command: str) -> Iterator[None]:
     CLI's one line (``siteadapt <command>: error: ...``, :func:`siteadapt.cli.error_line`) on stderr and exits the
     process with the error's ``exit_code`` (``SystemExit``: KFP's executor lets it through, the container ends with
     that code and Python prints no traceback). Any other exception is a bug and keeps its traceback."""
+    from .. import redact
+
+    redact.install(at_creation=True)  # the step's log records and an uncaught traceback: credentials masked
     try:
         yield
     except SiteadaptError as e:

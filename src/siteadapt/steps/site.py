@@ -6,7 +6,10 @@ What it does, in this order, writing nothing until every check has passed:
    of 5 or more digits, which would look like a record number or a date; ``-`` and ``@`` are refused because
    dvc.yaml's stage names use them as separators), that it is new, that the task exists, that ``--target-of`` names
    a labeled site of the same task, that the images (and labels, patients) paths exist or are URIs the settings
-   accept (``s3://``; for images also ``dicomweb+http(s)://``).
+   accept (``s3://``; for images also ``dicomweb+http(s)://``). A URI that carries credentials (``user:password@``,
+   or a token-like query parameter such as ``access_token``, ``api_key`` or a presigned URL's ``X-Amz-Signature``)
+   is refused first, with a message that names the option and says where credentials go (the environment: the
+   ``SITEADAPT_DICOMWEB_*`` variables for a PACS, the AWS credential chain for ``s3://``), never the secret.
 2. Scans the images folder quickly (a bounded sample of files, headers only) for images of the task's kind: 2D
    images (PNG/JPEG/TIFF/BMP, 2D NIfTI, single-frame DICOM) for a 2D task, volumes (3D NIfTI, multi-slice DICOM) for
    a 3D task. URIs are not scanned here (ingest checks what they hold).
@@ -287,7 +290,12 @@ def add_site(params: str | Path, name: str, *, task: str, images: str, labels: s
     from .. import dvcgen
     from ..config import load_settings
     from ..io.atomic import atomic_path, write_text
+    from ..redact import inline_secret_message
 
+    for opt, value in (("--images", images), ("--labels", labels), ("--patients", patients)):
+        refused = inline_secret_message(opt, value) if value is not None and _is_uri(value) else None
+        if refused:  # first of all: a secret must not reach params.yaml, dvc.yaml or any message
+            raise SiteRefused(refused)
     params = Path(params)
     dvc_out = Path(dvc_out) if dvc_out is not None else params.parent / "dvc.yaml"
     settings = load_settings(params, profile=profile)
