@@ -362,6 +362,27 @@ def test_environment_token_reaches_the_server_but_no_output_or_file(project, ser
     _assert_nowhere(("SECRET10",), res, project)
 
 
+def test_token_from_a_mounted_file_reaches_the_server_but_no_output(project, server, requests_seen, tmp_path):
+    secret_file = tmp_path / "token"
+    secret_file.write_text("SECRET13\n")  # a mounted Kubernetes secret ends with a newline
+    port = server.server_address[1]
+    res = _cli(project, "watch", "--prefix", f"dicomweb+http://127.0.0.1:{port}/dicom-web?Modality=CT", "--site",
+               "pacs_x", "--stage", str(project / "stage"), "--submitter", "local", "--local-root",
+               str(project / "runs"), "--once", env={"SITEADAPT_DICOMWEB_TOKEN_FILE": str(secret_file)})
+    assert res.returncode == 2, res.stderr
+    assert len(requests_seen) == 1
+    assert requests_seen[0][2] == "Bearer SECRET13"
+    _assert_nowhere(("SECRET13",), res, project)
+
+    res = _cli(project, "watch", "--prefix", f"dicomweb+http://127.0.0.1:{port}/dicom-web?Modality=CT", "--site",
+               "pacs_x", "--stage", str(project / "stage"), "--submitter", "local", "--local-root",
+               str(project / "runs"), "--once", env={"SITEADAPT_DICOMWEB_TOKEN_FILE": str(tmp_path / "missing")})
+    assert res.returncode == 2
+    assert res.stderr.strip().endswith(
+        "$SITEADAPT_DICOMWEB_TOKEN_FILE: cannot read the credential file (FileNotFoundError)")
+    assert len(requests_seen) == 1  # nothing sent without the credential
+
+
 def test_argparse_error_and_uncaught_traceback_are_redacted(project):
     res = _cli(project, "sync", "a", "b", "http://u:SECRET7@h/x")
     assert res.returncode == 2

@@ -44,7 +44,8 @@ Pull (:func:`pull`), called by :func:`siteadapt.storage.materialize` before inge
 - the state file beside the mirror (``<mirror>.dicomweb-state.json``) holds hashes and counts only, and is keyed to
   the query: another query starts another state;
 - credentials come from the environment only: ``SITEADAPT_DICOMWEB_USER`` / ``SITEADAPT_DICOMWEB_PASSWORD`` (HTTP
-  basic) or ``SITEADAPT_DICOMWEB_TOKEN`` (bearer); a URI with ``user:password@`` is refused.
+  basic) or ``SITEADAPT_DICOMWEB_TOKEN`` (bearer), each also as ``<NAME>_FILE`` naming a file that holds it (a
+  mounted secret, :func:`credential`); a URI with ``user:password@`` or a token in its query is refused.
 
 Push (:func:`stow`): STOW-RS of datasets (the DICOM SEG objects of :mod:`siteadapt.steps.export`) to a DICOMweb root.
 
@@ -144,13 +145,29 @@ def quiet_libraries() -> None:
             lg.setLevel(logging.WARNING)
 
 
+def credential(name: str) -> str | None:
+    """The value of credential variable ``name``: ``$NAME`` when set, else the content of the file named by
+    ``$NAME_FILE`` (a mounted Kubernetes secret), stripped of surrounding whitespace. An unreadable file is an error
+    naming the variable, never the file's content."""
+    value = os.environ.get(name)
+    if value:
+        return value
+    path = os.environ.get(f"{name}_FILE")
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError as e:
+        raise DicomwebError(f"${name}_FILE: cannot read the credential file ({type(e).__name__})") from None
+
+
 def _session():
     """A ``requests`` session with the credentials of the environment (none when unset)."""
     import requests
 
     session = requests.Session()
-    user, password = os.environ.get("SITEADAPT_DICOMWEB_USER"), os.environ.get("SITEADAPT_DICOMWEB_PASSWORD")
-    token = os.environ.get("SITEADAPT_DICOMWEB_TOKEN")
+    user, password = credential("SITEADAPT_DICOMWEB_USER"), credential("SITEADAPT_DICOMWEB_PASSWORD")
+    token = credential("SITEADAPT_DICOMWEB_TOKEN")
     if token:
         session.headers["Authorization"] = f"Bearer {token}"
     elif user:
