@@ -390,10 +390,21 @@ def test_argparse_error_and_uncaught_traceback_are_redacted(project):
     _assert_nowhere(("SECRET7",), res, project)
 
     res = _cli(project, "sync", "http://u:SECRET11@h/x?token=SECRET12", "out")  # a local copy of a missing file
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip() == ("siteadapt sync: error: sync: the local source does not exist (neither a folder, "
+                                  "a file nor an s3:// URI)")
+    _assert_nowhere(("SECRET11", "SECRET12"), res, project)
+
+    # an uncaught exception (a bug, not an input problem) keeps its traceback, redacted
+    import os
+    res = subprocess.run([sys.executable, "-c", "import sys; from siteadapt import cli, redact; redact.install(); "
+                          "raise RuntimeError('failed on http://u:SECRET14@h/x?token=SECRET15')"],
+                         capture_output=True, text=True, cwd=project, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 1
     assert "Traceback (most recent call last):" in res.stderr
-    assert res.stderr.splitlines()[-1] == "FileNotFoundError: [Errno 2] No such file or directory: 'http:/***@h/x?token=***'"
-    _assert_nowhere(("SECRET11", "SECRET12"), res, project)
+    assert res.stderr.splitlines()[-1] == "RuntimeError: failed on http://***@h/x?token=***"
+    _assert_nowhere(("SECRET14", "SECRET15"), res, project)
 
     res = _cli(project, "sync", "s3://bucket/x?X-Amz-Signature=SECRET8", str(project / "dst"))
     assert res.returncode == 2

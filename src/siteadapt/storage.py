@@ -194,6 +194,10 @@ def sync(src: str | Path, dst: str | Path) -> dict:
     if is_uri(str(dst)):
         return upload(src, str(dst))
     src, dst = Path(src), Path(dst)
+    if not src.exists():
+        from .errors import InputError
+
+        raise InputError(None, "sync: the local source does not exist (neither a folder, a file nor an s3:// URI)")
     if src.is_dir():
         shutil.copytree(src, dst, dirs_exist_ok=True)
     else:
