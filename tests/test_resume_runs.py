@@ -215,6 +215,42 @@ def test_killed_training_resumes_into_the_same_mlflow_run(tmp_path, monkeypatch,
     assert "siteadapt.resumed_from" not in again.data.tags and again.data.tags["siteadapt.attempt"] == "1"
 
 
+def test_killed_dvc_stage_continues_its_mlflow_run_after_dvc_deleted_the_model_folder(tmp_path, monkeypatch, store):
+    """Inside a DVC stage ($DVC_STAGE, $DVC_ROOT): killed during iteration 7, then DVC deletes the stage's outputs
+    (the whole model folder, pointer and all) and runs it again. The run pointer kept in .siteadapt/runs/ and the
+    cached checkpoint let the re-run continue the same MLflow run from iteration 4, not open a second one."""
+    import shutil
+
+    from siteadapt import tracking
+    from siteadapt.kfp.runtime import settings_for
+
+    site = "dvc_killed_site"
+    root = _prepared(tmp_path / "work", site)
+    monkeypatch.setenv("DVC_STAGE", f"train_source@{site}")
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    s = settings_for(_job(site), root)
+    with monkeypatch.context() as m, pytest.raises(_Killed):
+        _simulate_kill(m)
+        tracking.train_source(s, site)
+    (killed,) = _runs(store, site)
+    model_dir = root / "models/chestxray" / site / "source"
+    kept = tracking.kept_pointer(model_dir)
+    assert kept.parent == root / ".siteadapt" / "runs"
+    assert json.loads(kept.read_text())["run_id"] == killed.info.run_id
+    shutil.rmtree(model_dir)  # what DVC does to a stage's outputs before running it
+
+    path = tracking.train_source(s, site)
+
+    (run,) = _runs(store, site)
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert _steps(store, run.info.run_id) == [2, 4, 6, 8, 10, 12]
+    assert run.data.tags["siteadapt.attempt"] == "2" and run.data.tags["siteadapt.start_step"] == "4"
+    assert json.loads((model_dir / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
+    monkeypatch.delenv("DVC_STAGE")
+    assert tracking.kept_pointer(model_dir) is None  # outside DVC the model folder's pointer is the only one
+    _assert_same_weights(path, _reference(tmp_path, monkeypatch, site))
+
+
 def test_unfinished_run_of_other_params_is_closed_as_killed_and_linked(tmp_path, store):
     """A model folder whose pointer names an unfinished (RUNNING) run started with other params or data: the new run
     does not continue it; the old one ends KILLED with ``superseded_by``, the new one has ``resumed_from``."""

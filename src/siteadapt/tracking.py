@@ -25,7 +25,8 @@ What a run holds (experiment ``siteadapt-<task>``)
 Resuming a killed training
 --------------------------
 A training step writes ``<model dir>/mlflow_run.json`` as soon as its run is open, so a killed step leaves behind the
-id of its run (status RUNNING: nothing could end it). Run again in the same model folder, the step re-opens that run
+id of its run (status RUNNING: nothing could end it); inside a DVC stage a copy goes to ``.siteadapt/runs/``, since DVC
+deletes the model folder before it runs the stage again (:func:`kept_pointer`). Run again in the same model folder, the step re-opens that run
 when it did not finish (RUNNING, FAILED or KILLED) and was started with the same params and data (tag
 ``siteadapt.resume_key``, a digest of both): the engine resumes from the folder's checkpoint and the loss curves
 continue in the same run. Points already in the run are not sent again (per metric, every step up to the last one
@@ -390,8 +391,11 @@ class StageRun:
             self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
     def save_pointer(self, model_dir: Path) -> None:
-        write_json(Path(model_dir) / RUN_FILE, {"run_id": self.run_id, "experiment_id": self.experiment_id,
-                                                "tracking_uri": redact(self.uri)})
+        pointer = {"run_id": self.run_id, "experiment_id": self.experiment_id, "tracking_uri": redact(self.uri)}
+        write_json(Path(model_dir) / RUN_FILE, pointer)
+        kept = kept_pointer(model_dir)
+        if kept is not None:
+            write_json(kept, pointer)
 
 
 class _NoRun:
@@ -404,10 +408,29 @@ class _NoRun:
         return lambda *a, **k: None
 
 
+KEPT_POINTERS = Path(".siteadapt") / "runs"
+
+
+def kept_pointer(model_dir: Path) -> Path | None:
+    """Inside a DVC stage (``$DVC_STAGE`` set), a copy of ``<model_dir>/mlflow_run.json`` kept where DVC does not
+    delete it: ``<DVC project>/.siteadapt/runs/<sha256 of the model folder's path in the project>.json``. DVC removes
+    a stage's outputs (the model folder, pointer included) before it runs the stage again, so without the copy a
+    re-run after a kill would open a new run and leave the killed one RUNNING. None outside DVC."""
+    if not os.environ.get("DVC_STAGE"):
+        return None
+    root = Path(os.environ.get("DVC_ROOT") or ".").resolve()
+    folder = Path(model_dir).resolve()
+    rel = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else folder.as_posix()
+    return root / KEPT_POINTERS / f"{hashlib.sha256(rel.encode()).hexdigest()[:32]}.json"
+
+
 def existing_run_id(client, model_dir: Path) -> str | None:
-    """The run id in ``<model_dir>/mlflow_run.json`` if that run exists in the current store."""
+    """The run id in ``<model_dir>/mlflow_run.json`` (inside a DVC stage, else its kept copy,
+    :func:`kept_pointer`) if that run exists in the current store."""
     f = Path(model_dir) / RUN_FILE
     if not f.is_file():
+        f = kept_pointer(model_dir)
+    if f is None or not f.is_file():
         return None
     try:
         rid = json.loads(f.read_text())["run_id"]
