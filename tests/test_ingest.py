@@ -267,7 +267,9 @@ def test_cli_reports_bad_config_and_input(tmp_path, monkeypatch, capsys):
     p.write_text(repo_params.read_text())
     monkeypatch.chdir(tmp_path)
     assert main(["--params", str(p), "ingest", str(tmp_path / "missing"), "--site", "cardiac_mr"]) == 2
-    assert "missing: input folder does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "site cardiac_mr: the input folder does not exist" in err  # named by site: paths carry patient names
+    assert "missing" not in err and str(tmp_path) not in err
     assert main(["--params", str(p), "ingest", "--site", "nosuch"]) == 2
     assert "unknown site 'nosuch'" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "data" / "ingested" / "cardiac_mr" / "manifest.json")

@@ -185,8 +185,9 @@ def test_dicom_radiograph_without_pixel_spacing_is_flagged_and_takes_the_setting
     src = tmp_path / "in"
     src.mkdir()
     for i in range(2):
-        f = write_2d(src / f"cr{i}.dcm", np.full((20, 30), 100 * (i + 1), np.uint16), patient={"PatientID": f"P{i}"},
-                     series_number=i + 1)
+        pic = np.full((20, 30), 100 * (i + 1), np.uint16)
+        pic[5:15, 10:20] += 50  # some signal: an image of one value everywhere is refused
+        f = write_2d(src / f"cr{i}.dcm", pic, patient={"PatientID": f"P{i}"}, series_number=i + 1)
         ds = pydicom.dcmread(f)
         del ds.PixelSpacing, ds.ImagerPixelSpacing
         ds.save_as(f)

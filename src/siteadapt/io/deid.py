@@ -61,7 +61,9 @@ def load_key(data_root: str | Path | None = None) -> bytes:
 
 
 def _mac(key: bytes, text: str) -> str:
-    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
+    # surrogateescape: a file name that is not valid UTF-8 (Python holds its raw bytes as lone surrogates) hashes as
+    # its bytes on disk instead of failing; valid text encodes exactly as plain UTF-8
+    return hmac.new(key, text.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
 
 
 def anon_id(key: bytes, site: str, kind: str, identity: str) -> str:
@@ -143,5 +145,9 @@ class Scrubber:
             return text
         if self._pattern is None:
             alts = sorted(self._values, key=len, reverse=True)
-            self._pattern = re.compile("|".join(re.escape(a) for a in alts), re.IGNORECASE)
+            # a value without digits (a name or a part of one) is matched as a whole word only, so that "Doe" does
+            # not blank out "does"; one with digits (ids, dates, UIDs) wherever it appears, glued to letters or not
+            self._pattern = re.compile("|".join(
+                re.escape(a) if any(ch.isdigit() for ch in a) else rf"(?<![^\W_]){re.escape(a)}(?![^\W_])"
+                for a in alts), re.IGNORECASE)
         return self._pattern.sub("[redacted]", text)

@@ -41,6 +41,7 @@ import pydicom
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..errors import InputError, SeriesRejected
+from .files import reading
 from .volume import Volume
 
 __all__ = ["DicomSeries", "scan_tree", "scan_dicom_files", "read_series"]
@@ -86,6 +87,10 @@ class DicomSeries:
     n_frames: int = 0
     # Header facts gathered by scan_tree (so read_series need not parse headers again). Not part of the API.
     _frames: list | None = field(default=None, repr=False, compare=False)
+    # Files of this SeriesInstanceUID that scan_tree refused as truncated or unreadable (and that are not copies of a
+    # readable file): (path, ImagePositionPatient or None). read_series refuses the series when one of them holds a
+    # slice beyond its first or last readable slice, or a slice whose position is unknown: see _check_broken.
+    broken: list = field(default_factory=list, repr=False, compare=False)
 
 
 @dataclass
@@ -241,6 +246,31 @@ def _pixel_element(fp, pix_head: bytes, pix_tell: int, ts: UID, size: int):
     if little and not ts.is_compressed and ts != pydicom.uid.DeflatedExplicitVRLittleEndian:
         return value_at, length, None
     return None, None, None
+
+
+def _probe_safe(path: Path) -> tuple[list[_Frame] | None, str | None]:
+    """:func:`_probe` that never raises: an unexpected error becomes a refusal naming the exception type (its text
+    may quote the path). Library warnings raised meanwhile are attributed to ``path`` (see files.reader_notes)."""
+    with reading(path):
+        try:
+            return _probe(path)
+        except Exception as exc:
+            return None, f"truncated or unreadable DICOM: unexpected {type(exc).__name__} while reading the header"
+
+
+def _partial_header(path: Path) -> tuple[str, str, np.ndarray | None] | None:
+    """(SeriesInstanceUID, SOPInstanceUID, ImagePositionPatient or None) of a file refused as truncated, as far as
+    its header can still be read; None when not even the series UID can."""
+    with reading(path):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                                 specific_tags=["SeriesInstanceUID", "SOPInstanceUID", "ImagePositionPatient"])
+            uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+            sop = str(ds.get("SOPInstanceUID", "") or "").strip()
+            ipp = _vec(ds.get("ImagePositionPatient", None) or [], 3)
+        except Exception:
+            return None
+    return (uid, sop, ipp) if uid else None
 
 
 def _probe(path: Path) -> tuple[list[_Frame] | None, str | None]:
@@ -844,7 +874,7 @@ def scan_dicom_files(paths) -> tuple[list[DicomSeries], list[tuple[Path, str]]]:
     paths = sorted(Path(p) for p in paths)
     skipped: list[tuple[Path, str]] = []
     with ThreadPoolExecutor(_workers(len(paths))) as pool:
-        results = list(pool.map(_probe, paths))
+        results = list(pool.map(_probe_safe, paths))
     by_uid: dict[str, list[_Frame]] = {}
     seen_sop: dict[str, Path] = {}
     for p, (frames, reason) in zip(paths, results):
@@ -859,10 +889,22 @@ def scan_dicom_files(paths) -> tuple[list[DicomSeries], list[tuple[Path, str]]]:
             seen_sop[info.sop_uid] = p
         uid = info.series_uid or f"no-series-uid:{p.parent}"
         by_uid.setdefault(uid, []).extend(frames)
+    # Truncated files of a series that was otherwise read: without them the series would come out silently short
+    # (an edge slice leaves no gap for the spacing check to see). Copies of a readable file (same SOPInstanceUID)
+    # are only duplicates and change nothing.
+    broken: dict[str, list] = {}
+    for p, reason in skipped:
+        if not str(reason).startswith("truncated or unreadable DICOM"):
+            continue
+        head = _partial_header(p)
+        if head is not None and head[0] in by_uid and head[1] not in seen_sop:
+            broken.setdefault(head[0], []).append((p, head[2]))
     series = []
     for uid in sorted(by_uid):
         for suid, frames in _split_frames(uid, by_uid[uid]):
-            series.append(_make_series(suid, frames))
+            s = _make_series(suid, frames)
+            s.broken = list(broken.get(uid, []))
+            series.append(s)
     return series, skipped
 
 
@@ -1083,9 +1125,10 @@ def _fill(frames_slots: list[tuple[_Frame, int, int]], shape_tz: tuple[int, int]
 
     def job(item):
         info, slots = item
-        if _read_native_into(info, slots, out):
-            return None
-        arr = _read_pixels(info)
+        with reading(info.path):
+            if _read_native_into(info, slots, out):
+                return None
+            arr = _read_pixels(info)
         if arr.dtype != out.dtype:
             return arr, slots
         place(arr, slots)
@@ -1159,6 +1202,7 @@ def read_series(series: DicomSeries) -> Volume:
     pos = np.array([frames[c[0]].ipp for c in clusters])  # first time point
     dz = np.array([d[c[0]] for c in clusters])
     tilt = max((f.info.gantry_tilt for f in frames), key=abs)
+    _check_broken(series, first_path, normal, dz, steps_known=n_z >= 2)
 
     if n_z >= 2:
         steps = np.diff(dz)
@@ -1198,6 +1242,38 @@ def read_series(series: DicomSeries) -> Volume:
     affine = _lps_to_ras(row_cos, col_cos, spacing, pos[0], slice_vec)
     return Volume(data=data, affine=affine, modality=modality, meta=_meta(frames, is_4d=n_t > 1),
                   diffusion=_volume_diffusion(slots, n_t, first_path))
+
+
+def _check_broken(series: DicomSeries, first_path: Path, normal: np.ndarray, dz: np.ndarray, *,
+                  steps_known: bool) -> None:
+    """Refuse a series that lost a slice to a truncated file where the geometry checks cannot see it.
+
+    A truncated file between two readable slices leaves a gap, which the spacing check below refuses as "missing
+    slices"; one beyond the first or last readable slice leaves none: the series would be written one slice short
+    without a word. Such a file (its position read from what is left of its header), or one whose position cannot be
+    read at all, refuses the series here ("edge slice unreadable" / "slice unreadable")."""
+    if not series.broken:
+        return
+    tol = 1e-2 if not steps_known else max(1e-2, 0.25 * float(np.median(np.abs(np.diff(dz)))))
+    lo, hi = float(dz.min()), float(dz.max())
+    edge = unknown = 0
+    for _, ipp in series.broken:
+        if ipp is None:
+            unknown += 1
+            continue
+        at = float(np.dot(ipp, normal))
+        if at < lo - tol or at > hi + tol:
+            edge += 1
+    if edge:
+        n = "1 slice file" if edge == 1 else f"{edge} slice files"
+        raise SeriesRejected(first_path, f"edge slice unreadable: {n} beyond the first or last readable slice "
+                                         f"{'is' if edge == 1 else 'are'} truncated or unreadable; refused rather "
+                                         f"than written {edge} slice{'' if edge == 1 else 's'} short")
+    if unknown:
+        n = "1 file" if unknown == 1 else f"{unknown} files"
+        raise SeriesRejected(first_path, f"slice unreadable: {n} of this series {'is' if unknown == 1 else 'are'} "
+                                         "truncated or unreadable at an unknown slice position; refused rather "
+                                         "than written incomplete")
 
 
 def _read_2d(frame: _Frame, modality: str) -> Volume:

@@ -8,6 +8,11 @@ are recorded in the manifest.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+import threading
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -50,6 +55,122 @@ def why(e: BaseException, path: Path, limit: int = 120) -> str:
     for n in sorted((n for n in names if len(n) >= 3), key=len, reverse=True):
         text = text.replace(n, "<file>")
     return f"{type(e).__name__}: {text[:limit]}"
+
+
+# Smallest image side ingest accepts, in pixels, on each of the first two (in-plane) axes. Every task resamples its
+# inputs to ``image_size`` (64+ pixels): an image a few pixels wide holds no anatomy to adapt to, and is almost always
+# a thumbnail, an icon or an export error. Volumes may have any number of slices.
+MIN_IMAGE_SIDE = 8
+
+
+def unusable_reason(data: np.ndarray) -> str | None:
+    """Why an image that was read cannot be used although its file is fine, or None: fewer than
+    :data:`MIN_IMAGE_SIDE` pixels along either in-plane axis ("image too small"), or every voxel holding the same
+    value ("image carries no signal": all zero, or one constant)."""
+    shape = tuple(int(n) for n in data.shape)
+    if len(shape) < 2 or min(shape[:2]) < MIN_IMAGE_SIDE:
+        return (f"image too small: {' x '.join(map(str, shape))} pixels, the minimum is {MIN_IMAGE_SIDE} pixels "
+                "along each in-plane axis")
+    if data.size and np.all(data.flat[0] == data):  # one value everywhere (NaN is refused before this)
+        return f"image carries no signal: every voxel holds the same value ({float(data.flat[0]):g})"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reader notes: warnings and log lines that pydicom, nibabel and Pillow emit while reading an input. Left alone they
+# reach stderr with whatever the library put in them (a header value such as PatientName, a file path). During
+# :func:`reader_notes` they are held back, tied to the file being read (:func:`reading`, per thread, so that files
+# read by a thread pool are told apart) and handed to the caller, which reports them under a file reference.
+
+READER_LOGGERS = ("pydicom", "nibabel", "PIL")
+_current = threading.local()
+
+
+@contextlib.contextmanager
+def reading(path: Path | None):
+    """Attribute reader notes raised in this thread to ``path`` until the block ends."""
+    before = getattr(_current, "path", None)
+    _current.path = path
+    try:
+        yield
+    finally:
+        _current.path = before
+
+
+class ReaderNotes:
+    """What :func:`reader_notes` collected: ``(path or None, text)`` pairs in the order they came, the text as the
+    library wrote it (callers must clean it with :func:`clean_note` before printing it)."""
+
+    def __init__(self) -> None:
+        self.notes: list[tuple[Path | None, str]] = []
+        self.default: Path | None = None  # the file a note belongs to when no thread named one (set by the caller)
+        self._lock = threading.Lock()
+
+    def add(self, text: str) -> None:
+        path = getattr(_current, "path", None) or self.default
+        with self._lock:
+            self.notes.append((path, text))
+
+    def take(self) -> list[tuple[Path | None, str]]:
+        """The notes collected so far, each (path, text) once, in first-seen order; the list is emptied."""
+        with self._lock:
+            got, self.notes = self.notes, []
+        return list(dict.fromkeys(got))
+
+
+class _NoteHandler(logging.Handler):
+    def __init__(self, sink: ReaderNotes) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.sink.add(record.getMessage())
+        except Exception:  # a note that cannot be formatted is dropped, never printed raw
+            pass
+
+
+@contextlib.contextmanager
+def reader_notes():
+    """Hold back the readers' warnings (``warnings.warn``) and their loggers' records (:data:`READER_LOGGERS`, which
+    stop propagating to the root logger meanwhile); yields the :class:`ReaderNotes` that collects them."""
+    sink = ReaderNotes()
+    handler = _NoteHandler(sink)
+    loggers = [logging.getLogger(n) for n in READER_LOGGERS]
+    saved = [(lg.propagate, lg.level) for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # pydicom both logs and warns the same text: without the category, the two are one note
+        warnings.showwarning = lambda message, category, *a, **k: sink.add(
+            str(message) if issubclass(category, UserWarning) and category is UserWarning
+            else f"{category.__name__}: {message}")
+        for lg in loggers:
+            lg.addHandler(handler)
+            lg.propagate = False
+            if lg.level == logging.NOTSET or lg.level > logging.WARNING:
+                lg.setLevel(logging.WARNING)
+        try:
+            yield sink
+        finally:
+            for lg, (prop, level) in zip(loggers, saved):
+                lg.removeHandler(handler)
+                lg.propagate, lg.level = prop, level
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_PATHLIKE = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[\\/][^\s,;:'\"()]+")
+
+
+def clean_note(text: str, names: list[str] = (), limit: int = 200) -> str:
+    """A reader note fit to print: ``names`` (paths and file names to hide) replaced by ``<file>``, quoted values
+    (libraries quote the header value or the file they complain about) replaced by ``'...'``, anything shaped like a
+    path replaced by ``<path>``, then cut to ``limit`` characters."""
+    for n in sorted((n for n in names if n and len(n) >= 3), key=len, reverse=True):
+        text = text.replace(n, "<file>")
+    text = _QUOTED.sub("'...'", text)
+    text = _PATHLIKE.sub("<path>", text)
+    text = " ".join(text.split())
+    return text[:limit]
 
 
 def read_nifti(path: Path, *, modality: str = "OT") -> Volume:

@@ -52,10 +52,12 @@ listed in ``rejected`` by line number (never by stem: stems are often patient id
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,35 +111,105 @@ class IngestResult:
 
 def _fingerprint(files: list[Path], root: Path, key: bytes, extra: list[str] = ()) -> str:
     """Keyed (HMAC) digest of the files' relative paths, sizes and times plus ``extra`` settings: without the key a
-    recorded fingerprint cannot confirm a guessed file name."""
+    recorded fingerprint cannot confirm a guessed file name. A file that vanished since the walk counts as changed
+    (reading it then refuses it)."""
     parts = []
     for f in sorted(files):
-        st = f.stat()
-        parts.append(f"{f.relative_to(root) if root in f.parents else f}|{st.st_size}|{st.st_mtime_ns}")
+        try:
+            st = f.stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        parts.append(f"{f.relative_to(root) if root in f.parents else f}|{size}|{mtime}")
     return keyed_digest(key, "\n".join(parts + list(extra)))
 
 
+def _not_utf8(text: str) -> bool:
+    """True for a name Python decoded with surrogateescape (bytes that are not UTF-8 on a POSIX file system)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _entry_problem(p: Path, rel: str) -> str | None:
+    """Why a walked entry cannot be read as an input, or None: a name that is not UTF-8, a symbolic link that is
+    dangling, loops or points at a folder (not followed), something that is not a regular file (a FIFO would block
+    the reader), or a file this process may not read. Read without following the entry's content."""
+    if _not_utf8(rel):
+        return "file or folder name is not valid UTF-8"
+    try:
+        if p.is_symlink():
+            try:
+                target = p.resolve(strict=True)
+            except FileNotFoundError:
+                return "dangling symbolic link: its target does not exist"
+            except (RuntimeError, OSError) as e:  # RuntimeError: Python < 3.13 on a loop; OSError ELOOP after
+                if isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP:
+                    return "symbolic link loop: the link never reaches a file"
+                return f"unreadable symbolic link ({type(e).__name__})"
+            if target.is_dir():
+                return "symbolic link to a folder: not followed"
+        mode = p.stat().st_mode
+    except OSError as e:
+        if getattr(e, "errno", None) == errno.ELOOP:
+            return "symbolic link loop: the link never reaches a file"
+        return f"file cannot be examined ({type(e).__name__})"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (device, FIFO or socket)"
+    if not os.access(p, os.R_OK):
+        return "file cannot be read: permission denied"
+    return None
+
+
+def _scan_tree(root: Path) -> tuple[list[Path], dict[Path, str]]:
+    """Every entry of ``root``'s sorted walk (dot-files, dot-folders and system files left out; symbolic links to
+    folders listed as entries, not entered) and, for those that cannot be read as inputs, why (see
+    :func:`_entry_problem`; a folder that cannot be listed is one entry with its reason). Never raises for a bad
+    entry: each is refused on its own and the walk goes on."""
+    out: list[Path] = []
+    problems: dict[Path, str] = {}
+
+    def unlistable(err: OSError) -> None:
+        where = Path(err.filename) if err.filename else root
+        if where != root:
+            out.append(where)
+            problems[where] = f"folder cannot be listed ({type(err).__name__})"
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable):
+        here = Path(dirpath)
+        linked = [d for d in dirnames if not d.startswith(".") and (here / d).is_symlink()]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in linked)
+        names = sorted([fn for fn in filenames if fn not in IGNORED_NAMES and not fn.startswith(".")] + linked)
+        for fn in names:
+            p = here / fn
+            out.append(p)
+            why = _entry_problem(p, p.relative_to(root).as_posix())
+            if why is not None:
+                problems[p] = why
+    return out, problems
+
+
 def _walk(root: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in sorted(filenames):
-            if fn in IGNORED_NAMES or fn.startswith("."):
-                continue
-            out.append(Path(dirpath) / fn)
-    return out
+    """The entries of ``root``'s sorted walk (see :func:`_scan_tree`): what positions count and references name."""
+    return _scan_tree(root)[0]
 
 
 def _label_index(labels: Path | None, rejected: list) -> dict[str, Path]:
     if labels is None:
         return {}
     if not labels.exists():
-        raise InputError(labels, "labels folder does not exist")
+        raise InputError(None, "the labels folder does not exist")
     if labels.is_file():
-        raise InputError(labels, "labels must be a folder of label maps here (a CSV of image-level labels belongs to "
-                                 "a classification task: kind: classification, classes: [...])")
+        raise InputError(None, "labels must be a folder of label maps here (a CSV of image-level labels belongs to "
+                               "a classification task: kind: classification, classes: [...])")
     index: dict[str, Path] = {}
-    for p in _walk(labels):
+    files, problems = _scan_tree(labels)
+    for p in files:
+        if p in problems:
+            rejected.append((p, labels, problems[p]))
+            continue
         if not p.name.lower().endswith(F.LABEL_SUFFIXES):
             rejected.append((p, labels, "not a label file (expected .nii, .nii.gz, .png or .tif)"))
             continue
@@ -167,20 +239,20 @@ def _class_of(value: str, classes: list[str]) -> int | None:
 def _class_table(path: Path, classes: list[str], rejected: list) -> dict[str, tuple[int, int]]:
     """``stem -> (class index, CSV line)`` from a ``stem,label`` CSV; bad rows go to ``rejected``."""
     if path.is_dir():
-        raise InputError(path, "a classification site's labels must be a CSV file (stem,label), not a folder "
+        raise InputError(None, "a classification site's labels must be a CSV file (stem,label), not a folder "
                                "(leave labels out to read classes from one folder per class)")
     if not path.is_file():
-        raise InputError(path, "labels CSV does not exist")
+        raise InputError(None, "the labels CSV does not exist")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(path, f"unreadable labels CSV: {type(e).__name__}") from None
+        raise InputError(None, f"unreadable labels CSV: {type(e).__name__}") from None
     rows = list(csv.reader(text.splitlines()))
     head = [h.strip().lower() for h in rows[0]] if rows else []
     si = next((head.index(c) for c in _STEM_COLUMNS if c in head), None)
     li = next((head.index(c) for c in _LABEL_COLUMNS if c in head), None)
     if si is None or li is None:
-        raise InputError(path, "labels CSV needs a header with a stem column (stem) and a label column (label), "
+        raise InputError(None, "labels CSV needs a header with a stem column (stem) and a label column (label), "
                                f"got {rows[0] if rows else 'an empty file'}")
     table: dict[str, tuple[int, int]] = {}
     for line, row in enumerate(rows[1:], start=2):
@@ -254,7 +326,11 @@ def _class_from_folders(c: _Candidate, source: Path, classes: list[str]) -> int 
 def _discover(source: Path, rejected: list, scrub: Scrubber) -> list[_Candidate]:
     """Find every usable input under ``source``; unusable files go to ``rejected`` as (path, root, reason)."""
     nifti, image2d, other = [], [], []
-    for p in _walk(source):
+    files, problems = _scan_tree(source)
+    for p in files:
+        if p in problems:
+            rejected.append((p, source, problems[p]))
+            continue
         k = F.kind_of(p)
         (nifti if k == "nifti" else image2d if k == "image2d" else other).append(p)
     cands: list[_Candidate] = []
@@ -269,7 +345,8 @@ def _discover(source: Path, rejected: list, scrub: Scrubber) -> list[_Candidate]
         for s in series:
             for k in s.match_keys:
                 scrub.add(k)
-            pid = _collect_phi(s.files[0], scrub)
+            with F.reading(s.files[0]):
+                pid = _collect_phi(s.files[0], scrub)
             cands.append(_Candidate(kind="dicom", identity=s.uid, files=list(s.files), match_keys=list(s.match_keys),
                                     series=s, patient_id=pid))
         known = set(nifti) | set(image2d)
@@ -312,6 +389,22 @@ def _load(c: _Candidate, modality: str | None, pixel_spacing: float | None) -> V
     if c.kind == "nifti":
         return F.read_nifti(c.files[0], modality=modality or "OT")
     return F.read_image2d(c.files[0], spacing=pixel_spacing, modality=modality or "OT")
+
+
+def _load_checked(c: _Candidate, modality: str | None, pixel_spacing: float | None) -> Volume:
+    """:func:`_load`, then the checks of an image's content (:func:`siteadapt.io.files.unusable_reason`: too small,
+    no signal). Every failure is an InputError (an unexpected exception names only its type: its text may quote a
+    path), so one bad input is refused and the site goes on."""
+    try:
+        vol = _load(c, modality, pixel_spacing)
+    except InputError:
+        raise
+    except Exception as e:  # a reader's bug or an input nobody foresaw: refuse this input, never end the site
+        raise InputError(c.files[0], f"unexpected error while reading ({type(e).__name__})") from None
+    why = F.unusable_reason(vol.data)
+    if why is not None:
+        raise InputError(c.files[0], why)
+    return vol
 
 
 def content_sha256(data: np.ndarray) -> str:
@@ -432,6 +525,44 @@ def _where(path: Path, root: Path, labels: Path | None, patients: Path | None) -
         return "input", path.name
 
 
+def _hidden_names(path: Path, rel: str, roots: list[str]) -> list[str]:
+    """Every string that would tell where ``path`` lies: the path as given, its path under its root, each folder and
+    file name along that path (generic words such as ``DICOM`` kept) and the roots themselves."""
+    parts = [q for q in Path(rel).parts if not is_generic(q)]
+    return [str(path), rel, *parts, *(F.stem_of(Path(q)) for q in parts), *roots]
+
+
+def _report_notes(notes: list, site: str, key: bytes, source: Path, labels: Path | None, patients: Path | None,
+                  scrub: Scrubber, item_of: dict[Path, str]) -> None:
+    """Log the readers' held-back notes, one line per file and text (with a count): the file named by reference and
+    position (and the item id when the file became part of an item), the text cleaned of paths, names and quoted
+    values (:func:`siteadapt.io.files.clean_note`) and of identifiers seen in headers."""
+    if not notes:
+        return
+    roots = sorted({str(r) for r in (source, source.resolve(), labels, patients) if r is not None}, key=len,
+                   reverse=True)
+    pos: dict[str, dict[Path, str]] = {}
+    counts: dict[tuple, int] = {}
+    for path, text in notes:
+        if path is None:
+            k = ("the inputs (file not known)", scrub(F.clean_note(text, roots)))
+            counts[k] = counts.get(k, 0) + 1
+            continue
+        path = Path(path)
+        root = labels if labels is not None and labels.is_dir() and labels in path.parents else source
+        where, rel = _where(path, root, labels, patients)
+        if where not in pos:
+            pos[where] = _positions(labels if where == "labels" else source)
+        ref = input_ref(key, site, where, rel)
+        item = item_of.get(path)
+        label = f"{where} {ref} ({pos[where].get(path, 'outside the walk')})" + (f", item {item}" if item else "")
+        cleaned = scrub(F.clean_note(text, _hidden_names(path, rel, roots)))
+        k = (label, cleaned)
+        counts[k] = counts.get(k, 0) + 1
+    for (label, text), n in counts.items():
+        log.warning("%s: reader warning on %s%s: %s", site, label, f" (x{n})" if n > 1 else "", text)
+
+
 def _rejected_records(rejected_raw: list, key: bytes, site: str, source: Path, labels: Path | None,
                       patients: Path | None, scrub: Scrubber) -> list[dict]:
     """The manifest's ``rejected`` entries: keyed reference, root, position and reason, never a path or name. The
@@ -482,7 +613,8 @@ def explain(source: str | Path, site: str, data_root: str | Path, *, labels: str
         if root is not None and root.is_dir():
             for p in _walk(root):
                 rel = p.relative_to(root).as_posix()
-                lookup[input_ref(key, site, where, rel)] = f"{where}/{rel}"
+                shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # printable
+                lookup[input_ref(key, site, where, rel)] = f"{where}/{shown}"
     for where, f in (("labels", labels), ("patients", patients)):
         if f is not None and f.is_file():
             lookup[input_ref(key, site, where, f.name)] = f"{where} CSV {f.name}"
@@ -500,17 +632,32 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
     One bad label map fails the whole site: a mismatch is almost always a systematic export setting, and refusing it
     loudly beats ingesting part of the site with its labels silently erased. A site that ends with no item raises
     :class:`NothingUsableError` (exit 3) after its manifest (with the refusals) is written. ``patients``: a
-    ``stem,patient`` CSV giving each image's patient (hashed into the item's ``patient``)."""
+    ``stem,patient`` CSV giving each image's patient (hashed into the item's ``patient``).
+
+    Warnings and log lines of the readers (pydicom, nibabel, Pillow) are held back while the inputs are read and
+    logged afterwards under the file's reference, position and item id, with paths, file names and quoted header
+    values taken out (:func:`_report_notes`)."""
+    with F.reader_notes() as notes:
+        return _ingest(source, site, data_root, labels=labels, modality=modality, pixel_spacing_mm=pixel_spacing_mm,
+                       key=key, classes=classes, label_ids=label_ids, label_map=label_map, patients=patients,
+                       notes=notes)
+
+
+def _ingest(source, site, data_root, *, labels, modality, pixel_spacing_mm, key, classes, label_ids, label_map,
+            patients, notes: F.ReaderNotes) -> IngestResult:
+    """The body of :func:`ingest`, run while the readers' notes are held back in ``notes``."""
     source = Path(source)
+    # these messages name the site, never the folder: input paths often carry a patient's name
     if not source.exists():
-        raise InputError(source, "input folder does not exist")
+        raise InputError(None, f"site {site}: the input folder does not exist (the folder given, or "
+                               f"sites.{site}.images)")
     if source.is_file():
-        raise InputError(source, "expected a folder of images (DICOM, NIfTI or 2D images), got a file")
+        raise InputError(None, f"site {site}: expected a folder of images (DICOM, NIfTI or 2D images), got a file")
     labels = Path(labels) if labels is not None else None
     data_root = Path(data_root)
     out_dir = data_root / site
     if out_dir.resolve() == source.resolve() or out_dir.resolve() in source.resolve().parents:
-        raise InputError(source, f"the input lies inside the output folder {out_dir}")
+        raise InputError(None, f"site {site}: the input lies inside the output folder {out_dir}")
     key = key or load_key(data_root)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
@@ -539,7 +686,7 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
     label_pos = {p: i for i, p in enumerate(label_index.values(), start=1)}  # path order: names stay unwritten
     label_map = dict(label_map or {})
     if not cands and not rejected_raw:
-        raise InputError(source, "empty folder: no DICOM, NIfTI or image files found")
+        raise InputError(None, f"site {site}: empty folder: no DICOM, NIfTI or image files found")
 
     kind_tag = {"dicom": "dicom", "nifti": "file", "image2d": "file"}
     by_id: dict[str, _Candidate] = {}
@@ -596,7 +743,8 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
             c = by_id[cid]
             if c.label_path is None or reusable(c, old_items.get(cid)):
                 continue
-            values = _label_file_values(c.label_path)
+            with F.reading(c.label_path):
+                values = _label_file_values(c.label_path)
             unexpected = [] if values is None else _unexpected_values(values, allowed | set(label_map))
             if unexpected:
                 bad.append((label_pos.get(c.label_path, 0), cid, [int(v) for v in values], unexpected))
@@ -612,17 +760,25 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
             items.append(prev)
             result.skipped.append(cid)
             continue
+        notes.default = c.files[0]
         try:
-            vol = _load(c, modality, pixel_spacing_mm)
+            with F.reading(c.files[0]):
+                vol = _load_checked(c, modality, pixel_spacing_mm)
         except InputError as e:
             rejected_raw.append((e.path or c.files[0], source, e.reason))
             continue
+        finally:
+            notes.default = None
         label = None
         if c.label_path is not None:
             try:
-                label = F.read_label(c.label_path, vol)
+                with F.reading(c.label_path):
+                    label = F.read_label(c.label_path, vol)
             except InputError as e:
                 rejected_raw.append((c.label_path, labels, e.reason))
+            except Exception as e:  # as for images: refused by type, never a traceback
+                rejected_raw.append((c.label_path, labels, f"unexpected error while reading the label "
+                                                           f"({type(e).__name__})"))
         if label is not None:
             label = _apply_label_map(label, label_map)
             if allowed is not None and _unexpected_values(np.unique(label), allowed):  # the check above missed it
@@ -655,6 +811,8 @@ def ingest(source: str | Path, site: str, data_root: str | Path, *, labels: str 
     rejected = _rejected_records(rejected_raw, key, site, source, labels, patients, scrub)
     for r in rejected:
         log.warning("%s: not used: %s %s (%s): %s", site, r["in"], r["file"], r["position"], r["reason"])
+    _report_notes(notes.take(), site, key, source, labels, patients, scrub,
+                  {f: it["id"] for it in items if it["id"] in by_id for f in by_id[it["id"]].files})
     assumed = sum(1 for it in items if it.get("spacing_assumed"))
     if assumed:
         log.warning("%s: %d of %d images carry no pixel spacing (PNG/JPEG/TIFF, or DICOM without PixelSpacing): "
