@@ -273,3 +273,25 @@ def test_site_add_uri_images_are_accepted_unscanned(project, capsys):
     assert "warning: --images is not a local folder: not scanned here" in capsys.readouterr().err
     s = load_settings("params.yaml")
     assert s.sites["cloud_site"].images == "s3://bucket/site/images"
+
+
+def test_scan_never_opens_a_fifo_or_follows_a_bad_link(tmp_path):
+    """A FIFO would block ``open`` forever and a dangling link cannot be read: the scan counts both as unreadable
+    without opening them (an alarm turns a hang into a failure) and still counts the images beside them."""
+    import os
+    import signal
+
+    from siteadapt.steps.site import scan_images
+
+    for i in range(2):  # fewer than the scan's "enough", so that it reaches every entry
+        Image.fromarray((np.arange(32 * 32).reshape(32, 32) % 251).astype(np.uint8)).save(tmp_path / f"im{i}.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
+    old = signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("scan blocked")))
+    signal.alarm(20)
+    try:
+        res = scan_images(tmp_path, dims=2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert (res.files, res.image2d, res.unreadable) == (4, 2, 2)

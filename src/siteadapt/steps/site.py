@@ -100,12 +100,16 @@ def scan_images(root: Path, dims: int, *, max_files: int = SCAN_MAX_FILES, enoug
     from PIL import Image
 
     from ..io import files as F
-    from .ingest import _walk
+    from .ingest import _scan_tree
 
     res = ScanResult()
     other: list[Path] = []
-    for p in _walk(root)[:max_files]:
+    entries, problems = _scan_tree(root)
+    for p in entries[:max_files]:
         res.files += 1
+        if p in problems:  # a link that leads nowhere or to a folder, a FIFO, an unreadable file: never opened
+            res.unreadable += 1
+            continue
         kind = F.kind_of(p)
         if kind == "image2d":
             try:
