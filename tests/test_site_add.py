@@ -288,10 +288,14 @@ def test_scan_never_opens_a_fifo_or_follows_a_bad_link(tmp_path):
     os.mkfifo(tmp_path / "pipe.png")
     (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
     old = signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("scan blocked")))
+    import time
+
     signal.alarm(20)
+    t0 = time.perf_counter()
     try:
         res = scan_images(tmp_path, dims=2)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+    assert time.perf_counter() - t0 < 10  # the alarm (caught as an unreadable image) would take 20 s
     assert (res.files, res.image2d, res.unreadable) == (4, 2, 2)
