@@ -542,7 +542,7 @@ def test_mosaic_without_csa_is_refused(tmp_path):
 
 def test_fast_header_path_agrees_with_pydicom(tmp_path, monkeypatch, request):
     """The struct-based header walk must give exactly what the pydicom parse gives."""
-    from siteadapt.io import dicom as mod
+    from siteadapt.io.dicom import probe as mod  # _probe looks _fast_header up here
 
     data = ct_data(shape=(32, 32, 4))
     for ts in ["explicit_le", "implicit_le", "rle", "jpeg_lossless"]:

@@ -299,7 +299,7 @@ def test_private_tags_same_on_fast_and_pydicom_header_paths(tmp_path, monkeypatc
     and implicit VR (where the private tags carry no VR and pydicom may hand back raw bytes)."""
     from pydicom.uid import ImplicitVRLittleEndian
 
-    from siteadapt.io import dicom as mod
+    from siteadapt.io.dicom import probe as mod  # _probe looks _fast_header up here
 
     _philips_series(tmp_path / "p")
     _dwi_series(tmp_path / "d", "axial", private_siemens=True, names="instance")
@@ -328,7 +328,7 @@ def test_private_values_decoded_from_raw_bytes():
     """Without the private creator pydicom cannot know the VR and hands back bytes (VR UN): still decoded."""
     import struct
 
-    from siteadapt.io import dicom as mod
+    from siteadapt.io.dicom import headers as mod
 
     ds = Dataset()
     ds.add_new(0x2005100E, "UN", struct.pack("<f", 0.5))

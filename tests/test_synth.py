@@ -204,7 +204,7 @@ def test_mr_slow_flow_brightens_the_chambers_and_leaves_every_other_draw_alone(m
         return S.render_mr(ph, *S.mr_grid(ph, rng, SCALE), rng)
 
     img, lab, tissue = render()
-    monkeypatch.setattr(S, "_slow_flow", lambda where, *a, **k: np.zeros(where.shape, np.float32))
+    monkeypatch.setattr(S.cardiac, "_slow_flow", lambda where, *a, **k: np.zeros(where.shape, np.float32))
     ref, lab0, _ = render()
     assert np.array_equal(lab, lab0)
     pools = np.isin(tissue, (S.BLOOD, S.BLOOD_R)) & (lab != S.CARDIAC_LABELS["AA"])
@@ -422,7 +422,7 @@ def test_killed_run_leaves_no_half_site_and_keeps_the_old_one(tmp_path, monkeypa
             raise KeyboardInterrupt("killed")
         return real(job)
 
-    monkeypatch.setattr(S, "_cxr_subject", dying)
+    monkeypatch.setattr(S.sites, "_cxr_subject", dying)  # where _write_site looks it up
     with pytest.raises(KeyboardInterrupt):
         S.synthesize("chestxray", tmp_path, seed=5, n_images=3, scale=0.3, workers=1)
     assert _files(tmp_path / "chestxray" / "cxr_a") == before

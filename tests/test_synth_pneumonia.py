@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from siteadapt.data import synth as S
-from siteadapt.data import synth_pneumonia as P
+from siteadapt.data.synth import pneumonia as P
 from siteadapt.steps.ingest import ingest
 
 N = 12

@@ -43,18 +43,14 @@ import numpy as np
 from ..config import Settings
 from ..data.geometry import AXES
 from ..errors import EmptyReferenceError, InputError
-from ..io.atomic import atomic_path, write_json
+from ..figures import examples_title, overlay_title
+from ..io.atomic import write_json
+from ..layout import metrics_path, run_name
 from ..metrics import classification_metrics, segmentation_metrics, summarize, youden_threshold
 from ..metrics.plausibility import shape_checks, summarize_plausibility
 from ..postprocess import postprocess
 
 log = logging.getLogger("siteadapt.evaluate")
-
-
-def metrics_path(settings: Settings, site: str, method: str, seed: int | None = None) -> Path:
-    task = settings.site(site).task
-    suffix = "" if seed is None or seed == settings.seed else f".seed{seed}"
-    return settings.paths.metrics / task / site / f"{method}{suffix}.json"
 
 
 def _canonical(img: nib.Nifti1Image) -> np.ndarray:
@@ -65,7 +61,7 @@ def display_slice(a: np.ndarray, *, two_d: bool) -> np.ndarray:
     """A 2D array in the order ``imshow`` draws it (row 0 at the top, its default ``origin="upper"``).
 
     2D images are stored ``[i, j]`` = (column, row) of the picture as exported (io/files.py reads a PNG as its
-    transpose, io/dicom.py a radiograph likewise; the voxel-to-world affine only flips signs for LPS -> RAS and
+    transpose, io/dicom/assemble.py a radiograph likewise; the voxel-to-world affine only flips signs for LPS -> RAS and
     preprocessing keeps these axis directions), so the transpose is the input picture the way up it was saved.
     Rotating it by 90 degrees like a 3D slice (what this code once did for both) shows it upside down.
     A slice of a canonical (RAS) 3D volume is ``[first, second]`` of the two remaining RAS axes (coronal: R, S;
@@ -75,14 +71,13 @@ def display_slice(a: np.ndarray, *, two_d: bool) -> np.ndarray:
 
 
 def save_overlay(image: np.ndarray, ref: np.ndarray | None, pred: np.ndarray, axis: int, path: Path, title: str,
-                 n_labels: int) -> None:
+                 n_labels: int, structures: dict[str, int] | None = None) -> None:
     """Image | reference | prediction on the slice with the largest reference area (the largest predicted area when
     the subject has no reference: unlabeled sites). A 2-dimensional ``image`` is a 2D picture indexed (column, row),
-    a 3-dimensional one a canonical (RAS) volume; :func:`display_slice` says which way up each is drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    a 3-dimensional one a canonical (RAS) volume; :func:`display_slice` says which way up each is drawn. The figure
+    (:func:`siteadapt.figures.overlay_figure`) has panels sized to the slice, ``title`` on top (see
+    :func:`siteadapt.figures.overlay_title`) and a colour key of ``structures`` (name -> label value)."""
+    from ..figures import overlay_figure, save_figure
 
     ref_title = "reference"
     if ref is None:
@@ -94,21 +89,8 @@ def save_overlay(image: np.ndarray, ref: np.ndarray | None, pred: np.ndarray, ax
         area = (np.moveaxis(pick, axis, 0) > 0).reshape(pick.shape[axis], -1).sum(1)
         k = int(np.argmax(area))
         im, r, p = (display_slice(np.take(a, k, axis=axis), two_d=False) for a in (image, ref, pred))
-    lo, hi = np.percentile(im, [1, 99])
-    cmap = plt.get_cmap("tab10", max(n_labels, 2))
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
-    for ax, lab, name in zip(axes, (None, r, p), ("image", ref_title, "prediction")):
-        ax.imshow(im, cmap="gray", vmin=lo, vmax=hi)
-        if lab is not None:
-            ax.imshow(np.ma.masked_equal(lab, 0), cmap=cmap, vmin=0, vmax=max(n_labels, 2) - 1, alpha=0.45,
-                      interpolation="nearest")
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
+    fig = overlay_figure(im, r, p, title=title, n_labels=n_labels, structures=structures, ref_title=ref_title)
+    save_figure(fig, path)
 
 
 def evaluate(settings: Settings, site: str, method: str, *, seed: int | None = None, n_overlays: int = 3,
@@ -122,7 +104,6 @@ def evaluate(settings: Settings, site: str, method: str, *, seed: int | None = N
     if not prep.is_file():
         raise InputError(prep, f"site {site} is not preprocessed")
     subjects = [r for r in json.loads(prep.read_text())["subjects"] if r["split"] == split]
-    from .train import run_name
 
     pred_dir = s.paths.predictions / site / run_name(s, method, seed)
     _check_references(s, site, subjects, structures, split)
@@ -138,8 +119,8 @@ def evaluate(settings: Settings, site: str, method: str, *, seed: int | None = N
         shapes.append(shape_checks(pred, structures))  # label-free checks on the raw prediction
         if not r.get("label"):
             if n_drawn < n_overlays:
-                _overlay_unlabeled(s, task, r, pred_img, overlay_dir / f"{r['id']}.png", f"{method} on {site} "
-                                   f"({r['id']}): no reference", 1 + max(structures.values()))
+                _overlay_unlabeled(s, task, r, pred_img, overlay_dir / f"{r['id']}.png",
+                                   overlay_title(site, method, r["id"]), 1 + max(structures.values()))
                 n_drawn += 1
             continue
         ref_img = nib.load(str(s.paths.ingested / r["label"]))
@@ -161,8 +142,8 @@ def evaluate(settings: Settings, site: str, method: str, *, seed: int | None = N
             else:
                 img_c, ref_c, pred_c, axis = np.asanyarray(img.dataobj), ref, pred, 0
             save_overlay(img_c, ref_c, pred_c, axis, overlay_dir / f"{r['id']}.png",
-                         f"{method} on {site} ({r['id']}): Dice {rep['dice']['mean']:.3f}",
-                         1 + max(structures.values()))
+                         overlay_title(site, method, r["id"], rep["dice"]["mean"]),
+                         1 + max(structures.values()), structures)
             n_drawn += 1
     if not shapes:
         raise InputError(prep, f"site {site} has no subjects in its {split} split to evaluate on")
@@ -225,7 +206,6 @@ def evaluate_classification(settings: Settings, site: str, method: str, *, seed:
                             split: str = "test", threshold_split: str = "val") -> Path:
     s = settings
     task = s.task_of(site)
-    from .train import run_name
 
     pred_dir = s.paths.predictions / site / run_name(s, method, seed)
     scores_path = pred_dir / "scores.json"
@@ -255,7 +235,7 @@ def evaluate_classification(settings: Settings, site: str, method: str, *, seed:
         out = {**head, "labeled": False, "n_test": len(unl), "score_mean": float(sc.mean()),
                "score_std": float(sc.std()), "positive_fraction_at_0.5": float((sc >= 0.5).mean()),
                "per_image": [{"id": r["id"], "split": r["split"], "score": r["score"]} for r in unl]}
-        save_examples(s, site, unl, None, overlay, f"{method} on {site} ({split}, no labels)")
+        save_examples(s, site, unl, None, overlay, examples_title(site, method, split))
         write_json(path, _nan_to_none(out))
         log.info("%s/%s: no labeled %s images; score distribution only (mean P(%s) %.3f over %d images) -> %s",
                  site, method, split, task.classes[1], out["score_mean"], len(unl), path)
@@ -273,8 +253,8 @@ def evaluate_classification(settings: Settings, site: str, method: str, *, seed:
         "per_image": [{"id": r["id"], "split": r["split"], "score": r["score"], "label": r["label"]}
                       for r in val + test],
     }
-    save_examples(s, site, test, res["threshold"], overlay, f"{method} on {site} ({split}): AUC "
-                  f"{100 * res['auc']:.1f}, threshold {res['threshold']:.3f} (from {threshold_split})")
+    save_examples(s, site, test, res["threshold"], overlay,
+                  examples_title(site, method, split, res["auc"], res["threshold"], threshold_split))
     write_json(path, _nan_to_none(out))
     log.info("%s/%s: AUC %.3f, accuracy %.3f, sensitivity %.3f, specificity %.3f, F1 %.3f (threshold %.3f from %d "
              "%s images) over %d %s images -> %s", site, method, res["auc"], res["accuracy"], res["sensitivity"],
@@ -308,13 +288,10 @@ def _pick_examples(rows: list[dict], threshold: float | None, n: int) -> list[di
 def save_examples(s: Settings, site: str, rows: list[dict], threshold: float | None, path: Path, title: str,
                   n: int = 8) -> Path | None:
     """Classification overlays: a grid of test images (preprocessed, as the model saw them) with their score
-    P(positive), the reference class and the decision at ``threshold`` (without labels: the score only)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    P(positive), the reference class and the decision at ``threshold`` (without labels: the score only); drawn by
+    :func:`siteadapt.figures.examples_figure` (panels sized to the images, one caption line each where it fits)."""
     from ..data.shards import load_slices
+    from ..figures import SEP, examples_figure, save_figure
 
     shown = _pick_examples(rows, threshold, n)
     if not shown:
@@ -322,27 +299,17 @@ def save_examples(s: Settings, site: str, rows: list[dict], threshold: float | N
     data = load_slices(s.paths.prepared, site, "test", labels=False)
     index = {data.subjects[int(j)]["id"]: i for i, j in enumerate(data.subject)}
     classes = s.task_of(site).classes
-    cols = min(4, len(shown))
-    nrows = -(-len(shown) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(2.2 * cols, 2.45 * nrows + 0.3), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, r in zip(axes.ravel(), shown):
-        if r["id"] in index:
-            # a prepared 2D image keeps the (column, row) indexing of the picture as exported: shown upright
-            ax.imshow(display_slice(data.images[index[r["id"]]], two_d=True), cmap="gray", vmin=-1, vmax=1)
-        txt = f"P({classes[1]}) {r['score']:.2f}"
-        color = "black"
+    panels = []
+    for r in shown:
+        # a prepared 2D image keeps the (column, row) indexing of the picture as exported: shown upright
+        img = display_slice(data.images[index[r["id"]]], two_d=True) if r["id"] in index else None
+        parts, color = [f"P({classes[1]}) {r['score']:.2f}"], "black"
         if threshold is not None:
             said = int(r["score"] >= threshold)
-            txt += f"\nref {classes[r['label']]}, " + ("correct" if said == r["label"] else "WRONG")
+            parts += [f"ref {classes[r['label']]}", "correct" if said == r["label"] else "WRONG"]
             color = "darkgreen" if said == r["label"] else "darkred"
-        ax.set_title(txt, fontsize=7, color=color)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
+        panels.append((img, SEP.join(parts), color))
+    save_figure(examples_figure(panels, title), path)
     return path
 
 
@@ -355,7 +322,7 @@ def _overlay_unlabeled(s: Settings, task, r: dict, pred_img, path: Path, title: 
         axis = AXES[task.preprocess.slice_axis]
     else:
         img_c, pred_c, axis = np.asanyarray(img.dataobj), pred, 0
-    save_overlay(img_c, None, pred_c, axis, path, title, n_labels)
+    save_overlay(img_c, None, pred_c, axis, path, title, n_labels, getattr(task, "structures", None))
 
 
 def site_task(s: Settings, site: str) -> str:

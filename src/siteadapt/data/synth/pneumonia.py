@@ -1,7 +1,7 @@
 """Synthetic ``pneumonia`` task: adult and pediatric frontal chest X-ray sites, normal or pneumonia per image (the
 TUNA-Net setting: RSNA adult -> Guangzhou pediatric chest X-rays).
 
-Layout (``synthesize("pneumonia", out_dir, ...)`` of :mod:`.synth` dispatches here)::
+Layout (``synthesize("pneumonia", out_dir, ...)`` of :mod:`siteadapt.data.synth` dispatches here)::
 
     <out>/pneumonia/adult/images/<opaque>/<opaque>/IM0001      2D DICOM (CR, 12 bit), invented patient identifiers
     <out>/pneumonia/adult/labels.csv                            stem,label  (stem = PatientID, label normal|pneumonia)
@@ -38,7 +38,7 @@ AUC unchanged, so image translation had nothing to undo. Real pediatric and adul
 and processing; with 1.1 that part of the shift matters to a classifier and translation can undo some of it.
 Measured results: ``docs/results.md`` (written by ``siteadapt report``).
 
-The anatomy is :func:`.synth.phantom_cxr` / ``_cxr_anatomy`` (the ``chestxray`` task's phantom); imaging here adds the
+The anatomy is :func:`.chestxray.phantom_cxr` / ``_cxr_anatomy`` (the ``chestxray`` task's phantom); imaging here adds the
 opacities to the physics and the two sites' equipment. Deterministic for a seed (independent of worker processes).
 """
 
@@ -51,7 +51,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from . import synth as S
+from .chestxray import _FONT5x7, _cxr_anatomy, expose_radiograph, heel_ramp, phantom_cxr, write_radiograph_dicom
+from .common import _atomic_dir, _fake_patients, _opaque, _range, _rng, _run_jobs
 
 GENERATOR_VERSION = "1.1.0"
 SITES = ("adult", "pediatric")
@@ -79,12 +80,12 @@ FOLDERS = {"normal": "NORMAL", "pneumonia": "PNEUMONIA"}  # the pediatric site's
 
 
 def phantom_adult(rng: np.random.Generator) -> dict:
-    return S.phantom_cxr(rng)
+    return phantom_cxr(rng)
 
 
 def phantom_pediatric(rng: np.random.Generator) -> dict:
     """A young child's chest in the adult phantom's units (the site's ``zoom`` makes it 0.5-0.66 times as big)."""
-    ph = S.phantom_cxr(rng)
+    ph = phantom_cxr(rng)
     ph["H"] *= rng.uniform(0.80, 0.90)  # rounder: shorter for its width
     H = ph["H"]
     ph["y_dr"] = H * rng.uniform(0.72, 0.82)
@@ -192,7 +193,7 @@ def opacity(f: dict, ph: dict, X: np.ndarray, Y: np.ndarray, mm_per_px: float) -
 def render(ph: dict, site: str, rng: np.random.Generator, scale: float = 1.0,
            finding: dict | None = None) -> tuple[np.ndarray, dict]:
     """Project ``ph`` (with ``finding`` when pneumonia) with ``site``'s equipment: (stored pixel values (rows, cols)
-    float in [0, 2**bits - 1], facts). Physics as :func:`.synth.render_cxr` (Beer-Lambert, scatter, blur, quantum
+    float in [0, 2**bits - 1], facts). Physics as :func:`.chestxray.render_cxr` (Beer-Lambert, scatter, blur, quantum
     noise); the opacity replaces lung air by water-equivalent fluid before projection."""
     st = STYLES[site]
     rows, cols = max(32, int(round(st["rows"] * scale))), max(32, int(round(st["cols"] * scale)))
@@ -207,7 +208,7 @@ def render(ph: dict, site: str, rng: np.random.Generator, scale: float = 1.0,
     Xs, Ys = (Xd - tx) / zoom, (Yd - y_apex) / zoom
     X = (np.cos(th) * Xs + np.sin(th) * Ys).astype(np.float32)
     Y = (-np.sin(th) * Xs + np.cos(th) * Ys).astype(np.float32)
-    label, soft, air, gas, bone = S._cxr_anatomy(ph, X, Y)
+    label, soft, air, gas, bone = _cxr_anatomy(ph, X, Y)
     mm_anat = pm / zoom
     hy = ph["H"] * 0.42  # hila and lung markings (as the chestxray task)
     hil = sum(np.exp(-(((X - sx * (ph["wm"] + 18)) / 45.0) ** 2 + ((Y - hy) / 55.0) ** 2)) for sx in (-1, 1))
@@ -232,7 +233,7 @@ def render(ph: dict, site: str, rng: np.random.Generator, scale: float = 1.0,
     inten = primary + rng.uniform(*st["scatter"]) * scat
     motion = rng.uniform(*st["motion_mm"])  # breathing: blur mostly along the patient's long axis
     inten = ndimage.gaussian_filter(inten, (np.hypot(st["mtf_mm"], motion) / pm, st["mtf_mm"] / pm), mode="nearest")
-    v, field_, (top, bot, left, right) = S.expose_radiograph(inten, rng, st, pm)
+    v, field_, (top, bot, left, right) = expose_radiograph(inten, rng, st, pm)
     amt = rng.uniform(*st["unsharp"])
     v = v + amt * (v - ndimage.gaussian_filter(v, st["unsharp_mm"] / pm, mode="nearest"))
     g = rng.uniform(*st["gamma"])
@@ -241,7 +242,7 @@ def render(ph: dict, site: str, rng: np.random.Generator, scale: float = 1.0,
         v = 0.04 + 0.92 * (0.5 + 0.5 * np.tanh(2.2 * (v - 0.5)) / np.tanh(1.1))
     else:  # DX: local-contrast processing, then a per-image exposure / contrast that the technologist left as is
         if st.get("heel"):
-            v = v + S.heel_ramp(rng, st["heel"], rows)
+            v = v + heel_ramp(rng, st["heel"], rows)
         v = np.clip(v + rng.uniform(*st["exposure"]), 0, 1) ** g
         lo2, hi2 = np.percentile(v[field_], [1, 99])
         v = 0.03 + 0.94 * np.clip((v - lo2) / max(hi2 - lo2, 1e-6), 0, 1)
@@ -251,7 +252,7 @@ def render(ph: dict, site: str, rng: np.random.Generator, scale: float = 1.0,
     else:
         v[~field_] = 0.01 * rng.random(int((~field_).sum()))
     px = max(1, int(round(2 * rows / 320)))
-    glyph = np.array([[ch == "1" for ch in row] for row in S._FONT5x7[st["marker"]]], bool)
+    glyph = np.array([[ch == "1" for ch in row] for row in _FONT5x7[st["marker"]]], bool)
     glyph = np.kron(glyph, np.ones((px, px), bool))
     box = np.zeros((glyph.shape[0] + 2 * px, glyph.shape[1] + 2 * px), bool)
     box[px:-px, px:-px] = glyph
@@ -290,7 +291,7 @@ def _heart_width(label: np.ndarray) -> int:
 
 def make_image(seed: int, site: str, i: int, label: int, scale: float = 1.0) -> tuple[np.ndarray, dict]:
     """Image ``i`` of ``site`` with class ``label`` (0 normal, 1 pneumonia): (stored pixels, facts incl. finding)."""
-    rng = S._rng(seed, "pneumonia", site, i)
+    rng = _rng(seed, "pneumonia", site, i)
     ph = phantom_pediatric(rng) if site == "pediatric" else phantom_adult(rng)
     finding = draw_finding(rng, site) if label == 1 else None
     img, facts = render(ph, site, rng, scale, finding)
@@ -304,7 +305,7 @@ def make_image(seed: int, site: str, i: int, label: int, scale: float = 1.0) -> 
 
 def class_plan(seed: int, site: str, n: int) -> np.ndarray:
     """Class of every image (0/1): exactly ``round(prevalence * n)`` positives at seeded positions."""
-    rng = S._rng(seed, "pneumonia", site, "classes")
+    rng = _rng(seed, "pneumonia", site, "classes")
     y = np.zeros(n, np.int64)
     y[rng.permutation(n)[: int(round(PREVALENCE[site] * n))]] = 1
     return y
@@ -317,7 +318,7 @@ def _image_job(job: dict) -> dict:
     img, facts = make_image(seed, site, i, y, scale)
     st = STYLES[site]
     if site == "adult":
-        S.write_radiograph_dicom(root / "images", img, job["plan"], st, facts["pixel_mm"],
+        write_radiograph_dicom(root / "images", img, job["plan"], st, facts["pixel_mm"],
                                  seed=f"siteadapt-synth/{seed}/pneumonia/{site}/{i}")
     else:
         folder = root / "images" / FOLDERS[CLASSES[y]]
@@ -327,22 +328,22 @@ def _image_job(job: dict) -> dict:
 
 
 def _write_site(site: str, final: Path, seed: int, n: int, scale: float, workers: int) -> dict:
-    from ..io.atomic import write_json, write_text
+    from ...io.atomic import write_json, write_text
 
     ys = class_plan(seed, site, n)
-    plan_rng = S._rng(seed, "pneumonia", site, "plan")
-    with S._atomic_dir(final) as root:
+    plan_rng = _rng(seed, "pneumonia", site, "plan")
+    with _atomic_dir(final) as root:
         (root / "images").mkdir()
         jobs = [{"site": site, "seed": seed, "i": i, "scale": scale, "root": str(root), "label": int(ys[i])}
                 for i in range(n)]
         if site == "adult":
-            people = S._fake_patients(plan_rng, n, "cxr_a")
+            people = _fake_patients(plan_rng, n, "cxr_a")
             used: set = set()
             for i, (job, person) in enumerate(zip(jobs, people)):
                 person = dict(person, InstitutionName="Riverbend University Hospital",
                               InstitutionAddress="12 Mill Road^Riverbend^XX^00003")
-                job["plan"] = {"patient": person, "study": S._opaque(plan_rng, used),
-                               "series": S._opaque(plan_rng, used),
+                job["plan"] = {"patient": person, "study": _opaque(plan_rng, used),
+                               "series": _opaque(plan_rng, used),
                                "ts": {2: "rle", 6: "jpeg2000_lossless"}.get(i % 9, "explicit_le"),
                                "photometric": "MONOCHROME1" if i % 8 == 5 else "MONOCHROME2"}
             buf = io.StringIO()
@@ -351,7 +352,7 @@ def _write_site(site: str, final: Path, seed: int, n: int, scale: float, workers
             for job in jobs:
                 w.writerow([job["plan"]["patient"]["PatientID"], CLASSES[job["label"]]])
             write_text(root / "labels.csv", buf.getvalue())
-        facts = S._run_jobs(_image_job, jobs, workers)
+        facts = _run_jobs(_image_job, jobs, workers)
         st = STYLES[site]
         findings = [f["finding"] for f in facts if f["finding"]]
         info = {
@@ -361,11 +362,11 @@ def _write_site(site: str, final: Path, seed: int, n: int, scale: float, workers
             "counts": {c: int((ys == k).sum()) for k, c in enumerate(CLASSES)},
             "prevalence": round(float(ys.mean()), 4) if n else None,
             "findings": {t: findings.count(t) for t in OPACITY_TYPES},
-            "shape_range": S._range([[f["rows"], f["cols"]] for f in facts]),
+            "shape_range": _range([[f["rows"], f["cols"]] for f in facts]),
             "pixel_spacing_mm": facts[0]["pixel_mm"] if facts else None, "bits": st["bits"],
             "modality": st["modality"],
-            "ctr_range": S._range([f["ctr"] for f in facts]),
-            "thorax_mm_range": S._range([f["thorax_mm"] for f in facts]),
+            "ctr_range": _range([f["ctr"] for f in facts]),
+            "thorax_mm_range": _range([f["thorax_mm"] for f in facts]),
         }
         if site == "adult":
             info.update(format="dicom", contains_phi=True, labels="labels.csv",
