@@ -1,5 +1,5 @@
 """Pieces shared by the adaptation baselines (ADDA, DANN, CyCADA, SeUDA, AdaOutput). Not a method: the registry skips
-modules whose name starts with ``_``.
+modules whose name starts with ``_``. The CycleGAN pair and the GAN training parts live in :mod:`._cyclegan_pair`.
 
 - :class:`FrozenSourceMixin`: a method that keeps the trained source model beside its own networks, frozen (no
   gradients to its parameters, batch-norm statistics never updated: it stays in ``eval`` mode even when the engine

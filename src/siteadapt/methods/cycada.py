@@ -39,6 +39,9 @@ Where the comparison papers give no settings (choices, all options):
 - Generators as this project's ``cyclegan`` (32 base channels, 6 residual blocks below 256 px, reflection padding,
   no identity loss), Adam 2e-4 beta1 0.5 for generators and discriminators, image pools of 50; f_T with Adam 2e-4,
   beta1 0.9, weight decay 1e-4 (as the source segmenter).
+
+The CycleGAN part (generators, image discriminators, LSGAN and cycle losses, pools, their optimisers, the adversarial +
+cycle objective) is the shared pair of :mod:`._cyclegan_pair`; this file adds f_S, f_T, D_f and their terms.
 """
 
 from __future__ import annotations
@@ -50,15 +53,12 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..nn.adversarial import FeatureDiscriminator
-from ..nn.losses import CycleConsistencyLoss, LSGANDiscriminatorLoss, LSGANGeneratorLoss
-from ..nn.networks import PatchDiscriminator, ResnetGenerator
-from ..nn.pool import ImagePool
 from ._common import FrozenSourceMixin, encode, feature_channels, head, source_net, task_loss, task_net
-from .base import Context, Method, MethodOptions, adam, scalars
-from .cyclegan import generator_blocks
+from ._cyclegan_pair import CycleGANPair, CycleGANPairOptions
+from .base import Context, Method, adam, scalars
 
 
-class CyCADAOptions(MethodOptions):
+class CyCADAOptions(CycleGANPairOptions):
     lambda_adv: float = Field(1.0, ge=0)
     lambda_cyc: float = Field(10.0, ge=0)
     lambda_sem: float = Field(1.0, ge=0)
@@ -67,22 +67,17 @@ class CyCADAOptions(MethodOptions):
     feature_space: Literal["encoder", "output"] = "encoder"
     semantic_source_targets: Literal["source_model", "labels"] = "source_model"
     init_from_source: bool = True
-    lr: float = Field(2e-4, gt=0)
-    beta1: float = Field(0.5, ge=0, lt=1)
     task_lr: float = Field(2e-4, gt=0)
     task_beta1: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
-    pool_size: int = Field(50, ge=0)
     class_weights: list[float] | str | None = "batch"
     dice_weight: float = Field(1.0, ge=0)
-    generator_channels: int = Field(32, ge=1)
-    generator_blocks: int | None = Field(None, ge=1, description="None: 9 at >= 256 px, else 6 (CycleGAN)")
-    disc_layers: int | None = Field(None, ge=1, description="PatchGAN stride-2 layers; None: 3 (70x70 patches)")
     disc_hidden: int = Field(256, ge=1)
 
 
-class CyCADA(FrozenSourceMixin, Method):
+class CyCADA(FrozenSourceMixin, CycleGANPair, Method):
     name = "cycada"
+    pair = ("G_st", "G_ts", "D_t", "D_s")
     pools = ("pool_t", "pool_s")
     Options = CyCADAOptions
     needs_source_model = True
@@ -90,27 +85,15 @@ class CyCADA(FrozenSourceMixin, Method):
     def __init__(self, ctx: Context, options: CyCADAOptions | None = None):
         super().__init__(ctx, options)
         o = self.opts
-        w, ch = ctx.width, ctx.in_channels
-        nb = generator_blocks(ctx.image_size, o.generator_blocks)
-        self.G_st = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb)
-        self.G_ts = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb)
-        nl = o.disc_layers or 3
-        self.D_t = PatchDiscriminator(ch, width=w, n_layers=nl)
-        self.D_s = PatchDiscriminator(ch, width=w, n_layers=nl)
+        self.build_pair()  # CyCADA's generators have no residual skip
         self.net = task_net(ctx)
         if o.lambda_feat > 0:
             c = ctx.n_classes if o.feature_space == "output" else feature_channels(self.net)
-            self.D_f = FeatureDiscriminator(c, width=w, hidden=o.disc_hidden)
+            self.D_f = FeatureDiscriminator(c, width=ctx.width, hidden=o.disc_hidden)
         else:
             self.D_f = None
         self.source_model = None
         self.task_loss = task_loss(ctx, o.class_weights, o.dice_weight)
-        self.cyc_loss = CycleConsistencyLoss()
-        self.gen_loss = LSGANGeneratorLoss()
-        self.disc_loss = LSGANDiscriminatorLoss()
-        self.pool_t = ImagePool(o.pool_size)
-        self.pool_s = ImagePool(o.pool_size)
-        self.iteration = 0
 
     @property
     def discriminators(self) -> list:
@@ -118,12 +101,10 @@ class CyCADA(FrozenSourceMixin, Method):
 
     def build_optimizers(self):
         o = self.opts
-        opt = {"G": adam([*self.G_st.parameters(), *self.G_ts.parameters()], o.lr, o.beta1),
-               "task": adam(self.net.parameters(), o.task_lr, o.task_beta1, weight_decay=o.weight_decay),
-               "D_t": adam(self.D_t.parameters(), o.lr, o.beta1),
-               "D_s": adam(self.D_s.parameters(), o.lr, o.beta1)}
+        task = {"task": adam(self.net.parameters(), o.task_lr, o.task_beta1, weight_decay=o.weight_decay)}
+        opt = self.generator_optimizer() | task | self.discriminator_optimizers()
         if self.D_f is not None:
-            opt["D_f"] = adam(self.D_f.parameters(), o.lr, o.beta1)
+            opt["D_f"] = self.gan_adam(self.D_f)
         return opt
 
     def prepare(self, source, target, source_model=None) -> None:
@@ -141,23 +122,12 @@ class CyCADA(FrozenSourceMixin, Method):
         o = self.opts
         xs, ys, xt = batch.src_x, batch.src_y, batch.tgt_x
         f_s = source_net(self.require_source(self.name), self.ctx, self.name)
-        if self.iteration == 0:
-            for pool in (self.pool_t, self.pool_s):
-                pool.generator.manual_seed(int(torch.randint(0, 2**62, ())))
+        self.seed_pools()
         size = xs.shape[-2:]
         terms = {}
         # 1. generators: GAN + cycle + semantic consistency through the frozen source model
         with self.frozen(*self.discriminators, self.net), self.autocast():
-            fake_t = self.G_st(xs)
-            fake_s = self.G_ts(xt)
-            loss = 0.0
-            if o.lambda_adv > 0:
-                terms["adv_t"] = self.gen_loss(self.D_t(fake_t))
-                terms["adv_s"] = self.gen_loss(self.D_s(fake_s))
-                loss = loss + o.lambda_adv * (terms["adv_t"] + terms["adv_s"])
-            if o.lambda_cyc > 0:
-                terms["cyc"] = self.cyc_loss(self.G_ts(fake_t), xs) + self.cyc_loss(self.G_st(fake_s), xt)
-                loss = loss + o.lambda_cyc * terms["cyc"]
+            fake_t, fake_s, loss = self.pair_objective(xs, xt, o.lambda_adv, o.lambda_cyc, terms)
             if o.lambda_sem > 0:
                 with torch.no_grad():
                     tgt_t = f_s(xt).argmax(1)
@@ -181,8 +151,7 @@ class CyCADA(FrozenSourceMixin, Method):
                 loss = loss + o.lambda_feat * terms["feat"]
         self.update(loss, "task")
         # 3. discriminators
-        terms["D_t"] = self._d_update("D_t", self.D_t, xt, self.pool_t.query(fake_t))
-        terms["D_s"] = self._d_update("D_s", self.D_s, xs, self.pool_s.query(fake_s.detach()))
+        self.update_pair_discriminators(xt, fake_t, xs, fake_s, terms)
         if self.D_f is not None:
             terms["D_f"] = self._d_update("D_f", self.D_f, self._aligned(h_st, p_st).detach(), a_t.detach())
         self.iteration += 1

@@ -7,7 +7,9 @@ E∘C1 (:class:`.segmenter.SegmenterNet`). Losses: LSGAN (weight ``lambda_adv`` 
 (``lambda_cyc`` = 10), optional identity loss (``lambda_identity``, CycleGAN's, off by default: with intensities
 swapped between modalities an identity prior is wrong), weighted CE + Dice for the segmenter. Adam lr 2e-4,
 beta1 0.5 for generators and discriminators (CycleGAN); the segmenter as :mod:`.segmenter` (lr 2e-4, beta1 0.9,
-weight decay 1e-4). Image pools of 50 per discriminator, saved in ``extra_state`` for exact resume.
+weight decay 1e-4). Image pools of 50 per discriminator, saved in ``extra_state`` for exact resume. The generators,
+discriminators, their losses, pools and optimisers are the shared pair of :mod:`._cyclegan_pair` (``pair``); this file
+adds the segmenter, CycleGAN's identity loss and the classification reading below.
 
 Choices (the papers name the baseline, not its training):
 - Joint training, one stage: every iteration updates the generators, then the segmenter on this iteration's
@@ -37,81 +39,51 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..nn.losses import CycleConsistencyLoss, LSGANDiscriminatorLoss, LSGANGeneratorLoss, WeightedCrossEntropyDiceLoss
-from ..nn.networks import PatchDiscriminator, ResnetGenerator
-from ..nn.pool import ImagePool
-from .base import Context, Method, MethodOptions, adam, scalars
+from ..nn.losses import WeightedCrossEntropyDiceLoss
+from ._cyclegan_pair import CycleGANPair, CycleGANPairOptions
+from .base import Context, Method, adam, scalars
 from .segmenter import SegmenterNet
 
-
-def generator_blocks(image_size: int, blocks: int | None) -> int:
-    """CycleGAN's rule for its ResNet generator: 9 blocks at 256 px, 6 blocks at 128 px and below."""
-    if blocks is not None:
-        return blocks
-    return 9 if image_size >= 256 else 6
-
-
-class CycleGANOptions(MethodOptions):
+class CycleGANOptions(CycleGANPairOptions):
     lambda_adv: float = Field(1.0, ge=0)
     lambda_cyc: float = Field(10.0, ge=0)
     lambda_identity: float = Field(0.0, ge=0, description="CycleGAN identity loss weight (x lambda_cyc); 0 = off")
     lambda_seg: float = Field(1.0, ge=0)
     seg_through_generator: bool = False
-    lr: float = Field(2e-4, gt=0)
-    beta1: float = Field(0.5, ge=0, lt=1)
     seg_lr: float = Field(2e-4, gt=0)
     seg_beta1: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
-    pool_size: int = Field(50, ge=0)
     class_weights: list[float] | str | None = "batch"
     dice_weight: float = Field(1.0, ge=0)
-    generator_channels: int = Field(32, ge=1)
-    generator_blocks: int | None = Field(None, ge=1, description="None: 9 at >= 256 px, else 6 (CycleGAN)")
-    disc_layers: int | None = Field(None, ge=1, description="PatchGAN stride-2 layers; None: 3 (70x70 patches)")
     generator_skip: bool = Field(False, description="tanh(G(x) + x): generators start near the identity (a fit "
                                  "for same-modality sites; wrong for MR <-> CT)")
     init_from_source: bool = Field(False, description="segmentation: start the segmenter from the trained source "
                                    "segmenter")
 
 
-class CycleGAN(Method):
+class CycleGAN(CycleGANPair, Method):
     name = "cyclegan"
+    pair = ("G_st", "G_ts", "D_t", "D_s")
     pools = ("pool_t", "pool_s")
     Options = CycleGANOptions
 
     def __init__(self, ctx: Context, options: CycleGANOptions | None = None):
         super().__init__(ctx, options)
         o = self.opts
-        w, ch = ctx.width, ctx.in_channels
-        nb = generator_blocks(ctx.image_size, o.generator_blocks)
-        self.G_st = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb,
-                                    skip=o.generator_skip)
-        self.G_ts = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb,
-                                    skip=o.generator_skip)
-        nl = o.disc_layers or 3
-        self.D_t = PatchDiscriminator(ch, width=w, n_layers=nl)
-        self.D_s = PatchDiscriminator(ch, width=w, n_layers=nl)
+        self.build_pair(skip=o.generator_skip)
         self.classify = ctx.kind == "classification"
         # classification: no task network here; predict = source classifier on G_ts(x_t) (module docstring)
         self.seg = None if self.classify else SegmenterNet(ctx)
         self.seg_loss = None if self.classify else WeightedCrossEntropyDiceLoss(
             ctx.n_classes, class_weights=o.class_weights, dice_weight=o.dice_weight)
         self.needs_source_model = self.classify or o.init_from_source
-        self.cyc_loss = CycleConsistencyLoss()
-        self.gen_loss = LSGANGeneratorLoss()
-        self.disc_loss = LSGANDiscriminatorLoss()
-        self.pool_t = ImagePool(o.pool_size)
-        self.pool_s = ImagePool(o.pool_size)
-        self.iteration = 0
 
     def build_optimizers(self):
         o = self.opts
-        opt = {"G": adam([*self.G_st.parameters(), *self.G_ts.parameters()], o.lr, o.beta1)}
+        opt = self.generator_optimizer()
         if self.seg is not None:
             opt["seg"] = adam(self.seg.parameters(), o.seg_lr, o.seg_beta1, weight_decay=o.weight_decay)
-        opt["D_t"] = adam(self.D_t.parameters(), o.lr, o.beta1)
-        opt["D_s"] = adam(self.D_s.parameters(), o.lr, o.beta1)
-        return opt
+        return opt | self.discriminator_optimizers()
 
     def prepare(self, source, target, source_model=None) -> None:
         if self.seg is not None and self.opts.init_from_source:
@@ -135,22 +107,11 @@ class CycleGAN(Method):
     def train_step(self, batch):
         o = self.opts
         xs, ys, xt = batch.src_x, batch.src_y, batch.tgt_x
-        if self.iteration == 0:  # pools draw from their own generators, seeded from the engine-seeded global RNG
-            for pool in (self.pool_t, self.pool_s):
-                pool.generator.manual_seed(int(torch.randint(0, 2**62, ())))
+        self.seed_pools()
         terms = {}
         with self.frozen(self.D_t, self.D_s), self.autocast():
-            fake_t = self.G_st(xs)
-            fake_s = self.G_ts(xt)
-            loss = 0.0
-            if o.lambda_adv > 0:
-                terms["adv_t"] = self.gen_loss(self.D_t(fake_t))
-                terms["adv_s"] = self.gen_loss(self.D_s(fake_s))
-                loss = loss + o.lambda_adv * (terms["adv_t"] + terms["adv_s"])
-            if o.lambda_cyc > 0:
-                terms["cyc"] = self.cyc_loss(self.G_ts(fake_t), xs) + self.cyc_loss(self.G_st(fake_s), xt)
-                loss = loss + o.lambda_cyc * terms["cyc"]
-            if o.lambda_identity > 0:
+            fake_t, fake_s, loss = self.pair_objective(xs, xt, o.lambda_adv, o.lambda_cyc, terms)
+            if o.lambda_identity > 0:  # CycleGAN's identity loss: G_st(x_t) ~ x_t, G_ts(x_s) ~ x_s
                 terms["idt"] = self.cyc_loss(self.G_st(xt), xt) + self.cyc_loss(self.G_ts(xs), xs)
                 loss = loss + o.lambda_identity * o.lambda_cyc * terms["idt"]
             seg_in = fake_t if o.seg_through_generator else fake_t.detach()
@@ -159,8 +120,7 @@ class CycleGAN(Method):
                 loss = loss + o.lambda_seg * terms["seg"]
         # one backward: the segmenter sees a detached G_st(x_s) (unless seg_through_generator), D's are frozen
         self.update(loss, *(n for n in ("G", "seg") if n in self.optimizers))
-        terms["D_t"] = self._d_update("D_t", self.D_t, xt, self.pool_t.query(fake_t.detach()))
-        terms["D_s"] = self._d_update("D_s", self.D_s, xs, self.pool_s.query(fake_s.detach()))
+        self.update_pair_discriminators(xt, fake_t, xs, fake_s, terms)
         self.iteration += 1
         return scalars(terms)
 

@@ -72,9 +72,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..nn.losses import CycleConsistencyLoss, LSGANDiscriminatorLoss, LSGANGeneratorLoss, WeightedCrossEntropyDiceLoss
-from ..nn.networks import DilatedResidualEncoder, PatchDiscriminator, PixelClassifier, ResnetDecoder
-from ..nn.pool import ImagePool
+from ..nn.losses import CycleConsistencyLoss, WeightedCrossEntropyDiceLoss
+from ..nn.networks import DilatedResidualEncoder, PixelClassifier, ResnetDecoder
+from ._cyclegan_pair import GANTraining
 from .base import Context, Method, MethodOptions, adam, scalars
 
 
@@ -112,7 +112,7 @@ class DSANOptions(MethodOptions):
     dice_weight: float = Field(1.0, ge=0)
 
 
-class DSAN(Method):
+class DSAN(GANTraining, Method):
     name = "dsan"
     pools = ("pool_t", "pool_s")
     Options = DSANOptions
@@ -136,28 +136,20 @@ class DSAN(Method):
         self.U_t = decoder() if tt or (st and o.shared_decoders) else None
         self.U_s = decoder() if st and not o.shared_decoders else None
         adv = o.lambda_adv > 0
-        self.D_t = PatchDiscriminator(ch, width=w, n_layers=o.disc_layers) if tt and adv else None
-        self.D_s = PatchDiscriminator(ch, width=w, n_layers=o.disc_layers) if st and adv else None
+        self.D_t = self.patch_discriminator() if tt and adv else None
+        self.D_s = self.patch_discriminator() if st and adv else None
         sem = o.semantic_adversarial and o.lambda_sec_adv > 0
         self.tp = sem and tt and st  # eq. (10) needs both translations
         levels = 2 if self.C2 is not None else 1
-
-        def d_p():
-            return PatchDiscriminator(k, width=w, n_layers=o.disc_layers)
-
-        self.D_p1 = d_p() if sem else None
-        self.D_p2 = d_p() if sem and levels == 2 else None
+        self.D_p1 = self.patch_discriminator(k) if sem else None
+        self.D_p2 = self.patch_discriminator(k) if sem and levels == 2 else None
         own_tp = self.tp and not o.shared_semantic_discriminators
-        self.D_tp1 = d_p() if own_tp else None
-        self.D_tp2 = d_p() if own_tp and levels == 2 else None
+        self.D_tp1 = self.patch_discriminator(k) if own_tp else None
+        self.D_tp2 = self.patch_discriminator(k) if own_tp and levels == 2 else None
 
         self.seg_loss = WeightedCrossEntropyDiceLoss(k, class_weights=o.class_weights, dice_weight=o.dice_weight)
         self.rec_loss = CycleConsistencyLoss()  # L1
-        self.gen_loss = LSGANGeneratorLoss()
-        self.disc_loss = LSGANDiscriminatorLoss()
-        self.pool_t = ImagePool(o.pool_size)
-        self.pool_s = ImagePool(o.pool_size)
-        self.iteration = 0
+        self.init_gan_training()
 
     # ---- set-up ---------------------------------------------------------------------------------------------------
     @property
@@ -222,9 +214,7 @@ class DSAN(Method):
     def train_step(self, batch):
         o = self.opts
         xs, ys, xt = batch.src_x, batch.src_y, batch.tgt_x
-        if self.iteration == 0:  # pools draw from their own generators, seeded from the engine-seeded global RNG
-            for pool in (self.pool_t, self.pool_s):
-                pool.generator.manual_seed(int(torch.randint(0, 2**62, ())))
+        self.seed_pools()
         size = xs.shape[-2:]
         sem = self.D_p1 is not None
         terms: dict = {}

@@ -48,6 +48,10 @@ Where the paper is silent or unclear (choices, all options):
   below (CycleGAN's rule), reflection padding, no identity loss (the paper lists none). ``generator_skip: true``
   (off by default, not the paper's) makes both generators ``tanh(G(x) + x)``: they start near the identity, so at
   init SeUDA's prediction is close to no adaptation and a short CPU schedule only has to learn the appearance residual.
+
+The generators, image discriminators, their losses, pools and optimisers are the shared pair of :mod:`._cyclegan_pair`,
+declared target -> source first (``pair``); this file adds eq. (4)'s weighting (α on L_GAN(G_t->s, D_s)), D_m with
+L_sem, the frozen segmenter and the learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -56,62 +60,40 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..nn.losses import CycleConsistencyLoss, LSGANDiscriminatorLoss, LSGANGeneratorLoss
-from ..nn.networks import PatchDiscriminator, ResnetGenerator
-from ..nn.pool import ImagePool
 from ._common import FrozenSourceMixin
-from .base import Context, Method, MethodOptions, adam, scalars
-from .cyclegan import generator_blocks
+from ._cyclegan_pair import CycleGANPair, CycleGANPairOptions
+from .base import Context, Method, scalars
 
 
-class SeUDAOptions(MethodOptions):
+class SeUDAOptions(CycleGANPairOptions):
     semantic: bool = Field(True, description="the semantic-aware loss L_sem and D_m; false = CyUDA")
     lambda_adv_t: float = Field(1.0, ge=0, description="weight of L_GAN(G_s->t, D_t) (1 in eq. 4)")
     alpha: float = Field(0.5, ge=0, description="α: weight of L_GAN(G_t->s, D_s)")
     beta: float = Field(10.0, ge=0, description="β: weight of L_cyc")
     lambda_sem: float = Field(0.5, ge=0, description="λ: weight of L_sem(G_t->s, D_m)")
     lr: float = Field(2e-3, gt=0, description="the paper's text; CycleGAN (which it says it follows) uses 2e-4")
-    beta1: float = Field(0.5, ge=0, lt=1)
     lr_constant_epochs: float = Field(100.0, ge=0)
     lr_decay_epochs: float = Field(100.0, gt=0)
-    pool_size: int = Field(50, ge=0)
-    generator_channels: int = Field(32, ge=1)
-    generator_blocks: int | None = Field(None, ge=1, description="None: 9 at >= 256 px, else 6 (CycleGAN)")
     generator_skip: bool = Field(False, description="tanh(G(x) + x): generators start near the identity (not the "
                                                     "paper's; for short schedules)")
-    disc_layers: int | None = Field(None, ge=1, description="PatchGAN stride-2 layers; None: 3 (70x70 patches)")
 
 
 class CyUDAOptions(SeUDAOptions):
     semantic: bool = Field(False, description="CyUDA = SeUDA without the semantic-aware loss")
 
 
-class SeUDA(FrozenSourceMixin, Method):
+class SeUDA(FrozenSourceMixin, CycleGANPair, Method):
     name = "seuda"
+    pair = ("G_ts", "G_st", "D_s", "D_t")  # the translation SeUDA segments with, target -> source, comes first
     pools = ("pool_s", "pool_t", "pool_m")
     Options = SeUDAOptions
     needs_source_model = True
 
     def __init__(self, ctx: Context, options: SeUDAOptions | None = None):
         super().__init__(ctx, options)
-        o = self.opts
-        w, ch, k = ctx.width, ctx.in_channels, ctx.n_classes
-        nb = generator_blocks(ctx.image_size, o.generator_blocks)
-        gen = dict(width=w, base_channels=o.generator_channels, n_blocks=nb, skip=o.generator_skip)
-        self.G_ts = ResnetGenerator(ch, ch, **gen)
-        self.G_st = ResnetGenerator(ch, ch, **gen)
-        nl = o.disc_layers or 3
-        self.D_s = PatchDiscriminator(ch, width=w, n_layers=nl)
-        self.D_t = PatchDiscriminator(ch, width=w, n_layers=nl)
-        self.D_m = PatchDiscriminator(k, width=w, n_layers=nl) if self.semantic else None
+        self.build_pair(skip=self.opts.generator_skip)
+        self.D_m = self.patch_discriminator(ctx.n_classes) if self.semantic else None  # on K-class masks
         self.source_model = None
-        self.cyc_loss = CycleConsistencyLoss()
-        self.gen_loss = LSGANGeneratorLoss()
-        self.disc_loss = LSGANDiscriminatorLoss()
-        self.pool_s = ImagePool(o.pool_size)
-        self.pool_t = ImagePool(o.pool_size)
-        self.pool_m = ImagePool(o.pool_size)
-        self.iteration = 0
         self.n_epoch: int | None = None
 
     @property
@@ -123,12 +105,9 @@ class SeUDA(FrozenSourceMixin, Method):
         return [d for d in (self.D_s, self.D_t, self.D_m) if d is not None]
 
     def build_optimizers(self):
-        o = self.opts
-        opt = {"G": adam([*self.G_ts.parameters(), *self.G_st.parameters()], o.lr, o.beta1),
-               "D_s": adam(self.D_s.parameters(), o.lr, o.beta1),
-               "D_t": adam(self.D_t.parameters(), o.lr, o.beta1)}
+        opt = self.generator_optimizer() | self.discriminator_optimizers()
         if self.D_m is not None:
-            opt["D_m"] = adam(self.D_m.parameters(), o.lr, o.beta1)
+            opt["D_m"] = self.gan_adam(self.D_m)
         return opt
 
     def prepare(self, source, target, source_model=None) -> None:
@@ -156,9 +135,7 @@ class SeUDA(FrozenSourceMixin, Method):
         o = self.opts
         xs, ys, xt = batch.src_x, batch.src_y, batch.tgt_x
         self.require_source(self.name)
-        if self.iteration == 0:  # pools draw from their own generators, seeded from the engine-seeded global RNG
-            for pool in (self.pool_s, self.pool_t, self.pool_m):
-                pool.generator.manual_seed(int(torch.randint(0, 2**62, ())))
+        self.seed_pools()
         self._set_lr(xs.shape[0])
         terms = {}
         probs = None
@@ -180,8 +157,7 @@ class SeUDA(FrozenSourceMixin, Method):
                 terms["sem"] = self.gen_loss(self.D_m(probs))
                 loss = loss + o.lambda_sem * terms["sem"]
         self.update(loss, "G")
-        terms["D_s"] = self._d_update("D_s", self.D_s, xs, self.pool_s.query(fake_s.detach()))
-        terms["D_t"] = self._d_update("D_t", self.D_t, xt, self.pool_t.query(fake_t.detach()))
+        self.update_pair_discriminators(xs, fake_s, xt, fake_t, terms)
         if self.semantic:
             onehot = F.one_hot(ys.long(), self.ctx.n_classes).permute(0, 3, 1, 2).to(probs.dtype)
             terms["D_m"] = self._d_update("D_m", self.D_m, onehot, self.pool_m.query(probs.detach()))

@@ -78,6 +78,9 @@ Ablations as flags (rows of AAAI Table 2 / TMI Fig. 5):
       IA + FA-P1/P2 + FA-I       = SIFA
     FA only (no image alignment) not a SIFA flag: feature alignment without G_t is another method (AdaOutput).
 A discriminator whose term has weight 0 is not built (D_p1, D_p2, the D_s aux head), so ablations also train faster.
+
+G_t, the PatchGANs, the LSGAN and cycle losses, the pools and Adam at ``lr``/``beta1`` come from the shared CycleGAN
+pair (:mod:`._cyclegan_pair`); SIFA's target -> source generator is E∘U, so it builds that half itself.
 """
 
 from __future__ import annotations
@@ -88,14 +91,14 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..nn.losses import CycleConsistencyLoss, LSGANDiscriminatorLoss, LSGANGeneratorLoss, WeightedCrossEntropyDiceLoss
-from ..nn.networks import DilatedResidualEncoder, PatchDiscriminator, PixelClassifier, ResnetDecoder, ResnetGenerator
-from ..nn.pool import ImagePool
+from ..nn.losses import WeightedCrossEntropyDiceLoss
+from ..nn.networks import DilatedResidualEncoder, PixelClassifier, ResnetDecoder
 from ._common import ramp
-from .base import Context, Method, MethodOptions, adam, scalars
-from .cyclegan import generator_blocks
+from ._cyclegan_pair import CycleGANPair, CycleGANPairOptions
+from .base import Context, Method, adam, scalars
 
-class SIFAOptions(MethodOptions):
+
+class SIFAOptions(CycleGANPairOptions):
     deep_supervision: bool = Field(True, description="TMI 2020 (C2, D_p2); false = prior SIFA (AAAI 2019)")
     update_order: Literal["simultaneous", "sequential"] = "simultaneous"
     # eq. (6) weights (0 removes the term)
@@ -112,22 +115,16 @@ class SIFAOptions(MethodOptions):
     alignment_schedule: Literal["constant", "dann"] = Field(
         "constant", description="E's feature alignment (λp1, λp2, λs~): constant (papers) or x 2/(1+exp(-10p))-1")
     # optimisation
-    lr: float = Field(2e-4, gt=0)
-    beta1: float = Field(0.5, ge=0, lt=1)
     seg_lr: float | None = Field(None, gt=0, description="E, C_i; None: 2e-4 (TMI) or 1e-3 (AAAI)")
     seg_beta1: float = Field(0.9, ge=0, lt=1)
     seg_lr_decay: float | None = Field(None, gt=0, le=1, description="None: 1.0 (TMI) or 0.9 (AAAI)")
     seg_lr_decay_epochs: float = Field(2.0, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    pool_size: int = Field(50, ge=0)
     # losses and networks
     class_weights: list[float] | str | None = "batch"
     dice_weight: float = Field(1.0, ge=0)
     prediction_activation: Literal["softmax", "none"] = "softmax"
     init_from_source: bool = Field(False, description="start E, C1 from the trained source segmenter")
-    generator_channels: int = Field(32, ge=1)
-    generator_blocks: int | None = Field(None, ge=1, description="G_t residual blocks; None: 9 at >= 256 px, else 6")
-    disc_layers: int | None = Field(None, ge=1, description="PatchGAN stride-2 layers; None: 3 (70x70 patches)")
     skip: bool = False
 
 
@@ -135,7 +132,10 @@ def _main(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-class SIFA(Method):
+class SIFA(CycleGANPair, Method):
+    """Half of the CycleGAN pair is SIFA's (G_t, D_t, built from the pair's parts); the other half, target -> source,
+    is E∘U with D_s (an auxiliary head), so SIFA declares no ``pair`` and builds its networks itself."""
+
     name = "sifa"
     pools = ("pool_t", "pool_s")
     Options = SIFAOptions
@@ -144,25 +144,18 @@ class SIFA(Method):
         super().__init__(ctx, options)
         o = self.opts
         w, ch, k = ctx.width, ctx.in_channels, ctx.n_classes
-        self.G_t = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, padding_mode="zeros",
-                                   n_blocks=generator_blocks(ctx.image_size, o.generator_blocks), skip=o.skip)
+        self.G_t = self.cyclegan_generator(skip=o.skip, padding_mode="zeros")  # SIFA's code: zero padding
         self.E = DilatedResidualEncoder(ch, width=w)
         self.C1 = PixelClassifier(self.E.out_channels, k)
         self.C2 = PixelClassifier(self.E.low_channels, k) if o.deep_supervision else None
         self.U = ResnetDecoder(self.E.out_channels, ch, width=w, skip=o.skip)
-        nl = o.disc_layers or 3
-        self.D_t = PatchDiscriminator(ch, width=w, n_layers=nl)
-        self.D_s = PatchDiscriminator(ch, width=w, n_layers=nl, aux_head=o.lambda_adv_s_aux > 0)
-        self.D_p1 = PatchDiscriminator(k, width=w, n_layers=nl) if o.lambda_adv_p1 > 0 else None
-        self.D_p2 = PatchDiscriminator(k, width=w, n_layers=nl) if o.deep_supervision and o.lambda_adv_p2 > 0 else None
+        self.D_t = self.patch_discriminator()
+        self.D_s = self.patch_discriminator(aux_head=o.lambda_adv_s_aux > 0)
+        self.D_p1 = self.patch_discriminator(k) if o.lambda_adv_p1 > 0 else None
+        self.D_p2 = self.patch_discriminator(k) if o.deep_supervision and o.lambda_adv_p2 > 0 else None
 
         self.seg_loss = WeightedCrossEntropyDiceLoss(k, class_weights=o.class_weights, dice_weight=o.dice_weight)
-        self.cyc_loss = CycleConsistencyLoss()
-        self.gen_loss = LSGANGeneratorLoss()
-        self.disc_loss = LSGANDiscriminatorLoss()
-        self.pool_t = ImagePool(o.pool_size)
-        self.pool_s = ImagePool(o.pool_size)
-        self.iteration = 0
+        self.init_cycle_training()
         self.n_source: int | None = None
         aaai = not o.deep_supervision
         self.seg_lr0 = o.seg_lr if o.seg_lr is not None else (1e-3 if aaai else o.lr)
@@ -182,15 +175,15 @@ class SIFA(Method):
         o = self.opts
         seg = [p for m in (self.E, *self.classifiers) for p in m.parameters()]
         opt = {
-            "G_t": adam(self.G_t.parameters(), o.lr, o.beta1),
-            "D_t": adam(self.D_t.parameters(), o.lr, o.beta1),
+            "G_t": self.gan_adam(self.G_t),
+            "D_t": self.gan_adam(self.D_t),
             "E_C": adam(seg, self.seg_lr0, o.seg_beta1, weight_decay=o.weight_decay),
-            "U": adam(self.U.parameters(), o.lr, o.beta1),
-            "D_s": adam(self.D_s.parameters(), o.lr, o.beta1),
+            "U": self.gan_adam(self.U),
+            "D_s": self.gan_adam(self.D_s),
         }
-        dp = [p for d in (self.D_p1, self.D_p2) if d is not None for p in d.parameters()]
+        dp = [d for d in (self.D_p1, self.D_p2) if d is not None]
         if dp:
-            opt["D_p"] = adam(dp, o.lr, o.beta1)
+            opt["D_p"] = self.gan_adam(*dp)
         return opt
 
     def prepare(self, source, target, source_model=None) -> None:
@@ -262,15 +255,9 @@ class SIFA(Method):
             self.update(total, "D_p")
         return logs
 
-    def _seed_pools(self) -> None:
-        """Pools draw from their own generators, seeded from the (engine-seeded) global RNG at the first iteration."""
-        for pool in (self.pool_t, self.pool_s):
-            pool.generator.manual_seed(int(torch.randint(0, 2**62, ())))
-
     # ---- training -------------------------------------------------------------------------------------------------
     def train_step(self, batch):
-        if self.iteration == 0:
-            self._seed_pools()
+        self.seed_pools()
         self._set_seg_lr(batch.src_x.shape[0])
         if self.opts.update_order == "simultaneous":
             logs = self._simultaneous(batch.src_x, batch.src_y, batch.tgt_x)

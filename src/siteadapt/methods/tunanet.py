@@ -57,6 +57,9 @@ Where the paper is silent (choices, all options):
   paper's 100 + 100 epochs, as a fraction of the run: ``lr_decay_start``; needs the run length, which the train
   step sets; without it, constant). The offline phase of ablation c) trains F_P at a constant ``cls_lr``.
 - Batch: the profile's batch size (the paper uses 1).
+
+G_AP, G_PA, D_P, D_A, the LSGAN and cycle losses, the pools and their optimisers are the shared pair of
+:mod:`._cyclegan_pair`; this file adds F_A, F_P, the classification and feature terms of eq. (6) and the schedule.
 """
 
 from __future__ import annotations
@@ -67,15 +70,13 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..nn.losses import CycleConsistencyLoss, FeatureReconstructionLoss, LSGANDiscriminatorLoss, LSGANGeneratorLoss
-from ..nn.networks import PatchDiscriminator, ResnetGenerator
-from ..nn.pool import ImagePool
-from .base import Context, Method, MethodOptions, adam, scalars
-from .cyclegan import generator_blocks
+from ..nn.losses import FeatureReconstructionLoss
+from ._cyclegan_pair import CycleGANPair, CycleGANPairOptions
+from .base import Context, Method, adam, scalars
 from .segmenter import ClassificationLoss, classifier_net
 
 
-class TUNANetOptions(MethodOptions):
+class TUNANetOptions(CycleGANPairOptions):
     # eq. (6) weights (0 removes a term)
     lambda_adv: float = Field(1.0, ge=0)
     lambda_cyc: float = Field(10.0, ge=0, description="lambda of eq. (6)")
@@ -91,22 +92,17 @@ class TUNANetOptions(MethodOptions):
     offline_fraction: float = Field(0.3, gt=0, lt=1, description="ablation c): share of the run for offline F_P")
     feature_pairing: Literal["pairs", "batch_mean"] = "pairs"
     # optimisation
-    lr: float = Field(2e-4, gt=0)
-    beta1: float = Field(0.5, ge=0, lt=1)
     cls_lr: float = Field(2e-4, gt=0)
     cls_beta1: float = Field(0.9, ge=0, lt=1)
     lr_decay_start: float = Field(0.5, ge=0, le=1, description="fraction of the run after which lr decays to 0")
-    pool_size: int = Field(50, ge=0)
     init_from_source: bool = Field(True, description="F_A and F_P start from the trained source classifier")
     # networks
-    generator_channels: int = Field(32, ge=1)
-    generator_blocks: int | None = Field(None, ge=1, description="None: 9 at >= 256 px, else 6 (CycleGAN)")
-    disc_layers: int | None = Field(None, ge=1, description="PatchGAN stride-2 layers; None: 3 (70x70 patches)")
     generator_skip: bool = Field(False, description="tanh(G(x) + x): generators start near the identity")
 
 
-class TUNANet(Method):
+class TUNANet(CycleGANPair, Method):
     name = "tunanet"
+    pair = ("G_AP", "G_PA", "D_P", "D_A")
     pools = ("pool_P", "pool_A")
     Options = TUNANetOptions
 
@@ -115,37 +111,19 @@ class TUNANet(Method):
         if ctx.kind != "classification":
             raise ValueError("tunanet adapts image classifiers: the task must have kind: classification")
         o = self.opts
-        w, ch = ctx.width, ctx.in_channels
-        nb = generator_blocks(ctx.image_size, o.generator_blocks)
-        self.G_AP = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb,
-                                    skip=o.generator_skip)
-        self.G_PA = ResnetGenerator(ch, ch, width=w, base_channels=o.generator_channels, n_blocks=nb,
-                                    skip=o.generator_skip)
-        nl = o.disc_layers or 3
-        self.D_P = PatchDiscriminator(ch, width=w, n_layers=nl)
-        self.D_A = PatchDiscriminator(ch, width=w, n_layers=nl)
+        self.build_pair(skip=o.generator_skip)
         self.F_A = classifier_net(ctx)
         self.F_P = copy.deepcopy(self.F_A)  # "fine-tuned from F_A"
         self.cls_loss = ClassificationLoss(ctx.n_classes)
         self.feat_loss = FeatureReconstructionLoss()
-        self.cyc_loss = CycleConsistencyLoss()
-        self.gen_loss = LSGANGeneratorLoss()
-        self.disc_loss = LSGANDiscriminatorLoss()
-        self.pool_P = ImagePool(o.pool_size)
-        self.pool_A = ImagePool(o.pool_size)
-        self.iteration = 0
         self.needs_source_model = o.init_from_source
 
     # ---- set-up ---------------------------------------------------------------------------------------------------
     def build_optimizers(self):
         o = self.opts
-        return {
-            "G": adam([*self.G_AP.parameters(), *self.G_PA.parameters()], o.lr, o.beta1),
-            "F_A": adam(self.F_A.parameters(), o.cls_lr, o.cls_beta1),
-            "F_P": adam(self.F_P.parameters(), o.cls_lr, o.cls_beta1),
-            "D_P": adam(self.D_P.parameters(), o.lr, o.beta1),
-            "D_A": adam(self.D_A.parameters(), o.lr, o.beta1),
-        }
+        classifiers = {"F_A": adam(self.F_A.parameters(), o.cls_lr, o.cls_beta1),
+                       "F_P": adam(self.F_P.parameters(), o.cls_lr, o.cls_beta1)}
+        return self.generator_optimizer() | classifiers | self.discriminator_optimizers()
 
     def prepare(self, source, target, source_model=None) -> None:
         if self.opts.init_from_source:
@@ -203,9 +181,7 @@ class TUNANet(Method):
         return self.feat_loss(real, synth)
 
     def train_step(self, batch):
-        if self.iteration == 0:  # pools draw from their own generators, seeded from the engine-seeded global RNG
-            for pool in (self.pool_P, self.pool_A):
-                pool.generator.manual_seed(int(torch.randint(0, 2**62, ())))
+        self.seed_pools()
         self._set_lr()
         xa, ya, xp = batch.src_x, batch.src_y, batch.tgt_x
         if self.offline_phase:
@@ -253,8 +229,7 @@ class TUNANet(Method):
             if key in w and w[key] > 0:
                 total = total + w[key] * v
         self.update(total, *trained)
-        terms["D_P"] = self._d_update("D_P", self.D_P, xp, self.pool_P.query(fake_p.detach()))
-        terms["D_A"] = self._d_update("D_A", self.D_A, xa, self.pool_A.query(fake_a.detach()))
+        self.update_pair_discriminators(xp, fake_p, xa, fake_a, terms)
         return terms
 
     def _offline_step(self, xa, ya) -> dict:
