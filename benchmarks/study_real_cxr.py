@@ -121,10 +121,10 @@ def run_direction(ws: Path, source: str, target: str, methods: list[str], seeds:
                   select_only: bool = False) -> None:
     """Train, adapt, evaluate and select in ``ws`` (in-process, with the workspace as the current folder).
     ``select_only``: no training; the label-free choice of each seed among the methods evaluated with that seed."""
-    from siteadapt import tracking
     from siteadapt.config import load_settings
-    from siteadapt.steps.evaluate import metrics_path
-    from siteadapt.steps.train import build_method, method_options, model_dir, source_model_path
+    from siteadapt.layout import metrics_path, model_dir, source_model_path
+    from siteadapt.methods.build import build_method, method_options
+    from siteadapt.steps import api
 
     os.chdir(ws)
     s = load_settings("params.yaml")
@@ -150,7 +150,7 @@ def run_direction(ws: Path, source: str, target: str, methods: list[str], seeds:
             if src.is_file():
                 shutil.rmtree(src.parent)  # other settings: the chain of this seed starts again
             t0 = time.perf_counter()
-            tracking.train_source(s, source, seed=k)
+            api.train_source(s, source, seed=k)
             times.setdefault("source", {})[str(k)] = time.perf_counter() - t0
             times.setdefault("source_fp", {})[str(k)] = src_fp
             _save_json(times_path, times)
@@ -164,9 +164,9 @@ def run_direction(ws: Path, source: str, target: str, methods: list[str], seeds:
             if mdir.is_dir():
                 shutil.rmtree(mdir)  # never resume a checkpoint of other settings or of another source model
             t0 = time.perf_counter()
-            tracking.adapt(s, target, m, source=source, seed=k)
+            api.adapt(s, target, m, source=source, seed=k)
             t_adapt = time.perf_counter() - t0
-            tracking.evaluate(s, target, m, seed=k, predict=True)
+            api.evaluate(s, target, m, seed=k, predict=True)
             times.setdefault(m, {})[str(k)] = {"adapt_s": t_adapt, "total_s": time.perf_counter() - t0,
                                                "fingerprint": fp}
             _save_json(times_path, times)

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from siteadapt.config import parse_settings
 from siteadapt.data.shards import load_slices
@@ -21,77 +20,15 @@ from siteadapt.steps.preprocess import preprocess, split_subjects
 from siteadapt.steps.report import report
 from siteadapt.steps.train import adapt, predict, train_source
 
-CLASSES = ["normal", "pneumonia"]
-
-
-def _image(rng, positive: bool) -> np.ndarray:
-    a = rng.normal(100, 8, (40, 36))
-    if positive:  # a bright "opacity"
-        a[10:22, 8:18] += 60
-    return a.clip(0, 255).astype(np.uint8)
-
-
-def _png_site_csv(root: Path, n: int, seed: int) -> list[int]:
-    """PNG images + labels.csv beside the folder (plus rows that must be rejected)."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    ys = [int(i % 5 < 2) for i in range(n)]  # 40 % positive
-    lines = ["stem,label"]
-    for i, y in enumerate(ys):
-        Image.fromarray(_image(rng, bool(y))).save(root / "images" / f"a{i:03d}.png")
-        lines.append(f"a{i:03d}.png,{CLASSES[y].upper()}" if i % 3 == 0 else f"a{i:03d},{y}")
-    lines += ["ghost,normal", "a000,pneumonia", "a001,effusion", "short"]
-    (root / "labels.csv").write_text("\n".join(lines) + "\n")
-    return ys
-
-
-def _png_site_folders(root: Path, n: int, seed: int) -> list[int]:
-    """One folder per class (as the public pediatric set): train/NORMAL/*.png, train/PNEUMONIA/*.png."""
-    rng = np.random.default_rng(seed)
-    ys = [int(i % 4 != 0) for i in range(n)]  # 75 % positive
-    for i, y in enumerate(ys):
-        d = root / "images" / "train" / ("PNEUMONIA" if y else "NORMAL")
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(_image(rng, bool(y))).save(d / f"p{i:03d}.png")
-    (root / "images" / "unsorted").mkdir()
-    Image.fromarray(_image(rng, False)).save(root / "images" / "unsorted" / "extra.png")  # no class: unlabeled
-    return ys
-
-
-def _settings(tmp: Path, **task_extra) -> object:
-    return parse_settings({
-        "profile": "t", "seed": 0,
-        "paths": {"raw": str(tmp / "raw"), "ingested": str(tmp / "ing"), "prepared": str(tmp / "prep"),
-                  "predictions": str(tmp / "pred"), "models": str(tmp / "models"), "metrics": str(tmp / "metrics"),
-                  "reports": str(tmp / "reports")},
-        "profiles": {"t": {"image_size": 32, "batch_size": 4, "iterations": 3, "width": 0.125, "synth_scale": 0.5,
-                           "synth_subjects": 3, "synth_images": 5, "slice_spacing_mm": 4.0}},
-        "tasks": {"pn": {"kind": "classification", "dims": 2, "classes": CLASSES,
-                         "directions": [{"source": "ad", "target": "ped"}], **task_extra}},
-        "sites": {"ad": {"task": "pn", "images": str(tmp / "raw/ad/images"), "labels": str(tmp / "raw/ad/labels.csv"),
-                         "modality": "CR", "pixel_spacing_mm": 1.0},
-                  "ped": {"task": "pn", "images": str(tmp / "raw/ped/images"), "modality": "DX",
-                          "pixel_spacing_mm": 1.0}},
-    }, source="test")
-
-
-@pytest.fixture
-def cls_env(tmp_path, deid_key):
-    ys_ad = _png_site_csv(tmp_path / "raw/ad", 20, 0)
-    ys_ped = _png_site_folders(tmp_path / "raw/ped", 40, 1)
-    s = _settings(tmp_path)
-    res = {n: ingest(site.images, n, s.paths.ingested, labels=site.labels, modality=site.modality,
-                     pixel_spacing_mm=site.pixel_spacing_mm, classes=CLASSES) for n, site in s.sites.items()}
-    return s, res, ys_ad, ys_ped
-
+from helpers.sites import PNEUMONIA_CLASSES, pneumonia_settings
 
 def _manifest(s, site) -> dict:
     return json.loads((s.paths.ingested / site / "manifest.json").read_text())
 
 
 def test_config_classification_task_rules(tmp_path):
-    s = _settings(tmp_path)
-    assert s.tasks["pn"].classes == CLASSES and s.tasks["pn"].structures == {}
+    s = pneumonia_settings(tmp_path)
+    assert s.tasks["pn"].classes == PNEUMONIA_CLASSES and s.tasks["pn"].structures == {}
     with pytest.raises(ConfigError, match="exactly two distinct classes"):
         parse_settings({"profiles": {"q": {"image_size": 8, "batch_size": 1, "iterations": 1, "width": 1,
                                            "synth_scale": 1, "synth_subjects": 3, "synth_images": 5,
@@ -111,7 +48,7 @@ def test_ingest_labels_csv(cls_env):
     assert all(it["class_source"] == "csv" and it["label"] is None for it in r.items)
     counts = np.bincount([it["class_label"] for it in r.items])
     assert counts.tolist() == np.bincount(ys_ad).tolist()
-    assert {it["class_name"] for it in r.items} == set(CLASSES)
+    assert {it["class_name"] for it in r.items} == set(PNEUMONIA_CLASSES)
     reasons = sorted(x["reason"] for x in r.rejected)
     assert any("label row matches no image" in x for x in reasons)  # ghost
     assert any("a second label for the image of line 2" in x for x in reasons)  # a000 twice
@@ -134,14 +71,14 @@ def test_ingest_folder_per_class_and_relabel(cls_env, tmp_path):
     assert csv != site.labels.read_text()
     site.labels.write_text(csv)
     again = ingest(site.images, "ad", s.paths.ingested, labels=site.labels, modality="CR", pixel_spacing_mm=1.0,
-                   classes=CLASSES)
+                   classes=PNEUMONIA_CLASSES)
     assert len(again.written) == 1 and len(again.skipped) == 19
 
 
 def test_classification_labels_must_be_a_csv(cls_env, tmp_path):
     s, *_ = cls_env
     with pytest.raises(InputError, match="must be a CSV file"):
-        ingest(s.sites["ped"].images, "ped2", s.paths.ingested, labels=s.sites["ped"].images, classes=CLASSES)
+        ingest(s.sites["ped"].images, "ped2", s.paths.ingested, labels=s.sites["ped"].images, classes=PNEUMONIA_CLASSES)
     with pytest.raises(InputError, match="belongs to a classification task"):  # a CSV for a segmentation site
         ingest(s.sites["ad"].images, "ad2", s.paths.ingested, labels=s.sites["ad"].labels)
 
@@ -150,7 +87,7 @@ def test_stratified_split_and_class_shards(cls_env):
     s, _, _, ys_ped = cls_env
     out = preprocess(s, "ped")["out_dir"]
     subj = json.loads((out / "subjects.json").read_text())
-    assert subj["kind"] == "classification" and subj["classes"] == CLASSES
+    assert subj["kind"] == "classification" and subj["classes"] == PNEUMONIA_CLASSES
     assert not any("class" in k for r in subj["subjects"] for k in r)  # methods never see classes through it
     truth = {it["id"]: it["class_label"] for it in _manifest(s, "ped")["items"]}
     for split in ("train", "val", "test"):

@@ -31,7 +31,8 @@ def _project_raw() -> dict:
 def test_a_tasks_own_training_sizes_apply_to_its_sites_only():
     from siteadapt.config import parse_settings
     from siteadapt.methods import get_method
-    from siteadapt.steps.train import _train_config, context_for
+    from siteadapt.methods.build import context_for
+    from siteadapt.steps.train import _train_config
 
     raw = _project_raw()
     raw["tasks"]["pneumonia"]["profiles"] = {"quick": {"width": 0.5, "adapt_iterations": 7}}

@@ -13,12 +13,14 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from test_dicom import _base_mr, _dcm2niix_bin, _lps_parts, assert_matches_dcm2niix, make_affine, only_series
 
 from siteadapt.errors import SeriesRejected
 from siteadapt.io.dicom import read_series
 from siteadapt.io.dicom_write import write_series
 from siteadapt.steps.ingest import ingest
+
+from helpers.dicom import (REAL, assert_matches_dcm2niix, base_mr, canonical, dcm2niix_bin, lps_parts, make_affine,
+                           only_series, write_enhanced, write_mosaic)
 
 PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-4711"}
 
@@ -32,7 +34,7 @@ def _edit(files, fn):
 
 
 def _dcm2niix(src: Path, out: Path) -> Path:
-    exe = _dcm2niix_bin()
+    exe = dcm2niix_bin()
     if exe is None:
         pytest.skip("dcm2niix not installed")
     out.mkdir(parents=True, exist_ok=True)
@@ -122,8 +124,6 @@ def test_philips_scale_slope_gives_dcm2niix_precise_values(tmp_path):
     expected = (stored * RS + RI) / (RS * SS)  # P = D / (RS * SS), D = stored * RS + RI
     np.testing.assert_allclose(vol.data, expected, rtol=1e-6, atol=1e-3)
     ref = nib.as_closest_canonical(nib.load(str(_dcm2niix(tmp_path / "s", tmp_path / "ref"))))
-    from test_dicom import canonical
-
     ours = np.asarray(canonical(vol.data, vol.affine).dataobj, dtype=np.float64)
     np.testing.assert_allclose(ours, ref.get_fdata(), rtol=1e-6, atol=1e-3)
     item, _ = _ingest_one(tmp_path / "s", tmp_path)
@@ -147,10 +147,10 @@ def test_scale_slope_ignored_for_other_vendors_and_rescale_recorded(tmp_path):
 def test_philips_enhanced_scale_slope_per_frame(tmp_path):
     nx, ny, nz = 12, 10, 4
     aff = make_affine("coronal")
-    lps, row, col, cs, rs, dz = _lps_parts(aff)
+    lps, row, col, cs, rs, dz = lps_parts(aff)
     stored = np.random.default_rng(4).integers(0, 3000, size=(nx, ny, nz)).astype(np.uint16)
     slopes = [0.01, 0.02, 0.04, 0.05]  # one private scale slope per frame, inside the private sequence (2005,140F)
-    ds = _base_mr("1.2.840.10008.5.1.4.1.1.4.1")
+    ds = base_mr("1.2.840.10008.5.1.4.1.1.4.1")
     ds.Manufacturer = "Philips Medical Systems"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
     ds.Rows, ds.Columns, ds.NumberOfFrames = ny, nx, nz
@@ -285,8 +285,6 @@ def test_real_series_have_no_diffusion_and_keep_scaling(shared_data):
     """The real corpus beside the checkout: none is diffusion-weighted or Philips, all stored as plain values (their
     bit-identity with dcm2niix is checked by test_dicom.py::test_real_series_match_dcm2niix)."""
     from siteadapt.io.dicom import scan_tree
-    from test_dicom import REAL
-
     for name in REAL:
         series, _ = scan_tree(shared_data / "dicom" / name)
         vol = read_series(series[0])
@@ -345,8 +343,6 @@ def test_mosaic_diffusion_series_with_dirty_high_bits(tmp_path):
     """A Siemens DWI mosaic series (one mosaic file per volume, private b-value/direction tags) whose 12-bit words
     carry bits above HighBit: masked values, one bval/bvec column per volume in acquisition order, as dcm2niix."""
     from pydicom.uid import generate_uid
-    from test_dicom import _mosaic
-
     rng = np.random.default_rng(9)
     aff = make_affine("axial", spacing=(3.0, 3.0, 3.6))
     series_uid = generate_uid()
@@ -354,7 +350,7 @@ def test_mosaic_diffusion_series_with_dirty_high_bits(tmp_path):
     order = [2, 0, 1]  # files named in another order than acquired
     for t in range(3):
         path = tmp_path / "m" / f"v{order[t]}.dcm"
-        _mosaic(path, truth[..., t], aff)
+        write_mosaic(path, truth[..., t], aff)
         ds = pydicom.dcmread(path)
         ds.SeriesInstanceUID, ds.InstanceNumber, ds.AcquisitionTime = series_uid, t + 1, f"1010{10 + t}.000"
         ds.Manufacturer = "SIEMENS"
@@ -382,12 +378,10 @@ def test_mosaic_diffusion_series_with_dirty_high_bits(tmp_path):
 
 def test_enhanced_diffusion_sequence(tmp_path):
     """Enhanced MR: b-value and direction per frame in MRDiffusionSequence; frames stored in a scrambled order."""
-    from test_dicom import _enhanced
-
     rng = np.random.default_rng(10)
     data = rng.integers(0, 4000, size=(12, 10, 3, 4)).astype(np.uint16)
     (tmp_path / "e").mkdir()
-    _enhanced(tmp_path / "e" / "enh.dcm", data, make_affine("oblique"), rng.permutation(12))
+    write_enhanced(tmp_path / "e" / "enh.dcm", data, make_affine("oblique"), rng.permutation(12))
     ds = pydicom.dcmread(tmp_path / "e" / "enh.dcm")
     for fg in ds.PerFrameFunctionalGroupsSequence:
         t = int(fg.FrameContentSequence[0].TemporalPositionIndex) - 1

@@ -58,7 +58,7 @@ def _method_entries(settings, item: dict) -> list[str]:
     """The method's class, and the source segmenter's when the stage loads the source model (the adapt item's
     ``source_model`` is then the model, not the target's prepared data)."""
     from siteadapt.methods import get_method
-    from siteadapt.steps.train import method_options
+    from siteadapt.methods.build import method_options
 
     cls = [method_options(settings, item["method"], item["target"])[0]]
     if item["source_model"].startswith("models/"):
@@ -84,7 +84,7 @@ def test_every_stage_lists_the_import_closure_of_what_its_command_runs(stages):
             want = closure(*dvcgen.STAGE_ENTRIES[group], *_method_entries(settings, stages["adapt"]["foreach"][key]))
             assert code_of(stages[group], key) == want, (group, key)
     from siteadapt.methods import get_method
-    from siteadapt.steps.train import method_options
+    from siteadapt.methods.build import method_options
 
     for target in stages["select"]["foreach"]:  # every competing method's class and the source segmenter's
         items = [it for it in stages["adapt"]["foreach"].values() if it["target"] == target]
@@ -98,7 +98,7 @@ def test_stage_code_deps_spot_checks(stages):
     """What the issue named, and what a stage must not list (the point: precision)."""
     sifa = code_of(stages["adapt"], "cardiac_ct-sifa")
     assert {"src/siteadapt/train/engine.py", "src/siteadapt/nn/networks.py", "src/siteadapt/methods/sifa.py",
-            "src/siteadapt/methods/cyclegan.py"} <= sifa
+            "src/siteadapt/methods/_cyclegan_pair.py"} <= sifa
     assert "src/siteadapt/methods/sifa.py" not in code_of(stages["adapt"], "cardiac_ct-noadapt")
     assert "src/siteadapt/methods/segmenter.py" in code_of(stages["adapt"], "cardiac_ct-noadapt")  # loads the source
     ev = code_of(stages["evaluate"], "cardiac_ct-sifa")
@@ -106,7 +106,7 @@ def test_stage_code_deps_spot_checks(stages):
             "src/siteadapt/methods/sifa.py"} <= ev
     assert "src/siteadapt/train/engine.py" not in ev  # prediction does not import the training loop
     ingest = code_of(stages["ingest"], "cardiac_ct")
-    assert "src/siteadapt/io/dicom.py" in ingest  # imported inside steps.ingest's functions
+    assert "src/siteadapt/io/dicom/assemble.py" in ingest  # imported inside steps.ingest's functions
     for group in ("train_source", "adapt"):
         for key in stages[group]["foreach"]:
             assert not any("/metrics/" in f for f in code_of(stages[group], key)), (group, key)
@@ -115,8 +115,8 @@ def test_stage_code_deps_spot_checks(stages):
             files = code_of(stages[group], key)
             assert not any(f.startswith(("src/siteadapt/nn/", "src/siteadapt/methods/", "src/siteadapt/metrics/"))
                            for f in files) and "src/siteadapt/train/engine.py" not in files, (group, key)
-    assert "src/siteadapt/data/synth_pneumonia.py" in code_of(stages["synth"], "pneumonia")
-    assert "src/siteadapt/data/synth_pneumonia.py" not in code_of(stages["synth"], "cardiac")
+    assert "src/siteadapt/data/synth/pneumonia.py" in code_of(stages["synth"], "pneumonia")
+    assert "src/siteadapt/data/synth/pneumonia.py" not in code_of(stages["synth"], "cardiac")
     report = code_of(stages["report"])
     assert "src/siteadapt/steps/report.py" in report and "src/siteadapt/methods/tunanet.py" in report
     assert not any("/metrics/" in f or f.endswith("train/engine.py") for f in report)
@@ -135,7 +135,7 @@ def test_code_deps_cover_what_python_imports(stages):
     groups = {g: [e.partition(":")[0] for e in (dvcgen.SETTINGS_ENTRY, *dvcgen.STAGE_ENTRIES[g])]
               for g in dvcgen.STAGE_ENTRIES}
     groups["adapt"].append(sifa.__module__)
-    groups["synth"] = ["siteadapt.config", "siteadapt.data.synth", "siteadapt.data.synth_pneumonia"]
+    groups["synth"] = ["siteadapt.config", "siteadapt.data.synth", "siteadapt.data.synth.pneumonia"]
     script = """if 1:
         import importlib, json, sys
         out = {}
@@ -178,8 +178,8 @@ def test_stage_entries_are_what_the_cli_commands_call():
     assert "siteadapt.config:load_settings" in {f"{m}:{n}" for m, n in cli.defs["_settings"][0]}
     synth = {f"{m}:{n}" for m, n in cli.defs["cmd_synth"][0]}
     assert synth == {"siteadapt.data.synth:TASKS", "siteadapt.data.synth:synthesize"}
-    body = ast.get_source_segment((SRC / "siteadapt/data/synth.py").read_text(), next(
-        n for n in ast.parse((SRC / "siteadapt/data/synth.py").read_text()).body
+    body = ast.get_source_segment((SRC / "siteadapt/data/synth/__init__.py").read_text(), next(
+        n for n in ast.parse((SRC / "siteadapt/data/synth/__init__.py").read_text()).body
         if isinstance(n, ast.FunctionDef) and n.name == "synthesize"))
     assert "synthesize_pneumonia(" in body and "_write_site(" in body  # the two branches SYNTH_* name
 
@@ -230,7 +230,7 @@ def test_synth_stages_depend_on_the_generator_they_run(stages, tmp_path):
     the pneumonia generator is a dependency of the pneumonia synth stage only, and absent from dvc.yaml while that
     task is off (the default pipeline does not mention it)."""
     for task in ("cardiac", "chestxray", "pneumonia"):
-        assert "src/siteadapt/data/synth.py" in code_of(stages["synth"], task)
+        assert "src/siteadapt/data/synth/__init__.py" in code_of(stages["synth"], task)
     raw = _raw(["cardiac", "chestxray"])
     st = dvcgen.build(parse_settings(raw), raw, REPO)["stages"]
     assert "pneumonia" not in json.dumps(st)

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import dvc_project as dp
+from helpers.engine import CTX, slices, state_copy
 
 METHOD = "dann"  # learns from unlabeled target images: two data digests in the key, several optimizers to resume
 STAGE = f"adapt@cxr_b-{METHOD}"
@@ -88,14 +89,12 @@ def test_cached_checkpoint_survives_the_run_folder_and_is_released(tmp_path, cap
     deletes a stage's outputs), run again: resumes at 4 with the curve up to 4 restored, ends with an uninterrupted
     run's weights; releasing the run folder deletes its entry (and a stale one of other settings), not another
     folder's."""
-    from test_engine import CTX, _slices, _state
-
     from siteadapt.methods import get_method
     from siteadapt.train.engine import TrainConfig, cached_checkpoint, fit, release_checkpoints, signature
 
     cache = tmp_path / "project" / ".siteadapt" / "checkpoints"
     run = tmp_path / "project" / "models" / "run"
-    src, cls = _slices(), get_method("source")
+    src, cls = slices(), get_method("source")
     cfg = TrainConfig(iterations=6, batch_size=2, seed=3, checkpoint_every=2, log_every=2, device="cpu")
     torch.manual_seed(0)
     whole = cls(CTX)
@@ -122,7 +121,7 @@ def test_cached_checkpoint_survives_the_run_folder_and_is_released(tmp_path, cap
     summary = fit(resumed, src, None, cfg, run, checkpoint_cache=cache)
     assert "resuming source from iteration 4" in caplog.text and summary["iterations"] == 6
     assert [int(r.split(",")[0]) for r in (run / "losses.csv").read_text().splitlines()[1:]] == [2, 4, 6]
-    sw, sr = _state(whole), _state(resumed)
+    sw, sr = state_copy(whole), state_copy(resumed)
     assert sw.keys() == sr.keys() and all(torch.equal(sw[k], sr[k]) for k in sw)
 
     assert release_checkpoints(cache, run) == 2  # this settings' entry and the stale one

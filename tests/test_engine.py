@@ -6,28 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from siteadapt.data.shards import SliceSet
 from siteadapt.methods import available, get_method
-from siteadapt.methods.base import Context
 from siteadapt.train.engine import TrainConfig, fit
 
-CTX = Context(n_classes=3, image_size=32, width=0.125)
-
-
-def _slices(n=12, seed=0, labels=True, shift=0.0):
-    rng = np.random.default_rng(seed)
-    y = np.zeros((n, 32, 32), np.uint8)
-    for i in range(n):
-        c = rng.integers(10, 22, 2)
-        y[i, c[0] - 5:c[0] + 5, c[1] - 5:c[1] + 5] = 1
-        y[i, c[0] - 2:c[0] + 2, c[1] - 2:c[1] + 2] = 2
-    x = (rng.normal(0, 0.1, y.shape) + 0.4 * y - 0.5 + shift).clip(-1, 1).astype(np.float32)
-    return SliceSet("s", "train", x, y if labels else None, np.repeat(np.arange(n // 4), 4), np.tile(np.arange(4), n // 4),
-                    [])
-
-
-def _state(m):
-    return {k: v.clone() for k, v in m.state_dict().items()}
+from helpers.engine import CTX, slices, state_copy
 
 
 def test_registry_lists_methods():
@@ -48,7 +30,7 @@ def test_unknown_method_option_names_key():
 def test_kill_and_resume_equals_uninterrupted(tmp_path, augment):
     """A run killed after a checkpoint and restarted ends bit-identical (CPU) to an uninterrupted run (with and
     without the engine's augmentation, whose draws come from the checkpointed sampler generator)."""
-    src = _slices()
+    src = slices()
     cfg = TrainConfig(iterations=6, batch_size=2, seed=3, checkpoint_every=2, log_every=100, device="cpu",
                       augment=augment)
     cls = get_method("source")
@@ -62,7 +44,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, augment):
     c = cls(CTX)
     summary = fit(c, src, None, cfg, tmp_path / "b")
     assert summary["iterations"] == 6
-    sa, sc = _state(a), _state(c)
+    sa, sc = state_copy(a), state_copy(c)
     assert sa.keys() == sc.keys()
     for k in sa:
         assert torch.equal(sa[k], sc[k]), k  # tolerance: exact on CPU
@@ -73,33 +55,33 @@ def test_checkpoint_from_other_data_is_not_resumed(tmp_path):
     cfg = TrainConfig(iterations=4, batch_size=2, seed=3, checkpoint_every=2, log_every=100, device="cpu")
     cls = get_method("source")
     torch.manual_seed(0)
-    fit(cls(CTX), _slices(seed=0), None, cfg, tmp_path / "run")  # finished run on the old data
-    new_data = _slices(seed=1)
+    fit(cls(CTX), slices(seed=0), None, cfg, tmp_path / "run")  # finished run on the old data
+    new_data = slices(seed=1)
     torch.manual_seed(0)
     again = cls(CTX)
     fit(again, new_data, None, cfg, tmp_path / "run")
     torch.manual_seed(0)
     fresh = cls(CTX)
     fit(fresh, new_data, None, cfg, tmp_path / "fresh")
-    sa, sf = _state(again), _state(fresh)
+    sa, sf = state_copy(again), state_copy(fresh)
     assert all(torch.equal(sa[k], sf[k]) for k in sa)  # trained afresh on the new data, not resumed
-    assert _slices(seed=0).fingerprint() != new_data.fingerprint()
-    assert _slices(seed=1, labels=False).fingerprint() != new_data.fingerprint()  # labels are part of it
+    assert slices(seed=0).fingerprint() != new_data.fingerprint()
+    assert slices(seed=1, labels=False).fingerprint() != new_data.fingerprint()  # labels are part of it
 
 
 def test_supervised_learns_and_gradients_reach_network(tmp_path):
-    src = _slices(16)
+    src = slices(16)
     m = get_method("source")(CTX)
-    before = _state(m)
+    before = state_copy(m)
     out = fit(m, src, None, TrainConfig(iterations=30, batch_size=4, checkpoint_every=100, log_every=10, device="cpu"),
               tmp_path)
     assert np.isfinite(out["losses"]["seg"])
-    changed = [k for k, v in _state(m).items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
+    changed = [k for k, v in state_copy(m).items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
     assert any(k.startswith("net.encoder") for k in changed) and any(k.startswith("net.classifier") for k in changed)
 
 
 def test_histmatch_maps_target_histogram_to_source():
-    src, tgt = _slices(8, seed=1), _slices(8, seed=2, shift=0.5, labels=False)
+    src, tgt = slices(8, seed=1), slices(8, seed=2, shift=0.5, labels=False)
     hm = get_method("histmatch")(CTX)
     source_model = get_method("source")(CTX).eval()
     hm.prepare(src, tgt, source_model=source_model)
@@ -136,7 +118,7 @@ def test_initial_weights_come_from_the_seed_not_the_process():
     from pathlib import Path
 
     from siteadapt.config import load_settings
-    from siteadapt.steps.train import build_method
+    from siteadapt.methods.build import build_method
 
     s = load_settings(Path(__file__).resolve().parents[1] / "params.yaml")
 
@@ -194,7 +176,7 @@ def test_augmentation_comes_from_the_profile_and_is_part_of_the_checkpoint(tmp_p
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
         load_settings(tmp_path / "params.yaml")
 
-    src = _slices()
+    src = slices()
     plain = TrainConfig(iterations=4, batch_size=2, seed=3, checkpoint_every=2, log_every=100, device="cpu")
     aug = TrainConfig(**{**plain.__dict__, "augment": (20.0, 0.1, 5.0)})
     states = []
@@ -202,7 +184,7 @@ def test_augmentation_comes_from_the_profile_and_is_part_of_the_checkpoint(tmp_p
         torch.manual_seed(0)
         m = get_method("source")(CTX)
         fit(m, src, None, cfg, tmp_path / f"run{i}")
-        states.append(_state(m))
+        states.append(state_copy(m))
     key = next(iter(states[0]))
     assert not torch.equal(states[0][key], states[1][key]) and torch.equal(states[0][key], states[2][key])
     with caplog.at_level("WARNING", logger="siteadapt.train"):

@@ -7,50 +7,10 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
 
-from siteadapt.io.volume import save_nifti
 from siteadapt.metrics import segmentation_metrics
 from siteadapt.steps.evaluate import evaluate
-from siteadapt.steps.preprocess import preprocess
 from siteadapt.steps.report import report
-from siteadapt.steps.train import run_name
-
-from test_preprocess import prepared_env  # noqa: F401  (fixture)
-
-
-def _fake_predictions(s, site, method, seed=None, erode=0, shift=0):
-    subj = json.loads((s.paths.prepared / site / "subjects.json").read_text())["subjects"]
-    out = s.paths.predictions / site / run_name(s, method, seed)
-    for r in subj:
-        if r["split"] != "test":
-            continue
-        img = nib.load(s.paths.ingested / r["label"])
-        lab = np.asanyarray(img.dataobj).copy()
-        if erode:
-            for k in (1, 2):
-                m = ndimage.binary_erosion(lab == k, iterations=erode)
-                lab[(lab == k) & ~m] = 0
-        lab = np.roll(lab, shift, axis=0)
-        save_nifti(lab.astype(np.uint8), out / f"{r['id']}.nii.gz", img.affine)
-
-
-@pytest.fixture
-def evaluated(prepared_env):  # noqa: F811
-    s = prepared_env
-    s = s.model_copy(update={"paths": s.paths.model_copy(update={
-        "predictions": s.paths.prepared.parent / "pred", "metrics": s.paths.prepared.parent / "metrics",
-        "reports": s.paths.prepared.parent / "reports"})})
-    preprocess(s, "tgt")
-    _fake_predictions(s, "tgt", "supervised")  # perfect
-    _fake_predictions(s, "tgt", "noadapt", shift=6)
-    _fake_predictions(s, "tgt", "histmatch", erode=1, shift=3)
-    _fake_predictions(s, "tgt", "sifa", erode=1)
-    _fake_predictions(s, "tgt", "sifa", seed=7, erode=1, shift=1)
-    for m in ("supervised", "noadapt", "histmatch", "sifa"):
-        evaluate(s, "tgt", m)
-    evaluate(s, "tgt", "sifa", seed=7)
-    return s
 
 
 def test_metrics_json_layout_and_values(evaluated):

@@ -97,7 +97,7 @@ def test_component_function_exits_with_the_code_and_one_line_on_stderr(tmp_path)
 
 
 def test_cli_errors_prints_the_cli_line_and_leaves_other_exceptions(capsys):
-    from siteadapt.cli import error_line
+    from siteadapt.redact import error_line
     from siteadapt.errors import NothingUsableError
     from siteadapt.kfp.runtime import cli_errors
 

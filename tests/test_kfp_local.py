@@ -20,10 +20,10 @@ pytest.importorskip("kfp")
 pytest.importorskip("mlflow")
 pytest.importorskip("moto.server")
 
-from test_kfp_watch import BUCKET, s3  # noqa: E402,F401  (fixture: a local S3-compatible server)
+from helpers.s3 import BUCKET  # noqa: E402  (the bucket of the `s3` fixture, conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
-HAVE_REGISTER = importlib.util.find_spec("siteadapt.steps.register") is not None
+HAVE_REGISTER = importlib.util.find_spec("siteadapt.registry.register") is not None
 
 
 def _task_outputs(root: Path, step: str) -> list[dict]:
@@ -34,7 +34,7 @@ def _task_outputs(root: Path, step: str) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.xfail(not HAVE_REGISTER, run=False, strict=True,
-                   reason="needs issue 5's registry step (siteadapt.steps.register: register_model, promote)")
+                   reason="needs issue 5's registry step (siteadapt.registry: register_model, promote)")
 def test_whole_pipeline_with_kfp_local_registers_a_candidate(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
@@ -83,7 +83,8 @@ def test_whole_pipeline_with_kfp_local_registers_a_candidate(tmp_path, monkeypat
     assert executed == {"fingerprint", "fingerprint-2", "register", "gates"}
 
 
-def test_component_steps_in_process_on_an_unlabeled_s3_site(tmp_path, monkeypatch, s3):  # noqa: F811
+@pytest.mark.slow  # ~7 s idle (15 s on a loaded machine): every component step in process
+def test_component_steps_in_process_on_an_unlabeled_s3_site(tmp_path, monkeypatch, s3):
     """The functions the components call, without KFP: a target site on the object store without labels is ingested
     from S3, adapted to, evaluated with the label-free checks only, registered, and gated by the label-free gates;
     the artifacts hold only their step's outputs."""
@@ -154,6 +155,7 @@ def test_component_steps_in_process_on_an_unlabeled_s3_site(tmp_path, monkeypatc
         p.is_symlink() for p in (art / "eval").rglob("*"))
 
 
+@pytest.mark.slow  # ~7 s idle (14 s on a loaded machine), as the test above
 def test_component_steps_in_process_on_a_classification_site(tmp_path, monkeypatch):
     """The component functions on a classification task (pneumonia): labels from labels.csv beside images/ (source)
     and from class folders (target), AUC as the ranking score, a classifier registered and gated by the AUC gates."""

@@ -14,7 +14,7 @@ from typing import List
 import pytest
 
 pytest.importorskip("kfp")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")  # the `s3` fixture (conftest.py)
 boto3 = pytest.importorskip("boto3")
 
 from kfp import dsl  # noqa: E402
@@ -22,7 +22,8 @@ from kfp import dsl  # noqa: E402
 from siteadapt.kfp.submit import LocalSubmitter  # noqa: E402
 from siteadapt.kfp.watch import Watcher  # noqa: E402
 
-BUCKET = "hospital-uploads"
+from helpers.s3 import BUCKET  # noqa: E402
+
 PREFIX = f"s3://{BUCKET}/sites/"
 
 
@@ -46,27 +47,6 @@ def probe_pipeline(site: str, target_uri: str, source_uri: str, record_dir: str,
                    source_site: str = "cardiac_mr", methods: List[str] = ["noadapt"], profile: str = "tiny",
                    target_modality: str = "", target_pixel_spacing_mm: float = 0.0):
     probe(site=site, target_uri=target_uri, task=task, source_site=source_site, record_dir=record_dir)
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    import urllib.request
-
-    # moto keeps its state per process, not per server: start from an empty store
-    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST")).read()
-    for k, v in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    from siteadapt.kfp.locations import s3_client
-
-    client = s3_client()
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    server.stop()
 
 
 def _upload_site(client, site: str, n: int = 2, extra=None):

@@ -22,7 +22,7 @@ from siteadapt.errors import ConfigError
 from siteadapt.methods import available, get_method
 from siteadapt.methods._common import reestimate_bn
 from siteadapt.methods.base import Batch, Context, Method
-from siteadapt.steps.train import load_model, save_model
+from siteadapt.methods.build import load_model, save_model
 from siteadapt.train.engine import TrainConfig, fit
 
 CTX = Context(n_classes=3, image_size=32, width=0.125)

@@ -226,7 +226,7 @@ def test_seuda_frozen_segmenter_and_prediction():
     with pytest.raises(ValueError, match="source model"):
         get_method("seuda")(CTX).prepare(None, None)
     # the adapted model's file leaves the source segmenter out (it has its own file)
-    from siteadapt.steps.train import save_model
+    from siteadapt.methods.build import save_model
 
     with tempfile.TemporaryDirectory() as d:
         save_model(m, Path(d) / "model.pt")
@@ -424,7 +424,7 @@ def test_params_variants_build():
     """Every named variant in params.yaml's ``methods:`` names a method and options it accepts; one is built through
     ``steps.train.build_method`` (building all at the quick profile's width would cost seconds)."""
     from siteadapt.config import load_settings
-    from siteadapt.steps.train import build_method
+    from siteadapt.methods.build import build_method
 
     settings = load_settings(Path(__file__).resolve().parents[1] / "params.yaml")
     assert {"dsan_shared_decoders", "dsan_unshared_encoders", "dsan_unshared_discriminators"} <= set(settings.methods)

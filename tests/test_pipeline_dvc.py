@@ -23,6 +23,10 @@ import yaml
 import dvc_project as dp
 from siteadapt.io.atomic import sha256_file
 
+# every test uses the session fixture `pipeline` (a whole `dvc repro` of a tiny project, ~41 s idle) and most run
+# DVC again on a clone (8-24 s each): the module is the slow tier's biggest part
+pytestmark = pytest.mark.slow
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -138,7 +142,8 @@ def test_registry_two_versions_promote_one_refuse_one(pipeline, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from siteadapt.config import load_settings
-    from siteadapt.steps.register import promote, register_model
+    from siteadapt.registry.promote import promote
+    from siteadapt.registry.register import register_model
 
     root, url = pipeline.root, pipeline.url
     monkeypatch.chdir(root)
@@ -271,12 +276,12 @@ def test_code_edits_change_the_stages_that_import_the_code(pipeline, tmp_path):
     assert changed_by_editing("metrics/segmentation.py") == \
         {f"evaluate@cxr_b-{m}" for m in methods} | {"select@cxr_b"}
     # select@: when no adaptation wins without a run of its own, `siteadapt select --register` makes that run
-    # (tracking.adapt, whose module imports the engine's for the methods that train)
+    # (steps.api.adapt, which runs the engine for the methods that train)
     assert changed_by_editing("train/engine.py") == {"train_source@cxr_a", "select@cxr_b"} | {
         f"adapt@cxr_b-{m}" for m in methods}
     assert changed_by_editing("methods/histmatch.py") == \
         {"adapt@cxr_b-histmatch", "evaluate@cxr_b-histmatch", "select@cxr_b", "report"}  # report: its options
-    assert changed_by_editing("io/dicom.py") == {"ingest@cxr_a", "ingest@cxr_b"}
+    assert changed_by_editing("io/dicom/assemble.py") == {"ingest@cxr_a", "ingest@cxr_b"}
     assert changed_by_editing("cli.py") == set()  # holds every command: no stage lists it (see dvcgen)
     assert "up to date" in dp.dvc("status", cwd=repo).stdout
 

@@ -8,89 +8,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from PIL import Image
 
-from siteadapt.config import parse_settings
 from siteadapt.data.geometry import to_original, voxel_to_world
 from siteadapt.steps.ingest import ingest
 from siteadapt.steps.preprocess import preprocess, split_subjects
 
-
-def _settings(tmp: Path, seed=0, roi_rule="auto", target_of=None):
-    sites = {
-        "src": {"task": "heart", "images": str(tmp / "raw/src/images"), "labels": str(tmp / "raw/src/labels"),
-                "modality": "MR"},
-        "tgt": {"task": "heart", "images": str(tmp / "raw/tgt/images"), "labels": str(tmp / "raw/tgt/labels"),
-                "modality": "CT"},
-        "xa": {"task": "xr", "images": str(tmp / "raw/xa/images"), "labels": str(tmp / "raw/xa/labels"),
-               "modality": "DX", "pixel_spacing_mm": 0.5},
-    }
-    return parse_settings({
-        "profile": "t", "seed": seed,
-        "paths": {"ingested": str(tmp / "ing"), "prepared": str(tmp / "prep")},
-        "profiles": {"t": {"image_size": 24, "batch_size": 2, "iterations": 2, "width": 0.25, "synth_scale": 0.5,
-                           "synth_subjects": 3, "synth_images": 5, "slice_spacing_mm": 4.0}},
-        "tasks": {
-            "heart": {"dims": 3, "structures": {"A": 1, "B": 2},
-                      "directions": [{"source": "src", "target": "tgt"}],
-                      "preprocess": {"slice_axis": "coronal", "roi_mm": [48, 48, 48], "roi_rule": roi_rule,
-                                     "split": {"val": 0.2, "test": 0.2}}},
-            "xr": {"dims": 2, "structures": {"right_lung": 1, "left_lung": 2}},
-        },
-        "sites": sites,
-    }, source="test")
-
-
-def _make_site(root: Path, n: int, modality: str, seed: int):
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir(parents=True)
-    for i in range(n):
-        shape = (40, 36, 24)
-        # an oblique-free but LPS-flipped affine for the CT-like site, RAS for the MR-like one
-        sp = (1.5, 1.5, 3.0)
-        aff = np.diag([*sp, 1.0]) if modality == "MR" else np.diag([-sp[0], -sp[1], sp[2], 1.0])
-        aff[:3, 3] = rng.uniform(-20, 20, 3)
-        body = np.zeros(shape, bool)
-        zz, yy, xx = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
-        body = ((zz - 20) / 17) ** 2 + ((yy - 18) / 15) ** 2 < 1
-        lab = np.zeros(shape, np.uint8)
-        c = np.array([20, 18, 12]) + rng.integers(-3, 4, 3)
-        ball = ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + ((xx - c[2]) * 2) ** 2) < 36
-        lab[ball] = 1
-        lab[ball & (zz > c[0])] = 2
-        base = {"MR": (300.0, 600.0), "CT": (-1000.0, 40.0)}[modality]
-        img = np.where(body, base[1], base[0]) + rng.normal(0, 10, shape)
-        img[lab == 1] += 200
-        img[lab == 2] += 400
-        img = img.astype(np.int16 if modality == "CT" else np.float32)
-        nib.save(nib.Nifti1Image(img, aff), root / "images" / f"c{i}.nii.gz")
-        nib.save(nib.Nifti1Image(lab, aff), root / "labels" / f"c{i}.nii.gz")
-
-
-def _make_xr(root: Path, n: int):
-    rng = np.random.default_rng(3)
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir(parents=True)
-    for i in range(n):
-        m = np.zeros((50, 40), np.uint8)
-        m[10:40, 4:17] = 1
-        m[10:40, 23:36] = 2
-        im = (rng.normal(120, 5, (50, 40)) - 60 * (m > 0)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(im).save(root / "images" / f"x{i}.png")
-        Image.fromarray(m).save(root / "labels" / f"x{i}.png")
-
-
-@pytest.fixture
-def prepared_env(tmp_path, deid_key):
-    _make_site(tmp_path / "raw/src", 6, "MR", 0)
-    _make_site(tmp_path / "raw/tgt", 6, "CT", 1)
-    _make_xr(tmp_path / "raw/xa", 6)
-    s = _settings(tmp_path)
-    for name, site in s.sites.items():
-        ingest(site.images, name, s.paths.ingested, labels=site.labels, modality=site.modality,
-               pixel_spacing_mm=site.pixel_spacing_mm)
-    return s
+from helpers.sites import heart_xr_settings, write_volume_site
 
 
 def _load_all(d: Path):
@@ -179,11 +102,11 @@ def test_split_does_not_depend_on_the_deid_key(tmp_path, monkeypatch):
     """Two checkouts have two de-identification keys (other pseudonymous ids): the same data must get the same
     subject split and the same shards (slice order included: it decides the seeded sampler's batches), so a table is
     reproducible from a fresh clone."""
-    _make_site(tmp_path / "raw/src", 10, "MR", 0)
+    write_volume_site(tmp_path / "raw/src", 10, "MR", 0)
     splits = []
     for n, key in enumerate(("a" * 64, "b" * 64)):
         monkeypatch.setenv("SITEADAPT_DEID_KEY", key)
-        s = _settings(tmp_path / f"co{n}")
+        s = heart_xr_settings(tmp_path / f"co{n}")
         s = s.model_copy(update={"sites": {**s.sites, "src": s.sites["src"].model_copy(
             update={"images": tmp_path / "raw/src/images", "labels": tmp_path / "raw/src/labels"})}})
         res = ingest(tmp_path / "raw/src/images", "src", s.paths.ingested, labels=tmp_path / "raw/src/labels",

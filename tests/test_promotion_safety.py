@@ -27,8 +27,9 @@ def registry(tmp_path, monkeypatch):
     import torch
     from mlflow import MlflowClient
 
-    from siteadapt.steps import register as R
-    from siteadapt.steps.train import build_method, model_dir, save_model
+    from siteadapt.layout import model_dir
+    from siteadapt.methods.build import build_method, save_model
+    from siteadapt.registry import register as R
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -135,7 +136,7 @@ def test_gates_recorded_at_registration_and_loosening_refused_without_override(r
     assert any(h.get("override") and h["override"]["reason"] == "pilot: reader study" for h in history)
 
     # without MLFLOW_TRACKING_USERNAME the identity is the OS user
-    from siteadapt.steps.register import _user, promoter_identity
+    from siteadapt.registry.policy import _user, promoter_identity
 
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
     assert promoter_identity() == (_user(), "os")
@@ -213,7 +214,7 @@ def test_served_segmenter_refuses_non_finite_input(registry, monkeypatch):
     import mlflow
     from mlflow.tracking._model_registry import utils as registry_utils
 
-    from siteadapt.steps.register import NonFiniteInputError
+    from siteadapt.registry.pyfunc import NonFiniteInputError
 
     s, params, register, client = registry
     v1 = register(dice=0.8)
@@ -238,7 +239,7 @@ def test_classifier_wrapper_refuses_non_finite_input():
     from siteadapt.errors import SiteadaptError
     from siteadapt.methods import get_method
     from siteadapt.methods.base import Context
-    from siteadapt.steps.register import NonFiniteInputError, SiteadaptClassifier
+    from siteadapt.registry.pyfunc import NonFiniteInputError, SiteadaptClassifier
 
     cls = get_method("source")
     torch.manual_seed(0)
@@ -274,7 +275,7 @@ def test_admin_policy_refuses_a_version_registered_with_looser_gates(registry, m
     it with the same params. With an admin policy (min_target_dice 0.5) it is refused, exit 5, naming the policy."""
     import hmac
 
-    from siteadapt.steps.register import preview_promotion
+    from siteadapt.registry.promote import preview_promotion
 
     s, params, register, client = registry
     monkeypatch.setenv("SITEADAPT_PROMOTION_KEY", KEY)

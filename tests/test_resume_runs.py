@@ -25,8 +25,7 @@ import yaml
 pytest.importorskip("mlflow")
 pytest.importorskip("moto.server")
 
-from test_engine import _slices  # noqa: E402
-from test_kfp_watch import s3  # noqa: E402,F401  (fixture: a local S3-compatible server on 127.0.0.1, port 0)
+from helpers.engine import slices  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ITERATIONS, EVERY_CKPT, EVERY_LOG = 12, 4, 2
@@ -50,7 +49,7 @@ def _job(site: str):
 
 def _prepared(root: Path, site: str, n: int = 12, seed: int = 0) -> Path:
     """A prepared 2D site (train split only) under ``root/prepared/<site>``: squares of label 1 with a label-2 core."""
-    sl = _slices(n=n, seed=seed)  # the engine tests' slices, written as a prepared site's shards
+    sl = slices(n=n, seed=seed)  # the engine tests' slices, written as a prepared site's shards
     x, y = sl.images, sl.labels
     d = root / "prepared" / site
     d.mkdir(parents=True)
@@ -170,13 +169,14 @@ def store(tmp_path, monkeypatch, _store_uri):
 def _reference(tmp_path: Path, monkeypatch, site: str) -> Path:
     """The model of an uninterrupted run (tracking off)."""
     from siteadapt import tracking
+    from siteadapt.steps import api
     from siteadapt.kfp.runtime import settings_for
 
     root = _prepared(tmp_path / "reference", site)
     with monkeypatch.context() as m:
         m.setenv("SITEADAPT_TRACKING", "off")
         m.delenv("SITEADAPT_CHECKPOINTS", raising=False)
-        return tracking.train_source(settings_for(_job(site), root), site)
+        return api.train_source(settings_for(_job(site), root), site)
 
 
 def test_killed_training_resumes_into_the_same_mlflow_run(tmp_path, monkeypatch, store):
@@ -184,6 +184,7 @@ def test_killed_training_resumes_into_the_same_mlflow_run(tmp_path, monkeypatch,
     one run for the stage, FINISHED, each loss step once, weights equal to an uninterrupted run's. Training again
     after that opens a new run: a finished run is never re-opened."""
     from siteadapt import tracking
+    from siteadapt.steps import api
     from siteadapt.kfp.runtime import settings_for
 
     site = "killed_site"
@@ -191,14 +192,14 @@ def test_killed_training_resumes_into_the_same_mlflow_run(tmp_path, monkeypatch,
     s = settings_for(_job(site), root)
     with monkeypatch.context() as m, pytest.raises(_Killed):
         _simulate_kill(m)
-        tracking.train_source(s, site)
+        api.train_source(s, site)
     (killed,) = _runs(store, site)
     assert killed.info.status == "RUNNING"  # nothing could end it
     assert _steps(store, killed.info.run_id) == [2, 4, 6]
     model_dir = root / "models/chestxray" / site / "source"
     assert json.loads((model_dir / "mlflow_run.json").read_text())["run_id"] == killed.info.run_id
 
-    path = tracking.train_source(s, site)
+    path = api.train_source(s, site)
 
     (run,) = _runs(store, site)  # the same run, continued
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
@@ -208,7 +209,7 @@ def test_killed_training_resumes_into_the_same_mlflow_run(tmp_path, monkeypatch,
     assert run.data.params["seed"] == "0" and run.data.metrics["train/iterations"] == ITERATIONS
     _assert_same_weights(path, _reference(tmp_path, monkeypatch, site))
 
-    tracking.train_source(s, site)  # the same work again, after it finished
+    api.train_source(s, site)  # the same work again, after it finished
     runs = _runs(store, site)
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     again = next(r for r in runs if r.info.run_id != run.info.run_id)
@@ -222,6 +223,7 @@ def test_killed_dvc_stage_continues_its_mlflow_run_after_dvc_deleted_the_model_f
     import shutil
 
     from siteadapt import tracking
+    from siteadapt.steps import api
     from siteadapt.kfp.runtime import settings_for
 
     site = "dvc_killed_site"
@@ -231,7 +233,7 @@ def test_killed_dvc_stage_continues_its_mlflow_run_after_dvc_deleted_the_model_f
     s = settings_for(_job(site), root)
     with monkeypatch.context() as m, pytest.raises(_Killed):
         _simulate_kill(m)
-        tracking.train_source(s, site)
+        api.train_source(s, site)
     (killed,) = _runs(store, site)
     model_dir = root / "models/chestxray" / site / "source"
     kept = tracking.kept_pointer(model_dir)
@@ -239,7 +241,7 @@ def test_killed_dvc_stage_continues_its_mlflow_run_after_dvc_deleted_the_model_f
     assert json.loads(kept.read_text())["run_id"] == killed.info.run_id
     shutil.rmtree(model_dir)  # what DVC does to a stage's outputs before running it
 
-    path = tracking.train_source(s, site)
+    path = api.train_source(s, site)
 
     (run,) = _runs(store, site)
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
@@ -255,6 +257,7 @@ def test_unfinished_run_of_other_params_is_closed_as_killed_and_linked(tmp_path,
     """A model folder whose pointer names an unfinished (RUNNING) run started with other params or data: the new run
     does not continue it; the old one ends KILLED with ``superseded_by``, the new one has ``resumed_from``."""
     from siteadapt import tracking
+    from siteadapt.steps import api
     from siteadapt.kfp.runtime import settings_for
 
     site = "changed_site"
@@ -266,7 +269,7 @@ def test_unfinished_run_of_other_params_is_closed_as_killed_and_linked(tmp_path,
                                          "siteadapt.resume_key": "started-with-other-params"}).info.run_id
     (model_dir / "mlflow_run.json").parent.mkdir(parents=True)
     (model_dir / "mlflow_run.json").write_text(json.dumps({"run_id": old_id}))  # as a killed step leaves it
-    tracking.train_source(s, site)
+    api.train_source(s, site)
     runs = {r.info.run_id: r for r in _runs(store, site)}
     assert len(runs) == 2
     old = runs.pop(old_id)
@@ -313,7 +316,8 @@ def test_checkpoint_key_is_the_same_for_the_same_work_and_differs_otherwise(tmp_
 CKPT_BUCKET = "siteadapt"
 
 
-def test_preempted_kubeflow_training_resumes_from_the_object_store(tmp_path, monkeypatch, store, s3,  # noqa: F811
+@pytest.mark.slow  # a training subprocess killed and a second one resuming: over 10 s on a loaded machine
+def test_preempted_kubeflow_training_resumes_from_the_object_store(tmp_path, monkeypatch, store, s3,
                                                                    caplog):
     """The train_source component's function with ``SITEADAPT_CHECKPOINTS`` on the object store: killed during
     iteration 7 once checkpoint 4 is on the store, then run again in a fresh folder (a retried pod): it restores the

@@ -22,7 +22,7 @@ import pydicom
 import pytest
 import yaml
 
-from test_dicom import make_affine
+from helpers.dicom import make_affine
 
 from siteadapt import cli
 from siteadapt.io.dicom_write import write_series

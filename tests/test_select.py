@@ -429,6 +429,7 @@ def synthetic_site(tmp_path_factory):
     return s, root / "params.yaml"
 
 
+@pytest.mark.slow  # ~21 s idle, most of it the module fixture synthetic_site (training five models)
 def test_label_free_choice_is_within_3_dice_points_of_the_labels_choice(synthetic_site, tmp_path, monkeypatch,
                                                                         capsys):
     from mlflow import MlflowClient
@@ -486,11 +487,11 @@ def test_label_free_choice_is_within_3_dice_points_of_the_labels_choice(syntheti
     assert "trains on the target's labels" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # shares the ~16 s module fixture synthetic_site: fast only if the test above runs too
 def test_noadapt_is_added_and_measured_on_the_source_model_when_it_was_not_run(synthetic_site, tmp_path):
     import shutil
 
-    from siteadapt.steps.evaluate import metrics_path
-    from siteadapt.steps.train import model_dir, source_model_path
+    from siteadapt.layout import metrics_path, model_dir, source_model_path
 
     s, _ = synthetic_site
     torch.set_num_threads(1)

@@ -267,7 +267,7 @@ def test_adabn_in_prepare_and_finish():
 
 
 def test_kill_and_resume_equals_uninterrupted_and_the_saved_model_predicts_the_same(tmp_path):
-    from siteadapt.steps.train import load_model, save_model
+    from siteadapt.methods.build import load_model, save_model
 
     opts = {"input": "histmatch", "min_confidence": 0.0, "portion": 0.7}
     cfg = TrainConfig(iterations=4, batch_size=2, seed=3, checkpoint_every=2, log_every=100, device="cpu")

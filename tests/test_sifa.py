@@ -373,6 +373,7 @@ def learning_run(tmp_path, seed: int = 0, iterations: int = 150, sifa_opts: dict
     return mean_dice(source, test), mean_dice(sifa, test)
 
 
+@pytest.mark.slow  # ~41 s idle: 300 training iterations of SIFA and a source model
 def test_sifa_beats_noadapt_on_a_remapped_target(tmp_path):
     """A short, seeded SIFA run (300 iterations at 32x32, width 0.125; E∘C at lr 1e-3 so that the segmenter learns
     within the budget, as the source segmenter it is compared with) beats the source segmenter on the target. (At

@@ -154,7 +154,7 @@ def test_default_store_is_sqlite_in_the_project_and_env_overrides(monkeypatch, t
 
 
 def test_gates_labeled_and_label_free():
-    from siteadapt.steps.register import check_gates
+    from siteadapt.registry.gates import check_gates
 
     g = Gates()
     labeled = {"target_dice": 0.42, "source_dice_drop": 0.5, "empty_fraction": 0.0, "fragmented_fraction": 0.0}
@@ -170,7 +170,7 @@ def test_gates_labeled_and_label_free():
 
 
 def test_gates_classification():
-    from siteadapt.steps.register import check_gates
+    from siteadapt.registry.gates import check_gates
 
     g = Gates()
     labeled = {"target_auc": 0.65, "source_auc_drop": 0.3}
@@ -184,17 +184,20 @@ def test_gates_classification():
     assert [r["name"] for r in check_gates(g, {"target_dice": 0.9})] == ["min_target_dice"]
 
 
-def test_register_and_promote_a_classifier(cls_env, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.slow  # trains and evaluates a classifier, then registers it in MLflow: 12 s on a loaded machine
+def test_register_and_promote_a_classifier(cls_env, tmp_path, monkeypatch):
     """A classifier registers as a pyfunc model that maps preprocessed images to P(positive class), with the
     classification gates measured (target AUC, source AUC drop) and applied at promotion."""
     import mlflow
     import torch
     from mlflow import MlflowClient
 
+    from siteadapt.methods.build import load_model
+    from siteadapt.registry.promote import promote
+    from siteadapt.registry.register import register_model
     from siteadapt.steps.evaluate import evaluate
     from siteadapt.steps.preprocess import preprocess
-    from siteadapt.steps.register import promote, register_model
-    from siteadapt.steps.train import adapt, load_model, predict, train_source
+    from siteadapt.steps.train import adapt, predict, train_source
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -272,12 +275,12 @@ def test_site_images_may_be_s3_but_output_paths_are_local():
         parse_settings(raw)
 
 
-def test_evaluate_an_unlabeled_site_gives_label_free_checks_only(prepared_env):  # noqa: F811
+def test_evaluate_an_unlabeled_site_gives_label_free_checks_only(prepared_env):
     from siteadapt.steps.evaluate import evaluate
     from siteadapt.steps.preprocess import preprocess
     from siteadapt.steps.report import collect
 
-    from test_evaluate_report import _fake_predictions
+    from helpers.sites import fake_predictions
 
     s = prepared_env
     s = s.model_copy(update={"paths": s.paths.model_copy(update={
@@ -286,7 +289,7 @@ def test_evaluate_an_unlabeled_site_gives_label_free_checks_only(prepared_env): 
     preprocess(s, "tgt")
     subj_file = s.paths.prepared / "tgt" / "subjects.json"
     meta = json.loads(subj_file.read_text())
-    _fake_predictions(s, "tgt", "noadapt", shift=2)
+    fake_predictions(s, "tgt", "noadapt", shift=2)
     for r in meta["subjects"]:
         r["label"] = None  # as a site without labels
     subj_file.write_text(json.dumps(meta))
@@ -295,10 +298,6 @@ def test_evaluate_an_unlabeled_site_gives_label_free_checks_only(prepared_env): 
     assert m["plausibility"]["n_subjects"] == 1 and m["plausibility"]["empty_fraction"] == 0.0
     assert list((s.paths.reports / "heart" / "overlays" / "tgt" / "noadapt").glob("*.png"))
     assert "heart" not in collect(s.paths.metrics)  # no table row for an unlabeled site
-
-
-from test_classification import cls_env  # noqa: E402,F401  (fixture)
-from test_preprocess import prepared_env  # noqa: E402,F401  (fixture)
 
 
 # ---- a locked embedded store -----------------------------------------------------------------------------------------
@@ -340,6 +339,7 @@ def test_connect_wraps_only_the_embedded_store(tmp_path):
     assert client.search_experiments(max_results=1)  # calls go through to MLflow
 
 
+@pytest.mark.slow  # ~13 s idle: several Python processes importing MLflow at once
 def test_processes_opening_a_new_sqlite_store_together_all_succeed(tmp_path):
     """Three stages started at once on a fresh workspace: two died creating the schema together ("duplicate column
     name: step"); opening a sqlite store is serialised by a lock file beside it."""

@@ -1,7 +1,8 @@
 """Command line: ``siteadapt <step> ...``, one thin command per pipeline step.
 
-Each command wraps a function in :mod:`siteadapt.steps` (``train-source``, ``adapt`` and ``evaluate`` through
-:mod:`siteadapt.tracking`, which logs them to MLflow). The DVC stages in dvc.yaml (``siteadapt dvc-gen``) call them.
+Each pipeline command parses its options and calls one step function of :mod:`siteadapt.steps.api` (the same
+function the Kubeflow components and ``siteadapt demo`` call; the tracked steps open their MLflow run there). The DVC
+stages in dvc.yaml (``siteadapt dvc-gen``) call these commands.
 
 Settings come from params.yaml (``--params``), with the profile from ``--profile`` / ``$SITEADAPT_PROFILE`` / the file.
 Errors that siteadapt raises on purpose are printed as one clear line (file and reason); the exit status is the
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from . import redact
 from .errors import ConfigError, SiteadaptError
+from .redact import error_line
 
 log = logging.getLogger("siteadapt")
 
@@ -53,33 +55,22 @@ def cmd_synth(args) -> int:
 def cmd_ingest(args) -> int:
     """Ingest a site; label maps are checked against the task's ids after the site's ``label_map`` (exit 4 when one
     holds other values), and a site with nothing usable exits 3 after writing its manifest (errors.py: exit codes)."""
-    from .steps.ingest import ingest, label_options
-
-    from . import storage
+    from .steps import api
 
     s = _settings(args)
     site = s.site(args.site)
-    source = args.source if args.source else site.images
-    labels = args.labels if args.labels else site.labels
-    if args.no_labels:
-        labels = None
-    task = s.task_of(args.site)
-    # folders on an object store are mirrored locally first (only changed objects are fetched)
-    source = storage.materialize(source, s.paths.remote / args.site / "images")
-    if labels is not None:
-        labels = storage.materialize(labels, s.paths.remote / args.site / "labels")
-    data_root = Path(args.data_root) if args.data_root else s.paths.ingested
+    labels = None if args.no_labels else (args.labels if args.labels else api.FROM_PARAMS)
     if args.explain:  # local lookup of refused inputs: printed here, never written anywhere
         from .steps.ingest import explain
 
+        source, labels = api.ingest_inputs(s, args.site, args.source, labels)
+        data_root = Path(args.data_root) if args.data_root else s.paths.ingested
         for r in explain(source, args.site, data_root, labels=labels, patients=site.patients):
             print(f"{r['file']}  {r['in']} {r['position']}  {r['path'] or '(no local file with this reference)'}  "
                   f"{r['reason']}")
         return 0
-    res = ingest(source, args.site, data_root,
-                 labels=labels, modality=args.modality or site.modality, pixel_spacing_mm=site.pixel_spacing_mm,
-                 classes=task.classes if task.kind == "classification" else None, patients=site.patients,
-                 **label_options(task, site))
+    res = api.ingest(s, args.site, images=args.source, labels=labels, modality=args.modality,
+                     data_root=args.data_root)
     print(f"{args.site}: {len(res.items)} items ({len(res.written)} written, {len(res.skipped)} unchanged), "
           f"{len(res.rejected)} inputs not used -> {res.out_dir / 'manifest.json'}")
     return 0
@@ -103,45 +94,41 @@ def cmd_pull(args) -> int:
 
 
 def cmd_preprocess(args) -> int:
-    from .steps.preprocess import preprocess
+    from .steps import api
 
-    s = _settings(args)
-    if args.roi_rule and s.roi_rule(args.site) != args.roi_rule:
-        raise ConfigError(f"site {args.site}: params.yaml gives crop rule {s.roi_rule(args.site)!r}, the caller expected "
-                          f"{args.roi_rule!r} (the site's role changed): dvc.yaml is stale, run `siteadapt dvc-gen`")
-    res = preprocess(s, args.site)
+    res = api.preprocess(_settings(args), args.site, roi_rule=args.roi_rule)
     print(f"{args.site}: {res['summary']}")
     return 0
 
 
 def cmd_train_source(args) -> int:
-    from .tracking import train_source
+    from .steps import api
 
-    path = train_source(_settings(args), args.site, seed=args.seed)
+    path = api.train_source(_settings(args), args.site, seed=args.seed)
     print(f"source model -> {path}")
     return 0
 
 
 def cmd_adapt(args) -> int:
-    from .tracking import adapt
+    from .steps import api
 
-    path = adapt(_settings(args), args.site, args.method, source=args.source, seed=args.seed)
+    path = api.adapt(_settings(args), args.site, args.method, source=args.source, seed=args.seed)
     print(f"{args.method} adapted to {args.site} -> {path}")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .steps.train import predict
+    from .steps import api
 
-    out = predict(_settings(args), args.site, args.method, splits=tuple(args.splits.split(",")), seed=args.seed)
+    out = api.predict(_settings(args), args.site, args.method, splits=tuple(args.splits.split(",")), seed=args.seed)
     print(f"predictions -> {out}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .tracking import evaluate
+    from .steps import api
 
-    path = evaluate(_settings(args), args.site, args.method, seed=args.seed, predict=args.predict)
+    path = api.evaluate(_settings(args), args.site, args.method, seed=args.seed, predict=args.predict)
     print(f"metrics -> {path}")
     return 0
 
@@ -164,10 +151,9 @@ def cmd_study(args) -> int:
     """The seed study: adapt + evaluate each method with each seed (runs whose metrics exist are kept unless
     --force), then the report (its "Stability over seeds" section). A method built on the source model uses the
     source model trained with the same seed (trained here when missing), so `noadapt` gets a spread too."""
-    from .steps.evaluate import metrics_path
-    from .steps.report import report
-    from .steps.train import build_method, source_model_path
-    from .tracking import adapt, evaluate, train_source
+    from .layout import metrics_path, source_model_path
+    from .methods.build import build_method
+    from .steps import api
 
     s = _settings(args)
     seeds = _seed_list(args.seeds)
@@ -182,21 +168,21 @@ def cmd_study(args) -> int:
             t0 = time.perf_counter()
             src = s.direction_to(args.site, args.source).source
             if build_method(s, m, args.site).needs_source_model and not source_model_path(s, src, k).is_file():
-                train_source(s, src, seed=k)  # seed k varies the whole chain: source model, then the method
-            adapt(s, args.site, m, source=args.source, seed=k)
-            evaluate(s, args.site, m, seed=k, predict=True)
+                api.train_source(s, src, seed=k)  # seed k varies the whole chain: source model, then the method
+            api.adapt(s, args.site, m, source=args.source, seed=k)
+            api.evaluate(s, args.site, m, seed=k, predict=True)
             print(f"{m} seed {k}: {time.perf_counter() - t0:.0f} s -> {done}", flush=True)
-    written = report(s)
+    written = api.report(s)
     print(f"study finished in {time.perf_counter() - t_all:.0f} s; tables: "
           + ", ".join(str(p) for p in written.values()))
     return 0
 
 
 def cmd_report(args) -> int:
-    from .steps.report import report
+    from .steps import api
 
     s = _settings(args)
-    written = report(s)
+    written = api.report(s)
     for task, path in written.items():
         print(f"{task}: {path}")
     if not written:
@@ -210,16 +196,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_register(args) -> int:
-    from .io.atomic import write_json
-    from .steps.register import recorded_gates, register_model, version_gates
-    from .steps.train import run_name
+    from .steps import api
 
-    s = _settings(args)
-    res = register_model(s, args.site, args.method, seed=args.seed)
-    record = {**res, "site": args.site, "method": args.method, "gates": version_gates(res["name"], res["version"]),
-              "gate_thresholds": recorded_gates(res["name"], res["version"])}
-    write_json(s.paths.registry / s.site(args.site).task / args.site / f"{run_name(s, args.method, args.seed)}.json",
-               record)
+    res = api.register(_settings(args), args.site, args.method, seed=args.seed)
     print(f"{res['name']} version {res['version']} (alias {res['alias']}), run {res['run_id']}")
     return 0
 
@@ -227,13 +206,13 @@ def cmd_register(args) -> int:
 def cmd_select(args) -> int:
     """Rank the target's adapted models (label-free by default), write registry/<task>/<site>/selection.json and,
     with --register, register the winner as the site's candidate with the selection tags."""
-    from .steps.register import register_model
-    from .steps.select import MEASURE, select, selection_tags, write_selection
+    from .steps import api
+    from .steps.select import MEASURE, selection_path
 
     s = _settings(args)
     methods = [m for m in args.methods.split(",") if m] if args.methods else None
-    res = select(s, args.site, methods=methods, selection=args.selection, score=args.score, margin=args.margin,
-                 seed=args.seed)
+    res = api.select(s, args.site, methods=methods, selection=args.selection, score=args.score, margin=args.margin,
+                     seed=args.seed, register=args.register)
     measure = MEASURE[res["kind"]]
     print(f"{args.site}: rule {res['rule']} ({res['rule_text']})")
     for r in res["methods"]:
@@ -252,17 +231,9 @@ def cmd_select(args) -> int:
               f"{_fmt(res[f'regret_{measure}'])} {measure}")
     if res.get("decision"):
         print(f"why: {res['decision']['reason']}")
-    path = write_selection(s, args.site, res)
-    if args.register:
-        winner = next(r for r in res["methods"] if r["method"] == res["winner"])
-        if winner.get("from_source_model"):  # no adaptation won without a run of its own: make it one to register
-            from .tracking import adapt, evaluate
-
-            adapt(s, args.site, res["winner"], seed=args.seed)
-            evaluate(s, args.site, res["winner"], seed=args.seed, predict=True)
-        reg = register_model(s, args.site, res["winner"], seed=args.seed, extra_tags=selection_tags(res))
-        res["registered"] = {k: reg.get(k) for k in ("name", "version", "alias", "run_id")}
-        write_selection(s, args.site, res)
+    path = selection_path(s, args.site)
+    reg = res.get("registered")
+    if reg:
         print(f"{reg['name']} version {reg['version']} (alias {reg['alias']}): {res['winner']}")
     print(f"candidate: {res['winner']}" + (" (no method passed the label-free gates)" if res["fallback"] else "")
           + f" -> {path}")
@@ -278,7 +249,10 @@ def cmd_promote(args) -> int:
     the version's recorded gates looser than the gate policy, or gates looser than recorded without an override),
     or with --check verify the champion's promotion record and its policy (exit 0 verified, 6 not)."""
     from .errors import UnverifiedChampionError
-    from .steps.register import format_gate, policy_label, promote, verify_champion
+    from .registry.gates import format_gate
+    from .registry.policy import policy_label
+    from .registry.promote import promote
+    from .registry.verify import verify_champion
 
     s = _settings(args)
     if args.check:
@@ -324,7 +298,7 @@ def cmd_policy(args) -> int:
     import json
 
     from .errors import RegistryError
-    from .steps.register import policy_in_force, policy_label, set_policy
+    from .registry.policy import policy_in_force, policy_label, set_policy
 
     s = _settings(args)
     if args.action == "set":
@@ -415,46 +389,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_watch(args) -> int:
-    """``siteadapt watch`` (:mod:`siteadapt.kfp.cli`); a ``dicomweb+http(s)://`` prefix watches a PACS for one site
-    (``--site``), pulling its series into ``--stage`` before the run (:class:`siteadapt.kfp.watch.Watcher`)."""
-    from .io.dicomweb import is_dicomweb
-    from .kfp import cli as kfp_cli
-
-    for opt, value in (("--prefix", args.prefix), ("--stage", args.stage), ("--state", args.state)):
-        refused = redact.inline_secret_message(opt, value) if value else None
-        if refused:  # the watcher records its locations in the state file and the runs' arguments
-            raise ConfigError(refused)
-    if not is_dicomweb(args.prefix):
-        if args.site or args.stage:
-            raise ConfigError("--site and --stage are for a DICOMweb source (--prefix dicomweb+http(s)://...)")
-        return kfp_cli.cmd_watch(args)
-    from .kfp.watch import Watcher
-
-    if args.submitter == "kfp":
-        from .kfp.submit import KfpSubmitter
-
-        submitter = KfpSubmitter(args.host, experiment=args.experiment, namespace=args.namespace,
-                                 cpu_image=args.image, gpu_image=args.gpu_image, service_account=args.service_account)
-    else:
-        from .kfp.submit import LocalSubmitter
-
-        submitter = LocalSubmitter(Path(args.local_root).resolve())
-    if not args.stage:
-        raise ConfigError("a DICOMweb source needs --stage (folder or s3:// prefix that receives <site>/images/)")
-    from .kfp import locations
-
-    state = args.state or locations.child(args.stage if not locations.is_s3(args.stage)
-                                          else locations.as_prefix(args.stage), f".siteadapt-watch-{args.site}.json")
-    w = Watcher(args.prefix, state, submitter, defaults=kfp_cli._run_arguments(args), settle_s=args.settle,
-                site=args.site, stage=args.stage)
-    for site in args.resubmit:
-        w.resubmit(site)
-        print(f"{site}: forgotten; the next poll submits it again")
-    w.run(interval_s=args.interval, once=args.once)
-    return 0
-
-
 def cmd_sync(args) -> int:
     from .storage import sync
 
@@ -475,6 +409,9 @@ def cmd_demo(args) -> int:
     print("\n== siteadapt demo finished in %.0f s (profile %s) ==" % (total, s.profile))
     for name, secs in out["timings"].items():
         print(f"  {name:40s} {secs:7.1f} s")
+    for site, reg in out["registered"].items():
+        print(f"  candidate of {site}: " + (f"{reg['name']} version {reg['version']} (alias {reg['alias']})"
+                                            if "version" in reg else f"{reg['winner']} (tracking off: not registered)"))
     for task, table in out["reports"].items():
         print(f"\n--- {table} ---")
         print(table.read_text())
@@ -664,22 +601,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "(default: params.yaml's pipeline.tasks)")
     sp.set_defaults(func=cmd_demo)
 
-    from .kfp.cli import add_commands as add_kubeflow_commands  # pipeline compile|run-local|submit, watch
+    from .kfp.cli import add_commands as add_kubeflow_commands  # pipeline compile|run-local|submit, watch (S3, PACS)
 
     add_kubeflow_commands(sub)
-    sp = sub.choices["watch"]  # a PACS as the watcher's source (cmd_watch above)
-    sp.add_argument("--site", default=None, help="with --prefix dicomweb+http(s)://host/dicom-web?Modality=CT...: the "
-                                                 "site its studies form")
-    sp.add_argument("--stage", default=None, help="with a DICOMweb --prefix: folder or s3:// prefix that receives "
-                                                  "<site>/images/ (the run's target location)")
-    sp.set_defaults(func=cmd_watch)
     return p
-
-
-def error_line(command: str, err: SiteadaptError) -> str:
-    """The one line the CLI prints for an error it ends on (Kubeflow components print the same,
-    :func:`siteadapt.kfp.runtime.cli_errors`)."""
-    return f"siteadapt {command}: error: {redact.redact_text(err)}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ and regenerating adds only its stages (and changes the report stage), the other 
 Classification tasks (``kind: classification``) go through the same stage groups: their stages list ``classes``
 where segmentation stages list ``structures`` (evaluation: ``kind`` instead of ``postprocess``), ingest lists the
 classes (they map the labels CSV or class folders to ids), and train_source/adapt list the task's
-``tasks.<task>.method_options.<method>`` entries that the method reads (see :func:`siteadapt.steps.train.
+``tasks.<task>.method_options.<method>`` entries that the method reads (see :func:`siteadapt.methods.build.
 method_options`), so changing one of them re-runs only that method's stages. DVC renders one template per group, so
 a params entry that differs between items is an item field (``${item.label_key}``, ``${item.p0}``, ...); an entry
 all items share is written literally, which keeps dvc.yaml unchanged for pipelines without classification tasks.
@@ -33,7 +33,7 @@ schedule, so every profile needs that key once such a method is in the pipeline.
 
 Code dependencies are derived from imports, so that a change in the code re-runs the stages that run it. A stage lists
 the project's files (``src/siteadapt/...``, from the project root) of the modules that :func:`code_closure` finds from
-the functions its command calls (:data:`STAGE_ENTRIES`, e.g. :func:`siteadapt.tracking.evaluate`) and the settings
+the functions its command calls (:data:`STAGE_ENTRIES`, e.g. :func:`siteadapt.steps.api.evaluate`) and the settings
 loader every command calls: a static scan of ``import`` and ``from ... import`` statements (relative ones resolved) in
 the module-level code of each module reached, in the bodies of the functions and classes taken from it (and of the
 module's own functions they call), and in the ``__init__.py`` of every package above a module, which Python runs
@@ -114,20 +114,18 @@ def _rel(p: Path | str) -> str:
 SETTINGS_ENTRY = "siteadapt.config:load_settings"
 STAGE_ENTRIES = {
     "pull": ("siteadapt.storage:materialize", "siteadapt.storage:is_uri"),
-    "ingest": ("siteadapt.steps.ingest:ingest", "siteadapt.steps.ingest:label_options",
-               "siteadapt.steps.ingest:explain", "siteadapt.storage:materialize"),
-    "preprocess": ("siteadapt.steps.preprocess:preprocess",),
-    "train_source": ("siteadapt.tracking:train_source",),
-    "adapt": ("siteadapt.tracking:adapt",),
-    "evaluate": ("siteadapt.tracking:evaluate",),
-    "select": ("siteadapt.steps.register:register_model", "siteadapt.steps.select:MEASURE",
-               "siteadapt.steps.select:select", "siteadapt.steps.select:selection_tags",
-               "siteadapt.steps.select:write_selection", "siteadapt.tracking:adapt", "siteadapt.tracking:evaluate"),
-    "report": ("siteadapt.steps.report:report",),
+    "ingest": ("siteadapt.steps.api:ingest", "siteadapt.steps.api:ingest_inputs", "siteadapt.steps.api:FROM_PARAMS",
+               "siteadapt.steps.ingest:explain"),
+    "preprocess": ("siteadapt.steps.api:preprocess",),
+    "train_source": ("siteadapt.steps.api:train_source",),
+    "adapt": ("siteadapt.steps.api:adapt",),
+    "evaluate": ("siteadapt.steps.api:evaluate",),
+    "select": ("siteadapt.steps.api:select", "siteadapt.steps.select:MEASURE", "siteadapt.steps.select:selection_path"),
+    "report": ("siteadapt.steps.api:report",),
 }
-# synth: data.synth.synthesize() hands the pneumonia task to synth_pneumonia and writes the other tasks' sites with
-# _write_site (the one branch it takes; its own lines are in synth.py, which every synth stage lists)
-SYNTH_ENTRIES = {"pneumonia": ("siteadapt.data.synth_pneumonia:synthesize_pneumonia",)}
+# synth: data.synth.synthesize() hands the pneumonia task to data/synth/pneumonia.py and writes the other tasks' sites
+# with _write_site (the one branch it takes; its own lines are in data/synth/__init__.py, which every synth stage lists)
+SYNTH_ENTRIES = {"pneumonia": ("siteadapt.data.synth.pneumonia:synthesize_pneumonia",)}
 SYNTH_DEFAULT = ("siteadapt.data.synth:_write_site",)
 _PACKAGE = __name__.partition(".")[0]
 
@@ -334,7 +332,7 @@ def _extras(group: dict[str, dict], field: str, extras: dict[str, list[str]], fi
 def build(settings: Settings, raw: dict, root: str | Path = ".") -> dict:
     """The dvc.yaml content as a dict (``stages`` and ``plots``), for the tasks of ``pipeline.tasks``."""
     from .methods import get_method
-    from .steps.train import build_method, method_options
+    from .methods.build import build_method, method_options
 
     s, root = settings, Path(root)
     P = s.paths

@@ -211,3 +211,9 @@ def inline_secret_message(where: str, uri, kind: str | None = None) -> str | Non
         kind = "s3" if str(uri).startswith("s3://") else "dicomweb"
     return (f"{where + ': ' if where else ''}credentials in the URI are refused ({', '.join(parts)}; not stored "
             f"and not shown); {WHERE_CREDENTIALS_GO[kind]}")
+
+
+def error_line(command: str, err: BaseException) -> str:
+    """The one line ``siteadapt <command>`` prints for an error it ends on, credentials masked; the CLI and the
+    Kubeflow components (:func:`siteadapt.kfp.runtime.cli_errors`) print the same."""
+    return f"siteadapt {command}: error: {redact_text(err)}"

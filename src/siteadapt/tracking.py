@@ -20,7 +20,10 @@ What a run holds (experiment ``siteadapt-<task>``)
   ``eval/fragmented_fraction``; classification: ``eval/auc``, accuracy, sensitivity, specificity, F1 and the
   threshold), the metrics JSON and the overlay images (classification: ``examples.png``). When that run is not in the current store
   (e.g. the model came from a DVC remote), evaluation gets a run of its own.
-- ``register`` (:mod:`siteadapt.steps.register`) logs the model itself into the same run.
+- ``register`` (:mod:`siteadapt.registry.register`) logs the model itself into the same run.
+
+This module is MLflow plumbing only (where runs go, one run per step, the engine's tracker, resuming); the steps
+that open runs are in :mod:`siteadapt.steps.api`, and nothing here imports :mod:`siteadapt.steps`.
 
 Resuming a killed training
 --------------------------
@@ -309,15 +312,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def method_options(settings: Settings, name: str, site: str) -> tuple[str, dict]:
-    """(base method, validated options) of a method or named variant as it runs on ``site`` (with its task's
-    ``method_options``), without building its networks."""
-    from .steps.train import method_options as _raw_options
-
-    cls, raw, keys, origins = _raw_options(settings, name, site)
-    return cls.name, cls.parse_options(raw, keys[0], origins).model_dump()
-
-
 # ---- logging ------------------------------------------------------------------------------------------------------
 class MlflowTracker:
     """The engine's ``tracker``: buffers metric points and sends them in batches (at most every ``flush_s``
@@ -535,91 +529,3 @@ def stage_run(settings: Settings, *, stage: str, task: str, site: str, method: s
             run.tracker.flush()
             client.set_terminated(rid, status="FAILED")
         raise
-
-
-# ---- the tracked steps (what the CLI and DVC stages run) --------------------------------------------------------
-def _train_params(settings: Settings, method: str, site: str) -> dict[str, str]:
-    base, opts = method_options(settings, method, site)
-    return {"method": base, "variant": method, "seed": settings.seed, "profile": settings.profile,
-            **flatten(settings.profile_for(settings.site(site).task).model_dump(), "profile."), **flatten(settings.train.model_dump(), "train."),
-            **flatten(opts, "option.")}
-
-
-def _log_training(run, model_dir: Path) -> None:
-    import torch
-
-    mp = model_dir / "model.pt"
-    if mp.is_file():
-        summary = torch.load(mp, map_location="cpu", weights_only=False).get("summary") or {}
-        run.log_metrics({"train/seconds": summary.get("seconds"), "train/iterations": summary.get("iterations"),
-                         "train/mean_it_per_s": summary.get("it_per_s")}, step=int(summary.get("iterations") or 0))
-    run.log_artifact(model_dir / "losses.csv", "curves")
-    run.log_artifact(model_dir / "translations.png", "images")
-    run.save_pointer(model_dir)
-
-
-def train_source(settings: Settings, site: str, seed: int | None = None, on_checkpoint=None) -> Path:
-    """The tracked source training: continues the model folder's unfinished run (see "Resuming a killed training").
-    ``on_checkpoint(path, step)`` runs after each checkpoint (Kubeflow copies it to the object store)."""
-    from .steps.train import model_dir, train_source as _train
-
-    task = settings.site(site).task
-    out = model_dir(settings, site, "source", seed)
-    with stage_run(settings, stage="train_source", task=task, site=site, method="source", continues=out,
-                   params={**_train_params(settings, "source", site), "source_site": site},
-                   tags={"source_site": site, **data_hashes(settings, {"source": site})}) as run:
-        path = _train(settings, site, tracker=run.tracker, seed=seed, on_checkpoint=on_checkpoint)
-        _log_training(run, out)
-    return path
-
-
-def adapt(settings: Settings, target: str, method: str, source: str | None = None, seed: int | None = None,
-          on_checkpoint=None) -> Path:
-    """The tracked adaptation: continues the model folder's unfinished run, like :func:`train_source`."""
-    from .steps.train import adapt as _adapt, model_dir
-
-    d = settings.direction_to(target, source)
-    task = settings.site(target).task
-    out = model_dir(settings, target, method, seed)
-    with stage_run(settings, stage="adapt", task=task, site=target, method=method, continues=out,
-                   params={**_train_params(settings, method, target), "source_site": d.source,
-                           "target_site": target},
-                   tags={"source_site": d.source, "target_site": target,
-                         **data_hashes(settings, {"source": d.source, "target": target})}) as run:
-        path = _adapt(settings, target, method, source=d.source, tracker=run.tracker, seed=seed,
-                      on_checkpoint=on_checkpoint)
-        _log_training(run, out)
-    return path
-
-
-def evaluate(settings: Settings, site: str, method: str, seed: int | None = None, predict: bool = False) -> Path:
-    from .steps.evaluate import evaluate as _evaluate
-    from .steps.train import model_dir, predict as _predict, run_name
-
-    task = settings.site(site).task
-    with stage_run(settings, stage="evaluate", task=task, site=site, method=method,
-                   resume=model_dir(settings, site, method, seed)) as run:
-        if predict:
-            _predict(settings, site, method, seed=seed)
-        path = _evaluate(settings, site, method, seed=seed)
-        m = json.loads(Path(path).read_text())
-        vals: dict[str, float | None] = {}
-        if m.get("kind") == "classification":
-            keys = ("auc", "accuracy", "sensitivity", "specificity", "f1", "threshold", "n_test") \
-                if m.get("labeled", True) else ("score_mean", "positive_fraction_at_0.5", "n_test")
-            vals.update({f"eval/{k}": m.get(k) for k in keys})
-        else:
-            if m.get("labeled", True):
-                for metric in ("dice", "assd", "hd95", "recall", "precision"):
-                    for k, v in (m.get(metric) or {}).items():
-                        vals[f"eval/{metric}_{k}"] = v
-            pl = m.get("plausibility") or {}
-            vals["eval/empty_fraction"] = pl.get("empty_fraction")
-            vals["eval/fragmented_fraction"] = pl.get("fragmented_fraction")
-            vals["eval/n_subjects"] = m.get("n_subjects")
-        run.log_metrics(vals)
-        run.set_tags({"eval.labeled": str(m.get("labeled", True)).lower(), "eval.split": m.get("split")})
-        run.log_artifact(path, "evaluation")
-        run.log_artifacts(settings.paths.reports / task / "overlays" / site / run_name(settings, method, seed),
-                          "images/overlays")
-    return path

@@ -70,13 +70,14 @@ def prefix() -> str | None:
 def work_digest(step: str, settings, site: str, method: str, inputs: list[str | Path]) -> str:
     """sha256 of what makes two training steps the same work (see the module's key layout)."""
     from .. import __version__
-    from ..tracking import _train_params, dir_sha256
+    from ..steps.api import train_params
+    from ..tracking import dir_sha256
 
     task = settings.site(site).task
     t = settings.tasks[task].model_dump(mode="json", exclude={"directions", "methods"})
     direction = [(d.source, d.target) for d in settings.tasks[task].directions]
     what = {"step": step, "task": task, "task_settings": t, "site": site, "direction": direction, "method": method,
-            "params": {k: str(v) for k, v in _train_params(settings, method, site).items()},
+            "params": {k: str(v) for k, v in train_params(settings, method, site).items()},
             "version": __version__, "inputs": [dir_sha256(a) for a in inputs]}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -212,7 +213,7 @@ def persisted(step: str, settings, site: str, method: str, inputs: list[str | Pa
     """Object-store checkpoints around one training step: restores the work's checkpoint into the model folder,
     yields the ``on_checkpoint`` hook (None when ``$SITEADAPT_CHECKPOINTS`` is unset), and on success deletes the
     work's checkpoints; when the step raises, the newest pending checkpoint is uploaded first."""
-    from ..steps.train import model_dir, run_name
+    from ..layout import model_dir, run_name
 
     where = location(step, settings, site, method, run_name(settings, method), inputs)
     if where is None:

@@ -1,5 +1,5 @@
 """``siteadapt pipeline compile | run-local | submit`` and ``siteadapt watch`` (added to the main parser by
-:func:`add_commands`). KFP is imported only when one of these commands runs."""
+:func:`add_commands`; the one watch command, for S3/folder prefixes and PACS sites alike). KFP is imported only when one of these commands runs."""
 
 from __future__ import annotations
 
@@ -139,9 +139,22 @@ def cmd_submit(args) -> int:
 
 
 def cmd_watch(args) -> int:
+    """``siteadapt watch``: one run per new site under an S3 prefix or a folder, or, with a ``dicomweb+http(s)://``
+    prefix, the new series of one PACS site (``--site``) pulled into ``--stage`` before its run
+    (:class:`siteadapt.kfp.watch.Watcher` either way)."""
+    from .. import redact
+    from ..errors import ConfigError
+    from ..io.dicomweb import is_dicomweb
     from . import locations
     from .watch import Watcher
 
+    for opt, value in (("--prefix", args.prefix), ("--stage", args.stage), ("--state", args.state)):
+        refused = redact.inline_secret_message(opt, value) if value else None
+        if refused:  # the watcher records its locations in the state file and the runs' arguments
+            raise ConfigError(refused)
+    pacs = is_dicomweb(args.prefix)
+    if not pacs and (args.site or args.stage):
+        raise ConfigError("--site and --stage are for a DICOMweb source (--prefix dicomweb+http(s)://...)")
     if args.submitter == "kfp":
         from .submit import KfpSubmitter
 
@@ -152,14 +165,22 @@ def cmd_watch(args) -> int:
         from .submit import LocalSubmitter
 
         submitter = LocalSubmitter(Path(args.local_root).resolve())
-    state = args.state or locations.child(locations.as_prefix(args.prefix) if locations.is_s3(args.prefix)
-                                          else args.prefix, ".siteadapt-watch.json")
-    w = Watcher(args.prefix, state, submitter, defaults=_run_arguments(args), marker=args.marker,
-                settle_s=args.settle)
-    if args.resubmit:
-        for site in args.resubmit:
-            w.resubmit(site)
-            print(f"{site}: forgotten; the next poll submits it again")
+    if pacs:
+        if not args.stage:
+            raise ConfigError("a DICOMweb source needs --stage (folder or s3:// prefix that receives <site>/images/)")
+        state = args.state or locations.child(args.stage if not locations.is_s3(args.stage)
+                                              else locations.as_prefix(args.stage),
+                                              f".siteadapt-watch-{args.site}.json")
+        w = Watcher(args.prefix, state, submitter, defaults=_run_arguments(args), settle_s=args.settle,
+                    site=args.site, stage=args.stage)
+    else:
+        state = args.state or locations.child(locations.as_prefix(args.prefix) if locations.is_s3(args.prefix)
+                                              else args.prefix, ".siteadapt-watch.json")
+        w = Watcher(args.prefix, state, submitter, defaults=_run_arguments(args), marker=args.marker,
+                    settle_s=args.settle)
+    for site in args.resubmit or []:
+        w.resubmit(site)
+        print(f"{site}: forgotten; the next poll submits it again")
     w.run(interval_s=args.interval, once=args.once)
     return 0
 
@@ -233,4 +254,8 @@ def add_commands(sub) -> None:
     sp.add_argument("--once", action="store_true", help="poll once and exit (for a CronJob)")
     sp.add_argument("--resubmit", action="append", default=[], metavar="SITE",
                     help="forget SITE first, so that it is submitted again")
+    sp.add_argument("--site", default=None, help="with --prefix dicomweb+http(s)://host/dicom-web?Modality=CT...: the "
+                                                 "site its studies form")
+    sp.add_argument("--stage", default=None, help="with a DICOMweb --prefix: folder or s3:// prefix that receives "
+                                                  "<site>/images/ (the run's target location)")
     sp.set_defaults(func=cmd_watch)

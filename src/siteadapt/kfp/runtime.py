@@ -41,7 +41,7 @@ DEFAULT_PARAMS = "params.yaml"
 @contextlib.contextmanager
 def cli_errors(command: str) -> Iterator[None]:
     """A component body's errors as the CLI ends on them: a :class:`~siteadapt.errors.SiteadaptError` prints the
-    CLI's one line (``siteadapt <command>: error: ...``, :func:`siteadapt.cli.error_line`) on stderr and exits the
+    CLI's one line (``siteadapt <command>: error: ...``, :func:`siteadapt.redact.error_line`) on stderr and exits the
     process with the error's ``exit_code`` (``SystemExit``: KFP's executor lets it through, the container ends with
     that code and Python prints no traceback). Any other exception is a bug and keeps its traceback."""
     from .. import redact
@@ -50,9 +50,7 @@ def cli_errors(command: str) -> Iterator[None]:
     try:
         yield
     except SiteadaptError as e:
-        from ..cli import error_line
-
-        print(error_line(command, e), file=sys.stderr, flush=True)
+        print(redact.error_line(command, e), file=sys.stderr, flush=True)
         raise SystemExit(int(getattr(e, "exit_code", 2))) from None
 
 
@@ -101,7 +99,7 @@ class Job:
     pixel_spacing_mm: float = 0.0  # of the target site's 2D images; 0 = from params / the files
     methods: tuple[str, ...] = ()
     gates: dict | None = None  # overrides of registry.gates (params) for this run; at the gates step and promotion
-    #                            they only tighten the registered model's admin gate policy (steps/register.py)
+    #                            they only tighten the registered model's admin gate policy (siteadapt.registry)
 
 
 def settings_for(job: Job, root: Path, *, source_location: str | None = None,
@@ -240,13 +238,12 @@ def run_ingest(job: Job, location: str, out_dir: str | Path) -> dict:
     ``labels/`` (label maps). Classification: ``images/`` (one folder per class, or any layout) and optional
     ``labels.csv`` (``stem,label``) beside it, as ``siteadapt synth --task pneumonia`` writes them. An optional
     ``patients.csv`` (``stem,patient``) beside ``images/`` keys the patient-level split (DICOM: PatientID)."""
-    from ..steps.ingest import ingest, label_options
+    from ..steps import api
 
     site = _one_site(job)
     out_dir = Path(out_dir)
     s = settings_for(job, out_dir, source_location=None if job.site else location,
                      target_location=location if job.site else None)
-    cfg = s.site(site)
     task = s.tasks[job.task]
     classification = task.kind == "classification"
     with tempfile.TemporaryDirectory(prefix="siteadapt-fetch-") as tmp:
@@ -260,10 +257,8 @@ def run_ingest(job: Job, location: str, out_dir: str | Path) -> dict:
                                    "labels.csv (stem,label) beside images/, or one images/ folder per class, not a "
                                    "labels/ folder")
         patients = local / "patients.csv"  # optional stem,patient table: splits keep a patient's images together
-        res = ingest(images, site, s.paths.ingested, labels=labels if labels.exists() else None,
-                     modality=cfg.modality, pixel_spacing_mm=cfg.pixel_spacing_mm,
-                     classes=task.classes if classification else None,
-                     patients=patients if patients.is_file() else None, **label_options(task, cfg))
+        res = api.ingest(s, site, images=images, labels=labels if labels.exists() else None,
+                         patients=patients if patients.is_file() else None)
     labeled = sum(1 for it in res.items if (it.get("class_label") is not None if classification else it.get("label")))
     summary = {"site": site, "items": len(res.items), "labeled": labeled, "rejected": len(res.rejected)}
     log.info("ingest %s: %s", site, summary)
@@ -271,26 +266,26 @@ def run_ingest(job: Job, location: str, out_dir: str | Path) -> dict:
 
 
 def run_preprocess(job: Job, ingested_dir: str | Path, out_dir: str | Path) -> dict:
-    from ..steps.preprocess import preprocess
+    from ..steps import api
 
     site = _one_site(job)
     with Workspace(out_dir) as ws:
         ws.add(ingested_dir)
-        res = preprocess(settings_for(job, ws.root), site)
+        res = api.preprocess(settings_for(job, ws.root), site)
     return {"site": site, "counts": res["counts"]}
 
 
 def run_train_source(job: Job, prepared_source: str | Path, out_dir: str | Path) -> dict:
     """Train the source model; with ``$SITEADAPT_CHECKPOINTS`` set, checkpoints go to the object store and a
     retried or re-submitted step of the same work resumes from there (:mod:`siteadapt.kfp.checkpoints`)."""
-    from ..tracking import train_source  # the tracked step (MLflow run), as the CLI and DVC run it
+    from ..steps import api  # the tracked step (MLflow run), as the CLI, DVC and the demo run it
 
     out_dir = Path(out_dir)
     with Workspace(out_dir) as ws:
         ws.add(prepared_source)
         s = settings_for(replace(job, site=None), ws.root)
         with checkpoints.persisted("train_source", s, job.source_site, "source", [prepared_source]) as hook:
-            path = train_source(s, job.source_site, on_checkpoint=hook)
+            path = api.train_source(s, job.source_site, on_checkpoint=hook)
         rel = path.relative_to(ws.root)
     _drop_checkpoints(out_dir)
     return {"model": str(rel)}
@@ -299,7 +294,7 @@ def run_train_source(job: Job, prepared_source: str | Path, out_dir: str | Path)
 def run_adapt(job: Job, method: str, prepared_source: str | Path, prepared_target: str | Path,
               source_model: str | Path, out_dir: str | Path) -> dict:
     """Adapt with one method; object-store checkpoints as :func:`run_train_source`."""
-    from ..tracking import adapt
+    from ..steps import api
 
     out_dir = Path(out_dir)
     with Workspace(out_dir) as ws:
@@ -308,7 +303,7 @@ def run_adapt(job: Job, method: str, prepared_source: str | Path, prepared_targe
         s = settings_for(job, ws.root)
         with checkpoints.persisted("adapt", s, job.site, method,
                                    [prepared_source, prepared_target, source_model]) as hook:
-            path = adapt(s, job.site, method, source=job.source_site, on_checkpoint=hook)
+            path = api.adapt(s, job.site, method, source=job.source_site, on_checkpoint=hook)
         rel = path.relative_to(ws.root)
     _drop_checkpoints(out_dir)
     return {"method": method, "model": str(rel)}
@@ -321,17 +316,17 @@ def run_evaluate(job: Job, method: str, ingested_target: str | Path, prepared_ta
     AUC etc. on labeled test images (``metrics/<task>/<site>/<method>.json``). Returns a summary of the evaluation
     with the method's label-free scores on the target's test images (``entropy``, ``consistency``;
     :mod:`siteadapt.steps.select`); the registration step measures the rest of the evidence and ranks the methods."""
-    from ..steps.evaluate import metrics_path
+    from ..layout import metrics_path, read_metrics
+    from ..methods.build import load_for_prediction
+    from ..steps import api
     from ..steps.select import target_images, unsupervised_scores
-    from ..steps.train import load_for_prediction
-    from ..tracking import evaluate
 
     out_dir = Path(out_dir)
     with Workspace(out_dir) as ws:
         for a in (ingested_target, prepared_target, source_model, model):
             ws.add(a)
         s = settings_for(job, ws.root)
-        m = json.loads(evaluate(s, job.site, method, predict=True).read_text())
+        m = read_metrics(api.evaluate(s, job.site, method, predict=True))
         rel = metrics_path(s, job.site, method).relative_to(ws.root)
         task = s.tasks[job.task]
         ids = sorted(task.structures.values()) if task.kind == "segmentation" else ()
@@ -368,13 +363,13 @@ def write_json_file(path: Path, obj) -> None:
 
 
 def check_gates(job: Job, candidate: dict) -> dict:
-    """The promotion gates, as the registry checks them (:func:`siteadapt.steps.register.preview_promotion`): the
+    """The promotion gates, as the registry checks them (:func:`siteadapt.registry.promote.preview_promotion`): the
     registered model's gate policy (its admin policy, else the run's ``registry.gates``) tightened by the run's
     settings, applied to the measurements recorded on the candidate version at registration. The run's
     ``gate_thresholds`` can therefore tighten an admin policy but never loosen it, and a candidate recorded with
     gates looser than the policy does not pass. Returns ``{"passed": bool, "gates": [{name, value, threshold,
     passed}], "policy", "refused"}``."""
-    from ..steps.register import preview_promotion
+    from ..registry.promote import preview_promotion
 
     reg = candidate["registered"]
     with tempfile.TemporaryDirectory(prefix="siteadapt-gates-") as tmp:
@@ -399,8 +394,7 @@ def run_register(job: Job, summaries: list[str | dict], inputs: list[str | Path]
     ``predictions_out``: an artifact folder that receives the winner's predictions (``predictions/<site>/<method>/``
     of its evaluation artifact), for the PACS export after promotion; the export step cannot take the loop's
     collected evaluations itself (KFP 2.17 does not compile a ``dsl.Collected`` input inside a ``dsl.If``)."""
-    from ..steps.register import register_model
-    from ..steps.select import select, selection_tags
+    from ..steps import api
 
     parsed = [json.loads(s) if isinstance(s, str) else s for s in summaries]
     evaluated = [p["method"] for p in parsed]
@@ -409,17 +403,10 @@ def run_register(job: Job, summaries: list[str | dict], inputs: list[str | Path]
         for a in inputs:  # models are copied: MLflow logs them as the registered model's files
             ws.add(a, copy=(Path(a) / "models").is_dir())
         s = settings_for(job, ws.root)
-        sel = select(s, job.site, methods=methods)
-        if next(r for r in sel["methods"] if r["method"] == sel["winner"]).get("from_source_model"):
-            # no adaptation won and this run has no model of it (not in the job's methods): make it here (nothing
-            # trains: the source segmenter as is), so that it can be registered with its own evaluation
-            from ..steps.evaluate import evaluate
-            from ..steps.train import adapt, predict
-
-            adapt(s, job.site, sel["winner"])
-            predict(s, job.site, sel["winner"])
-            evaluate(s, job.site, sel["winner"])
-        reg = register_model(s, job.site, sel["winner"], extra_tags=selection_tags(sel))
+        # no adaptation may win without a model of it in this run (not in the job's methods): the step makes it
+        # (nothing trains: the source segmenter as is), so that it is registered with its own evaluation
+        sel = api.select(s, job.site, methods=methods, register=True)
+        reg = sel.pop("registered")
         winner_predictions = s.paths.predictions / job.site / sel["winner"]
         if predictions_out is not None and winner_predictions.is_dir():  # links are copied as the files they name
             shutil.copytree(winner_predictions, Path(predictions_out) / "predictions" / job.site / sel["winner"],
@@ -438,7 +425,7 @@ def run_register(job: Job, summaries: list[str | dict], inputs: list[str | Path]
 
 
 def run_promote(job: Job, candidate: dict, actor: str, reason: str) -> dict:
-    from ..steps.register import promote
+    from ..registry.promote import promote
 
     with tempfile.TemporaryDirectory(prefix="siteadapt-promote-") as tmp:
         s = settings_for(job, Path(tmp))

@@ -20,7 +20,7 @@ def _discover() -> None:
     if _REGISTRY:
         return
     for info in pkgutil.iter_modules(__path__):
-        if info.name.startswith("_") or info.name == "base":
+        if info.name.startswith("_") or info.name in ("base", "build"):  # build: constructs methods, defines none
             continue
         mod = importlib.import_module(f"{__name__}.{info.name}")
         for obj in vars(mod).values():

@@ -501,3 +501,15 @@ def summarize(per_subject: Sequence[Mapping[str, Mapping[str, float]]], ddof: in
     return summary
 
 
+
+
+def label_dice(a: np.ndarray, b: np.ndarray, ids) -> float | None:
+    """Mean Dice over the structures ``ids`` present in either label map (None when none is): the per-subject
+    overlap that selection and the registry's source-regression gate compare models by."""
+    vals = []
+    for i in ids:
+        x, y = a == i, b == i
+        s = int(x.sum() + y.sum())
+        if s:
+            vals.append(2.0 * int((x & y).sum()) / s)
+    return float(np.mean(vals)) if vals else None

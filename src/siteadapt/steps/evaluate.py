@@ -71,12 +71,15 @@ def display_slice(a: np.ndarray, *, two_d: bool) -> np.ndarray:
 
 
 def save_overlay(image: np.ndarray, ref: np.ndarray | None, pred: np.ndarray, axis: int, path: Path, title: str,
-                 n_labels: int, structures: dict[str, int] | None = None) -> None:
+                 n_labels: int, structures: dict[str, int] | None = None,
+                 zooms: tuple[float, ...] | None = None) -> None:
     """Image | reference | prediction on the slice with the largest reference area (the largest predicted area when
     the subject has no reference: unlabeled sites). A 2-dimensional ``image`` is a 2D picture indexed (column, row),
     a 3-dimensional one a canonical (RAS) volume; :func:`display_slice` says which way up each is drawn. The figure
     (:func:`siteadapt.figures.overlay_figure`) has panels sized to the slice, ``title`` on top (see
-    :func:`siteadapt.figures.overlay_title`) and a colour key of ``structures`` (name -> label value)."""
+    :func:`siteadapt.figures.overlay_title`) and a colour key of ``structures`` (name -> label value). ``zooms``:
+    the size of a voxel along each axis of ``image`` (mm; see :func:`_zooms`), so that a slice of anisotropic voxels
+    is drawn with its true proportions (square pixels when not given)."""
     from ..figures import overlay_figure, save_figure
 
     ref_title = "reference"
@@ -89,7 +92,12 @@ def save_overlay(image: np.ndarray, ref: np.ndarray | None, pred: np.ndarray, ax
         area = (np.moveaxis(pick, axis, 0) > 0).reshape(pick.shape[axis], -1).sum(1)
         k = int(np.argmax(area))
         im, r, p = (display_slice(np.take(a, k, axis=axis), two_d=False) for a in (image, ref, pred))
-    fig = overlay_figure(im, r, p, title=title, n_labels=n_labels, structures=structures, ref_title=ref_title)
+    pixel_aspect = 1.0
+    if zooms is not None:  # displayed rows run along the slice's second axis (2D: the picture's), columns its first
+        first, second = (zooms[0], zooms[1]) if image.ndim == 2 else [z for i, z in enumerate(zooms) if i != axis]
+        pixel_aspect = float(second) / float(first)
+    fig = overlay_figure(im, r, p, title=title, n_labels=n_labels, structures=structures, ref_title=ref_title,
+                         pixel_aspect=pixel_aspect)
     save_figure(fig, path)
 
 
@@ -143,7 +151,7 @@ def evaluate(settings: Settings, site: str, method: str, *, seed: int | None = N
                 img_c, ref_c, pred_c, axis = np.asanyarray(img.dataobj), ref, pred, 0
             save_overlay(img_c, ref_c, pred_c, axis, overlay_dir / f"{r['id']}.png",
                          overlay_title(site, method, r["id"], rep["dice"]["mean"]),
-                         1 + max(structures.values()), structures)
+                         1 + max(structures.values()), structures, _zooms(ref_img, canonical=ref.ndim == 3))
             n_drawn += 1
     if not shapes:
         raise InputError(prep, f"site {site} has no subjects in its {split} split to evaluate on")
@@ -322,7 +330,16 @@ def _overlay_unlabeled(s: Settings, task, r: dict, pred_img, path: Path, title: 
         axis = AXES[task.preprocess.slice_axis]
     else:
         img_c, pred_c, axis = np.asanyarray(img.dataobj), pred, 0
-    save_overlay(img_c, None, pred_c, axis, path, title, n_labels, getattr(task, "structures", None))
+    save_overlay(img_c, None, pred_c, axis, path, title, n_labels, getattr(task, "structures", None),
+                 _zooms(pred_img, canonical=pred.ndim == 3))
+
+
+def _zooms(img, canonical: bool) -> tuple[float, ...]:
+    """Voxel sizes along the array axes of ``img`` (of its canonical RAS reorientation when ``canonical``)."""
+    if canonical:
+        img = nib.as_closest_canonical(img)
+    n = len(img.shape)
+    return tuple(float(v) for v in np.linalg.norm(img.affine[:3, :n], axis=0))
 
 
 def site_task(s: Settings, site: str) -> str:

@@ -1,10 +1,12 @@
 """The whole job in one process, in stage order: synth -> ingest -> preprocess -> train_source -> adapt -> predict ->
-evaluate -> report, for the tasks of ``pipeline.tasks`` in params.yaml (default: every task with sites), or the
-tasks given.
+evaluate -> select (and register the candidate) -> report, for the tasks of ``pipeline.tasks`` in params.yaml
+(default: every task with sites), or the tasks given.
 
-This is what ``siteadapt demo`` runs. Each stage is the same function the single-step CLI commands call; a stage whose
-output already exists for unchanged settings is *not* detected here (use ``dvc repro`` for that): the demo redoes
-training so that its wall time is honest.
+This is what ``siteadapt demo`` runs. Each stage is the step function of :mod:`siteadapt.steps.api` that the CLI
+(hence every DVC stage) and the Kubeflow components call, tracking included: the demo's runs are in MLflow and its
+candidates in the model registry as ``dvc repro``'s are (``SITEADAPT_TRACKING=off`` leaves both out, and then no
+candidate is registered). A stage whose output already exists for unchanged settings is *not* detected here (use
+``dvc repro`` for that): the demo redoes training so that its wall time is honest.
 """
 
 from __future__ import annotations
@@ -18,14 +20,10 @@ log = logging.getLogger("siteadapt.pipeline")
 
 
 def run_all(settings: Settings, tasks: list[str] | None = None, synth: bool = True) -> dict:
+    from .. import tracking
     from ..data.synth import synthesize
-    from .evaluate import evaluate
-    from .ingest import ingest, label_options
-    from .preprocess import preprocess
-    from .report import report
-    from .train import adapt, predict, train_source
-
     from ..errors import ConfigError
+    from . import api
 
     s = settings
     for t in tasks or []:
@@ -46,21 +44,20 @@ def run_all(settings: Settings, tasks: list[str] | None = None, synth: bool = Tr
             timed("synth", synthesize, task, s.paths.raw, seed=s.seed, n_subjects=s.active.synth_subjects,
                   n_images=s.synth_images(task), scale=s.active.synth_scale)
     for n in sites:
-        site = s.sites[n]
-        task = s.tasks[site.task]
-        timed("ingest", ingest, site.images, n, s.paths.ingested, labels=site.labels, modality=site.modality,
-              pixel_spacing_mm=site.pixel_spacing_mm, patients=site.patients,
-              classes=task.classes if task.kind == "classification" else None, **label_options(task, site))
+        timed("ingest", api.ingest, s, n)
     for n in sites:
-        timed("preprocess", preprocess, s, n)
+        timed("preprocess", api.preprocess, s, n)
+    registered: dict[str, dict] = {}
     for task in tasks:
         t = s.tasks[task]
         for src in sorted({d.source for d in t.directions}):
-            timed(f"train_source/{src}", train_source, s, src)
+            timed(f"train_source/{src}", api.train_source, s, src)
         for d in t.directions:
             for m in t.methods:
-                timed(f"adapt/{d.target}/{m}", adapt, s, d.target, m, source=d.source)
-                timed("predict", predict, s, d.target, m)
-                timed("evaluate", evaluate, s, d.target, m)
-    written = timed("report", report, s)
-    return {"timings": timings, "reports": written}
+                timed(f"adapt/{d.target}/{m}", api.adapt, s, d.target, m, source=d.source)
+                timed("evaluate", api.evaluate, s, d.target, m, predict=True)
+        for target in dict.fromkeys(d.target for d in t.directions):  # one candidate per target, as dvc.yaml's select
+            res = timed("select", api.select, s, target, register=tracking.enabled())
+            registered[target] = res.get("registered") or {"winner": res["winner"]}
+    written = timed("report", api.report, s)
+    return {"timings": timings, "reports": written, "registered": registered}

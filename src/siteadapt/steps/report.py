@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Settings
-from ..io.atomic import atomic_path, write_text
+from ..io.atomic import write_text
+from ..layout import read_metrics
 from .ablation import variant_table, write_ablation
 
 log = logging.getLogger("siteadapt.report")
@@ -78,7 +79,7 @@ def collect(metrics_root: Path) -> dict[str, dict[tuple[str | None, str], dict[s
     out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for p in sorted(Path(metrics_root).glob("*/*/*.json")):
         try:
-            m = json.loads(p.read_text())
+            m = read_metrics(p)
         except json.JSONDecodeError:
             log.warning("%s: not valid JSON, skipped", p)
             continue
@@ -230,12 +231,9 @@ def build_classification_tables(task: str, directions: dict) -> tuple[str, list[
 
 def _roc_figure(target: str, methods: dict, fig_dir: Path) -> Path | None:
     """ROC curves of every method on the target's test images (first seed of each)."""
-    import matplotlib
+    from ..figures import close_figure, plot_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    fig, ax = plot_figure(3.6, 3.4)
     drawn = 0
     for n in sorted(methods, key=_order_key):
         run = methods[n][0]
@@ -251,26 +249,18 @@ def _roc_figure(target: str, methods: dict, fig_dir: Path) -> Path | None:
         ax.plot(fpr, tpr, lw=1.2, label=f"{LABELS.get(n, n)}" + (f" ({100 * auc:.1f})" if auc is not None else ""))
         drawn += 1
     if not drawn:
-        plt.close(fig)
+        close_figure(fig)
         return None
     ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
     ax.set_title(f"ROC on {target} (test), AUC %", fontsize=9)
     ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    path = fig_dir / f"roc_{target}.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, fig_dir / f"roc_{target}.png")
 
 
 def _training_curves(settings: Settings, task: str, fig_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..figures import plot_figure, save_figure
 
     written = []
     for log_csv in sorted((settings.paths.models / task).glob("*/*/losses.csv")):
@@ -281,7 +271,7 @@ def _training_curves(settings: Settings, task: str, fig_dir: Path) -> list[Path]
             continue
         keys = [k for k in rows[0] if k not in ("iteration", "it_per_s")]
         it = [int(r["iteration"]) for r in rows]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = plot_figure(5.0, 3.0)
         for k in keys:
             # a term logged in some phases only (blank elsewhere) is drawn where it was logged
             ax.plot(it, [float(r[k]) if r.get(k) not in (None, "") else np.nan for r in rows], label=k, lw=1)
@@ -289,21 +279,14 @@ def _training_curves(settings: Settings, task: str, fig_dir: Path) -> list[Path]
         ax.set_yscale("log")
         ax.set_title(f"{method} on {site}", fontsize=9)
         ax.legend(fontsize=6, ncol=3)
-        fig.tight_layout()
-        path = fig_dir / f"curves_{site}_{method}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=80, format="png")
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, fig_dir / f"curves_{site}_{method}.png"))
     return written
 
 
 def _side_by_side(settings: Settings, task: str, target: str, methods: list[str], fig_dir: Path) -> Path | None:
-    """One subject, every method's overlay next to each other (from the evaluate step's overlay PNGs)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One subject, every method's overlay one under the other (the evaluate step's overlay PNGs, cropped to their
+    content and stacked pixel for pixel: :func:`siteadapt.figures.stack_pngs`)."""
+    from ..figures import stack_pngs
 
     base = settings.paths.reports / task / "overlays" / target
     firsts = {m: sorted((base / m).glob("*.png")) for m in methods}
@@ -311,17 +294,7 @@ def _side_by_side(settings: Settings, task: str, target: str, methods: list[str]
     if not common:
         return None
     name = sorted(common)[0]
-    fig, axes = plt.subplots(len(methods), 1, figsize=(9, 3.3 * len(methods)))
-    axes = np.atleast_1d(axes)
-    for ax, m in zip(axes, methods):
-        ax.imshow(plt.imread(base / m / name))
-        ax.axis("off")
-    fig.tight_layout()
-    path = fig_dir / f"overlays_{target}.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return path
+    return stack_pngs([base / m / name for m in methods], fig_dir / f"overlays_{target}.png")
 
 
 def report(settings: Settings, docs_dir: Path | None = None) -> dict[str, Path]:

@@ -1,9 +1,10 @@
 """Select step: which model of a target site becomes the registry's ``candidate``.
 
-One step for every front door: ``siteadapt select`` (the CLI and the per-target DVC stage) and the Kubeflow
-registration component (:func:`siteadapt.kfp.runtime.run_register`) call :func:`select`; the result is written to
+One step for every front door: ``siteadapt select`` (the CLI and the per-target DVC stage), the Kubeflow
+registration component (:func:`siteadapt.kfp.runtime.run_register`) and ``siteadapt demo`` call
+:func:`siteadapt.steps.api.select`, which runs :func:`select` and registers the winner when asked; the result is written to
 ``<registry>/<task>/<site>/selection.json`` (:func:`write_selection`) and recorded as ``selection.*`` tags on the
-registered version (:func:`selection_tags`, through :func:`siteadapt.steps.register.register_model`).
+registered version (:func:`selection_tags`, through :func:`siteadapt.registry.register.register_model`).
 
 The aim is a choice that never does harm: no adaptation (``noadapt``, the source model applied as is) is always a
 candidate and the baseline, and an adapted model replaces it only on clear label-free evidence.
@@ -17,7 +18,7 @@ with that seed (:func:`siteadapt.steps.train.source_model_path`; ``from_source_m
 
 Evidence per method (:func:`candidate_evidence`, :func:`ensemble_scores`), all of it label-free except the last item:
 
-- source regression (:func:`siteadapt.steps.register.source_regression`): segmentation, Dice on the source site's
+- source regression (:func:`siteadapt.registry.gates.source_regression`): segmentation, Dice on the source site's
   labeled test slices of the source segmenter minus the adapted model's (``source_dice_drop``); classification, the
   AUC counterpart (``source_auc_drop``). For ``noadapt`` both are 0 by definition (it is the source model);
 - shape plausibility of the predicted structures on the target's test subjects (segmentation; ``empty_fraction``,
@@ -106,6 +107,8 @@ import numpy as np
 
 from ..config import Registry, Settings
 from ..errors import InputError, SiteadaptError
+from ..layout import metrics_path, model_dir, read_metrics, source_model_path
+from ..metrics.segmentation import label_dice
 
 log = logging.getLogger("siteadapt.select")
 
@@ -198,17 +201,6 @@ def common_overlap(a: np.ndarray, bs: list[np.ndarray], shifts) -> list[np.ndarr
     if r1 <= r0 or c1 <= c0:
         return []
     return [a[..., r0:r1, c0:c1]] + [b[..., r0 + dy:r1 + dy, c0 + dx:c1 + dx] for b, (dy, dx) in zip(bs, shifts)]
-
-
-def label_dice(a: np.ndarray, b: np.ndarray, ids) -> float | None:
-    """Mean Dice over the structures ``ids`` present in either map (None when none is)."""
-    vals = []
-    for i in ids:
-        x, y = a == i, b == i
-        s = int(x.sum() + y.sum())
-        if s:
-            vals.append(2.0 * int((x & y).sum()) / s)
-    return float(np.mean(vals)) if vals else None
 
 
 def shifts_for(size: int) -> tuple[tuple[int, int], ...]:
@@ -343,9 +335,8 @@ def candidate_evidence(settings: Settings, site: str, method: str, seed: int | N
     """(what :func:`rank` needs about one method except the label-free scores, its model ready to predict). Reads
     the method's ``model.pt`` and its evaluation; raises :class:`InputError` naming the file that is missing. For
     ``noadapt`` without a model folder or an evaluation: :func:`noadapt_evidence`."""
-    from .evaluate import metrics_path
-    from .register import source_regression
-    from .train import load_for_prediction, model_dir
+    from ..methods.build import load_for_prediction
+    from ..registry.gates import source_regression
 
     kind = settings.task_of(site).kind
     mpath = model_dir(settings, site, method, seed) / "model.pt"
@@ -358,7 +349,7 @@ def candidate_evidence(settings: Settings, site: str, method: str, seed: int | N
     if not epath.is_file():
         raise InputError(epath, f"no evaluation of {method} on {site}: run `siteadapt evaluate --site {site} "
                                 f"--method {method} --predict` first")
-    metrics = json.loads(epath.read_text())
+    metrics = read_metrics(epath)
     model = load_for_prediction(settings, site, method, seed)
     row = {"method": method, "base_method": base_method(settings, method), "model": str(mpath),
            "metrics": str(epath), "from_source_model": False}
@@ -374,8 +365,7 @@ def noadapt_evidence(settings: Settings, site: str, seed: int | None = None) -> 
     """``noadapt``'s evidence measured on the source model itself (source model of the direction's source with
     ``seed``): source drop 0 by definition; plausibility and the labeled target measure from ``noadapt``'s evaluation
     when there is one, else plausibility measured here and no target measure."""
-    from .evaluate import metrics_path
-    from .train import load_model, source_model_path
+    from ..methods.build import load_model
 
     kind = settings.task_of(site).kind
     d = settings.direction_to(site)
@@ -390,7 +380,7 @@ def noadapt_evidence(settings: Settings, site: str, seed: int | None = None) -> 
     drop = SOURCE_DROP[kind][0]
     row.update({drop: 0.0, drop.replace("_drop", "_adapted"): None, drop.replace("_drop", "_source_model"): None})
     if epath.is_file():
-        row.update(_evaluation_fields(json.loads(epath.read_text()), kind))
+        row.update(_evaluation_fields(read_metrics(epath), kind))
     elif kind == "classification":
         row["target_auc"] = None
     else:
@@ -410,7 +400,7 @@ LABEL_FREE_KEYS = {"segmentation": ("source_dice_drop", "empty_fraction", "fragm
 def label_free_gates(gates, row: dict, kind: str, exempt: tuple[str, ...] = ()) -> list[dict]:
     """The label-free gates of ``registry.gates`` that are on, applied to one method's evidence (but the gates named
     in ``exempt``)."""
-    from .register import check_gates
+    from ..registry.gates import check_gates
 
     return [g for g in check_gates(gates, {k: row.get(k) for k in LABEL_FREE_KEYS[kind]}, kind)
             if g["name"] not in exempt]

@@ -14,16 +14,15 @@ Paths (all under params ``paths``)::
                                                      (+ scores.csv); evaluation needs val for the threshold
 
 ``model.pt`` holds the method name, its options, the task context, the source/target sites, the training summary
-and the weights; :func:`load_model` rebuilds the method from it.
+and the weights (:mod:`siteadapt.methods.build` writes, reads and builds methods; :mod:`siteadapt.layout` names the
+folders). These are the untracked work functions; :mod:`siteadapt.steps.api` runs them as tracked steps.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
@@ -31,75 +30,16 @@ from ..config import Settings
 from ..data.geometry import to_original
 from ..data.shards import load_slices
 from ..errors import InputError
-from ..io.atomic import atomic_path, write_json
+from ..io.atomic import atomic_path, write_json  # noqa: F401
 from ..io.volume import save_nifti
-from ..methods import get_method
-from ..methods.base import Context, Method
+from ..layout import model_dir, predictions_dir, run_name, source_model_path  # noqa: F401 (run_name: callers)
+from ..methods.base import Method
+from ..methods.build import build_method, load_for_prediction, load_model, save_model
 
 log = logging.getLogger("siteadapt.steps")
 
 
-def context_for(settings: Settings, site: str) -> Context:
-    task = settings.task_of(site)
-    n = len(task.classes) if task.kind == "classification" else 1 + max(task.structures.values())
-    prof = settings.profile_for(settings.site(site).task)
-    return Context(n_classes=n, image_size=prof.image_size, width=prof.width, kind=task.kind)
-
-
-def run_name(settings: Settings, method: str, seed: int | None = None) -> str:
-    """Folder name of a run: the method (or variant) name, plus ``.seed<k>`` for a seed other than params' seed."""
-    return method if seed is None or seed == settings.seed else f"{method}.seed{seed}"
-
-
-def model_dir(settings: Settings, site: str, method: str, seed: int | None = None) -> Path:
-    return settings.paths.models / settings.site(site).task / site / run_name(settings, method, seed)
-
-
-def source_model_path(settings: Settings, source: str, seed: int | None = None) -> Path:
-    """The source model a run with ``seed`` builds on: the pipeline's (params' seed), or ``source.seed<k>``. A seed
-    study varies the whole chain, source model included: without adaptation is the source model, so its spread over
-    seeds is the source model's."""
-    return model_dir(settings, source, "source", seed) / "model.pt"
-
-
-def method_options(settings: Settings, name: str, site: str) -> tuple[type[Method], dict, list[str], dict[str, str]]:
-    """(method class, raw options, the params keys they come from, option -> the key that set it) of method or
-    named variant ``name`` for ``site``: ``methods.<name>`` (a named variant's ``method:`` picks the class), then the
-    site's task's overrides ``tasks.<task>.method_options.<base method>``, then ``.<name>``. The keys are what a DVC
-    stage of this method lists as its params."""
-    raw = dict(settings.methods.get(name) or {})
-    base = raw.pop("method", name)
-    origins = {k: f"methods.{name}" for k in raw}
-    task = settings.site(site).task
-    per_task = settings.tasks[task].method_options
-    keys = [f"methods.{name}"]
-    for k in dict.fromkeys([base, name]):
-        if k in per_task:
-            key = f"tasks.{task}.method_options.{k}"
-            raw |= per_task[k] or {}
-            origins |= {opt: key for opt in per_task[k] or {}}
-            keys.append(key)
-    return get_method(base), raw, keys, origins
-
-
-def build_method(settings: Settings, name: str, site: str, seed: int | None = None) -> Method:
-    """``name`` is a method, or a named variant in params: ``methods: {sifa_prior: {method: sifa,
-    deep_supervision: false}}`` (an ablation row = a flag on the method, never a copy of it). The site's task may
-    override options: ``tasks.<task>.method_options.<base method>``, then ``.<name>``.
-
-    The networks' initial weights are drawn from ``seed`` (default: params' ``seed``) in a forked RNG: PyTorch seeds
-    its default generator differently in every process, so without this two runs of one stage with one seed started
-    from other weights (and gave other tables)."""
-    cls, raw, keys, origins = method_options(settings, name, site)
-    opts = cls.parse_options(raw, keys[0], origins)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed if seed is None else seed)
-        m = cls(context_for(settings, site), opts)
-    m.variant = name
-    return m
-
-
-def _train_config(settings: Settings, site: str, method: Method, seed: int | None = None) -> TrainConfig:
+def _train_config(settings: Settings, site: str, method: Method, seed: int | None = None) -> TrainConfig:  # noqa: F821
     from ..train.engine import TrainConfig  # the training loop: not imported by prediction (evaluate, register)
 
     t, prof = settings.train, settings.profile_for(settings.site(site).task)
@@ -112,28 +52,6 @@ def _train_config(settings: Settings, site: str, method: Method, seed: int | Non
                        threads=t.threads, channels_last=t.channels_last,
                        augment=(prof.augment.rotate_deg, prof.augment.scale, prof.augment.shear_deg)
                        if prof.augment.enabled else None)
-
-
-def save_model(method: Method, path: Path, **info) -> None:
-    payload = {"method": method.name, "options": method.opts.model_dump(), "context": method.ctx.to_dict(),
-               "state_dict": {k: v.detach().cpu() for k, v in method.state_dict().items()
-                              if not k.startswith("source_model.")},  # the source segmenter has its own file
-               **info}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_model(path: Path, device: str = "cpu") -> tuple[Method, dict]:
-    if not Path(path).is_file():
-        raise InputError(path, "model not found (train or adapt it first)")
-    payload = torch.load(path, map_location=device, weights_only=False)
-    cls = get_method(payload["method"])
-    ctx = payload["context"]
-    ctx = Context(**{**ctx, "class_weights": tuple(ctx["class_weights"]) if ctx.get("class_weights") else None})
-    m = cls(ctx, cls.Options.model_validate(payload["options"]))
-    m.load_state_dict(payload["state_dict"], strict=False)
-    m.eval()
-    return m, payload
 
 
 CHECKPOINT_CACHE = Path(".siteadapt") / "checkpoints"
@@ -236,34 +154,14 @@ def save_translations(method: Method, source, target, path: Path, n: int = 4, tw
         tr = method.translations(sx, tx)
     if not tr:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..figures import save_figure, translations_figure
 
     rows = [("source", sx), ("target", tx)] + list(tr.items())
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.8 * n, 1.9 * len(rows)))
-    for r, (title, imgs) in enumerate(rows):
-        for c in range(n):
-            ax = axes[r, c]
-            a = imgs[c, 0].float().cpu().numpy()
-            ax.imshow(a.T if two_d else np.rot90(a), cmap="gray", vmin=-1, vmax=1)
-            ax.axis("off")
-            if c == 0:
-                ax.set_title(title, fontsize=7, loc="left")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return path
-
-
-def load_for_prediction(settings: Settings, target: str, method_name: str, seed: int | None = None) -> Method:
-    method, payload = load_model(model_dir(settings, target, method_name, seed) / "model.pt")
-    if method.needs_source_model:
-        src, _ = load_model(source_model_path(settings, payload["source_site"], payload.get("seed")))
-        method.source_model = src
-    return method
+    grid = []
+    for title, imgs in rows:
+        arrs = [imgs[c, 0].float().cpu().numpy() for c in range(n)]
+        grid.append((title, [a.T if two_d else np.rot90(a) for a in arrs]))
+    return save_figure(translations_figure(grid), path)
 
 
 def predict(settings: Settings, target: str, method_name: str, splits=("test",), seed: int | None = None) -> Path:
@@ -271,7 +169,7 @@ def predict(settings: Settings, target: str, method_name: str, splits=("test",),
     class probabilities of every image of ``splits`` plus val and test, see :func:`predict_classes`)."""
     method = load_for_prediction(settings, target, method_name, seed)
     task = settings.task_of(target)
-    out_dir = settings.paths.predictions / target / run_name(settings, method_name, seed)
+    out_dir = predictions_dir(settings, target, method_name, seed)
     if task.kind == "classification":
         return predict_classes(settings, method, target, method_name, splits, out_dir)
     written = []
