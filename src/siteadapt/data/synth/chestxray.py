@@ -248,22 +248,8 @@ def render_cxr(ph: dict, site: str, rng: np.random.Generator,
             v = v * (1 + st["grain"] * grain / max(float(grain.std()), 1e-6))
         v = 0.02 + 0.93 * np.clip(v, 0, 1)
     v = np.clip(v, 0, 1)
-    # outside the collimated field: unexposed (white after CR processing) or black film margins
-    if st["collimation"] == "white":
-        v[~field_] = 0.93 + 0.03 * rng.standard_normal(int((~field_).sum()))
-    else:
-        v[~field_] = 0.01 * rng.random(int((~field_).sum()))
-    # burned-in marker: a radio-opaque letter in a box, and a text-like stripe of bright pixels
-    px = max(1, int(round(2 * rows / 320)))
-    glyph = np.array([[ch == "1" for ch in row] for row in _FONT5x7[st["marker"]]], bool)
-    glyph = np.kron(glyph, np.ones((px, px), bool))
-    box = np.zeros((glyph.shape[0] + 2 * px, glyph.shape[1] + 2 * px), bool)
-    box[px:-px, px:-px] = glyph
-    r0 = top + int(rows * rng.uniform(0.02, 0.05))
-    c0 = (left + int(cols * rng.uniform(0.03, 0.08))) if st["marker"] == "R" else \
-        (cols - right - box.shape[1] - int(cols * rng.uniform(0.03, 0.08)))
-    patch = v[r0:r0 + box.shape[0], c0:c0 + box.shape[1]]
-    patch[...] = np.where(box, 0.99, 0.15 if st["marker"] == "R" else 0.85)
+    px = collimate_and_mark(v, field_, rng, st, (top, left, right))
+    # a text-like stripe of bright pixels
     n_chars = int(rng.integers(8, 16))
     stripe = rng.random((5 * px, n_chars * 4 * px)) < 0.45
     stripe[:, 3 * px::4 * px] = False
@@ -275,6 +261,32 @@ def render_cxr(ph: dict, site: str, rng: np.random.Generator,
     region[stripe[:region.shape[0], :region.shape[1]]] = 0.97
     maxv = 2 ** st["bits"] - 1
     return np.rint(np.clip(v, 0, 1) * maxv).astype(np.float32), label, facts
+
+
+def collimate_and_mark(v: np.ndarray, field_: np.ndarray, rng: np.random.Generator, st: dict,
+                       margins: tuple[int, int, int]) -> int:
+    """In place on a processed radiograph ``v`` (rows, cols) in [0, 1]: outside the collimated ``field_`` the
+    unexposed plate (white after CR processing, ``st["collimation"] == "white"``) or black film margins, then the
+    burned-in side marker ``st["marker"]`` (a radio-opaque 5x7 letter in a box) near the top corner of its side;
+    ``margins`` = (top, left, right) of the field. Returns the glyph's pixel size (text stripes use it). Random
+    draws, in order: the margin noise, the marker's row, its column."""
+    rows, cols = v.shape
+    top, left, right = margins
+    if st["collimation"] == "white":
+        v[~field_] = 0.93 + 0.03 * rng.standard_normal(int((~field_).sum()))
+    else:
+        v[~field_] = 0.01 * rng.random(int((~field_).sum()))
+    px = max(1, int(round(2 * rows / 320)))
+    glyph = np.array([[ch == "1" for ch in row] for row in _FONT5x7[st["marker"]]], bool)
+    glyph = np.kron(glyph, np.ones((px, px), bool))
+    box = np.zeros((glyph.shape[0] + 2 * px, glyph.shape[1] + 2 * px), bool)
+    box[px:-px, px:-px] = glyph
+    r0 = top + int(rows * rng.uniform(0.02, 0.05))
+    c0 = (left + int(cols * rng.uniform(0.03, 0.08))) if st["marker"] == "R" else \
+        (cols - right - box.shape[1] - int(cols * rng.uniform(0.03, 0.08)))
+    patch = v[r0:r0 + box.shape[0], max(c0, 0):max(c0, 0) + box.shape[1]]
+    patch[...] = np.where(box[:patch.shape[0], :patch.shape[1]], 0.99, 0.15 if st["marker"] == "R" else 0.85)
+    return px
 
 
 def _cxr_subject(job: dict) -> dict:

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .chestxray import _FONT5x7, _cxr_anatomy, expose_radiograph, heel_ramp, phantom_cxr, write_radiograph_dicom
+from .chestxray import _cxr_anatomy, collimate_and_mark, expose_radiograph, heel_ramp, phantom_cxr, write_radiograph_dicom
 from .common import _atomic_dir, _fake_patients, _opaque, _range, _rng, _run_jobs
 
 GENERATOR_VERSION = "1.1.0"
@@ -247,20 +247,7 @@ def render(ph: dict, site: str, rng: np.random.Generator, scale: float = 1.0,
         lo2, hi2 = np.percentile(v[field_], [1, 99])
         v = 0.03 + 0.94 * np.clip((v - lo2) / max(hi2 - lo2, 1e-6), 0, 1)
     v = np.clip(v, 0, 1)
-    if st["collimation"] == "white":
-        v[~field_] = 0.93 + 0.03 * rng.standard_normal(int((~field_).sum()))
-    else:
-        v[~field_] = 0.01 * rng.random(int((~field_).sum()))
-    px = max(1, int(round(2 * rows / 320)))
-    glyph = np.array([[ch == "1" for ch in row] for row in _FONT5x7[st["marker"]]], bool)
-    glyph = np.kron(glyph, np.ones((px, px), bool))
-    box = np.zeros((glyph.shape[0] + 2 * px, glyph.shape[1] + 2 * px), bool)
-    box[px:-px, px:-px] = glyph
-    r0 = top + int(rows * rng.uniform(0.02, 0.05))
-    c0 = (left + int(cols * rng.uniform(0.03, 0.08))) if st["marker"] == "R" else \
-        (cols - right - box.shape[1] - int(cols * rng.uniform(0.03, 0.08)))
-    patch = v[r0:r0 + box.shape[0], max(c0, 0):max(c0, 0) + box.shape[1]]
-    patch[...] = np.where(box[:patch.shape[0], :patch.shape[1]], 0.99, 0.15 if st["marker"] == "R" else 0.85)
+    px = collimate_and_mark(v, field_, rng, st, (top, left, right))
     if st["stripe"]:
         stripe = rng.random((5 * px, int(rng.integers(8, 16)) * 4 * px)) < 0.45
         stripe[:, 3 * px::4 * px] = False
