@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import yaml
 
+from helpers.watch import Recorder
+
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("orthanc_server", HERE / "orthanc" / "server.py")
 orthanc_server = importlib.util.module_from_spec(_spec)
@@ -225,20 +227,6 @@ def test_site_uri_is_accepted_by_the_settings():
     assert src.root == "https://pacs.example.org/dicom-web" and src.filters == (("Modality", "CT"),)
 
 
-class _Recorder:
-    """The watcher's submitter (the pipeline side, not the PACS): records the runs it is asked for."""
-
-    can_find = True
-
-    def __init__(self):
-        self.runs: dict[str, dict] = {}
-
-    def submit(self, run_name, arguments):
-        self.runs[run_name] = arguments
-        return f"run-{len(self.runs)}"
-
-    def find(self, run_name):
-        return f"run-{run_name}" if run_name in self.runs else None
 
 
 @needs_orthanc
@@ -248,7 +236,7 @@ def test_watch_a_pacs_submits_one_run_for_a_new_site(pacs, tmp_path):
     uri, stage = pacs["uri"], tmp_path / "stage"
     state = str(tmp_path / "watch.json")
     defaults = {"task": "cardiac", "source_site": "cardiac_mr", "source_uri": "s3://bucket/sites/cardiac_mr/"}
-    rec = _Recorder()
+    rec = Recorder()
     w = Watcher(uri, state, rec, defaults=defaults, site="hospital_x", stage=str(stage))
     assert w.poll() == ["hospital_x"]
     (args,) = rec.runs.values()

@@ -25,6 +25,8 @@ import pytest
 import requests
 import yaml
 
+from helpers.watch import Recorder
+
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("orthanc_server_faults", HERE / "orthanc" / "server.py")
 orthanc_server = importlib.util.module_from_spec(_spec)
@@ -231,18 +233,6 @@ def test_stability_window_defers_a_changing_series_until_it_is_stable(orthanc, t
     assert dicomweb.pull(uri, mirror, stable_seconds=0)["instances"] == 0 and counter.attempts == 6
 
 
-class _Recorder:
-    can_find = True
-
-    def __init__(self):
-        self.runs: dict[str, dict] = {}
-
-    def submit(self, run_name, arguments):
-        self.runs[run_name] = arguments
-        return f"run-{len(self.runs)}"
-
-    def find(self, run_name):
-        return f"run-{run_name}" if run_name in self.runs else None
 
 
 @needs_orthanc
@@ -255,7 +245,7 @@ def test_watcher_waits_for_a_growing_series_and_submits_it_whole(orthanc, tmp_pa
         srv.upload(f)
     uri, stage = f"dicomweb+{srv.dicomweb}?Modality=CT", tmp_path / "stage"
     now = [0.0]
-    rec = _Recorder()
+    rec = Recorder()
     w = Watcher(uri, str(tmp_path / "watch.json"), rec, settle_s=30, clock=lambda: now[0], site="hospital_z",
                 stage=str(stage), defaults={"task": "cardiac", "source_site": "cardiac_mr",
                                             "source_uri": "s3://bucket/sites/cardiac_mr/"})
